@@ -1,0 +1,182 @@
+"""Blocked GEMM in the BLIS / Goto design, written in Numba.
+
+``C[m, n] (+)= A[m, k] @ B[k, n]``, computed by the five BLIS loops around a micro-kernel::
+
+    for jc in range(0, n, NC):            # a KC x NC panel of B is packed, shared by all threads
+        for pc in range(0, k, KC):
+            for ic in range(0, m, MC):    # } one parallel loop over (ic, jr) tiles:
+                for jr in range(0, nc, NR):  # } threads never write the same element of C
+                    for ir in range(0, mc, MR):
+                        micro-kernel: C[ir:ir+MR, jr:jr+NR] += A~[ir, pc] @ B~[pc, jr]
+
+A is packed once, for every ``pc`` block, into MR-row micro-panels (``_pack_a``); B is packed per ``(jc, pc)``
+into NR-column micro-panels (``_pack_b``). Packing zero-pads the edges, so one micro-kernel serves every tile
+and writes back only the part of its tile that lies inside C. The accumulators live in a stack-allocated
+MR x NR tile that LLVM keeps in vector registers.
+
+Each element of C is summed by one thread, in an order fixed by the block sizes alone: results do not depend
+on the number of threads.
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .config import KC, MC, MR, NC, NR
+
+# Only contraction of multiply-add pairs into FMAs: no reassociation is needed to vectorise along NR, and the
+# flags that assume finite values would let LLVM drop the NaN and Inf that must propagate.
+_FASTMATH = {"contract"}
+
+
+@intrinsic
+def _stack_tile(typingctx, dtype):
+    """Pointer to an uninitialised MR * NR buffer of ``dtype`` on the caller's stack.
+
+    A heap array would be opaque to LLVM; a stack buffer indexed with constants is promoted to registers.
+    """
+    element = dtype.dtype
+
+    def codegen(context, builder, signature, args):
+        return cgutils.alloca_once(builder, context.get_data_type(element), size=MR * NR)
+
+    return types.CPointer(element)(dtype), codegen
+
+
+@njit(cache=True)
+def _round_up(value, multiple):
+    return -(-value // multiple) * multiple
+
+
+@njit(cache=True)
+def _packed_a_size(m, k):
+    """Length of the buffer ``_pack_a`` fills for an ``m x k`` A."""
+    return _round_up(m, MR) * k
+
+
+@njit(cache=True)
+def _packed_b_size(n):
+    """Length of the scratch ``_gemm_packed`` needs for a B with ``n`` columns (any number of rows)."""
+    return KC * _round_up(min(n, NC), NR)
+
+
+@njit(parallel=True, cache=True)
+def _pack_a(a, ap):
+    """Pack all of ``a`` (m x k) into MR-row micro-panels, one KC-column block after another.
+
+    The block of columns ``pc:pc+kc`` starts at ``ap[pc * m_pad]``; in it, the micro-panel of rows
+    ``ir:ir+MR`` starts at offset ``ir * kc`` and holds ``kc`` columns of MR values each, so the micro-kernel
+    reads MR consecutive values per step. Rows past ``m`` are zeros. Footprint: ``m_pad * k`` values.
+    """
+    m, k = a.shape
+    m_pad = _round_up(m, MR)
+    n_panels = m_pad // MR
+    n_blocks = -(-k // KC)
+    for t in prange(n_blocks * n_panels):
+        pc = (t // n_panels) * KC
+        ir = (t % n_panels) * MR
+        kc = min(KC, k - pc)
+        m_valid = min(MR, m - ir)
+        start = pc * m_pad + ir * kc
+        panel = ap[start : start + kc * MR]
+        for p in range(kc):
+            for i in range(m_valid):
+                panel[p * MR + i] = a[ir + i, pc + p]
+            for i in range(m_valid, MR):
+                panel[p * MR + i] = 0
+
+
+@njit(parallel=True, cache=True)
+def _pack_b(b, b_col0, pc, kc, jc, nc, bp):
+    """Pack ``b[pc:pc+kc, b_col0+jc : b_col0+jc+nc]`` into NR-column micro-panels.
+
+    The micro-panel of columns ``jr:jr+NR`` starts at ``bp[jr * kc]`` and holds ``kc`` rows of NR values;
+    columns past ``nc`` are zeros. Footprint: ``kc * round_up(nc, NR)`` values.
+    """
+    n_panels = -(-nc // NR)
+    for t in prange(n_panels):
+        jr = t * NR
+        n_valid = min(NR, nc - jr)
+        panel = bp[jr * kc : jr * kc + kc * NR]
+        col0 = b_col0 + jc + jr
+        for p in range(kc):
+            row = b[pc + p, col0 : col0 + n_valid]
+            dst = panel[p * NR : (p + 1) * NR]
+            for j in range(n_valid):
+                dst[j] = row[j]
+            for j in range(n_valid, NR):
+                dst[j] = 0
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate):
+    """``C[i0:i0+m_valid, j0:j0+n_valid] (+)= A~ @ B~`` for one MR x NR tile.
+
+    ``a_panel`` is kc x MR and ``b_panel`` kc x NR, both packed. The loops over MR and NR have constant trip
+    counts, so LLVM unrolls them and keeps the whole tile in registers.
+    """
+    tile = numba.carray(_stack_tile(c.dtype), (MR, NR))
+    for i in range(MR):
+        for j in range(NR):
+            tile[i, j] = 0
+    for p in range(kc):
+        # Slice first: indexing the slices with loop counters gives LLVM contiguous, gather-free loads.
+        a = a_panel[p * MR : (p + 1) * MR]
+        b = b_panel[p * NR : (p + 1) * NR]
+        for i in range(MR):
+            a_i = a[i]
+            for j in range(NR):
+                tile[i, j] += a_i * b[j]
+    if accumulate:
+        for i in range(m_valid):
+            for j in range(n_valid):
+                c[i0 + i, j0 + j] += tile[i, j]
+    else:
+        for i in range(m_valid):
+            for j in range(n_valid):
+                c[i0 + i, j0 + j] = tile[i, j]
+
+
+@njit(parallel=True, cache=True)
+def _gemm_packed(ap, m, b, b_col0, n, c, c_col0, accumulate, bp):
+    """``c[:, c_col0:c_col0+n] (+)= A @ b[:, b_col0:b_col0+n]`` with A already packed by ``_pack_a``.
+
+    ``m`` is the number of rows of A (and of ``c``); ``bp`` is scratch of ``_packed_b_size(n)`` values.
+    With ``accumulate`` false the columns of ``c`` are overwritten (BLAS beta = 0, applied on the first
+    ``pc`` block only), otherwise added to (beta = 1).
+    """
+    k = b.shape[0]
+    m_pad = _round_up(m, MR)
+    if k == 0 and not accumulate:
+        c[:, c_col0 : c_col0 + n] = 0
+    n_ic = -(-m // MC)
+    for jc in range(0, n, NC):
+        nc = min(NC, n - jc)
+        n_jr = -(-nc // NR)
+        for pc in range(0, k, KC):
+            kc = min(KC, k - pc)
+            _pack_b(b, b_col0, pc, kc, jc, nc, bp)
+            add = accumulate or pc > 0
+            for t in prange(n_ic * n_jr):
+                ic = (t // n_jr) * MC
+                jr = (t % n_jr) * NR
+                b_panel = bp[jr * kc : jr * kc + kc * NR]
+                n_valid = min(NR, nc - jr)
+                for ir in range(ic, min(ic + MC, m), MR):
+                    start = pc * m_pad + ir * kc
+                    a_panel = ap[start : start + kc * MR]
+                    _micro_kernel(kc, a_panel, b_panel, c, ir, c_col0 + jc + jr, min(MR, m - ir), n_valid, add)
+
+
+@njit(cache=True)
+def _gemm(a, b, c, accumulate):
+    """``c (+)= a @ b`` for 2-D arrays of one dtype; ``c`` is C-contiguous, ``a`` and ``b`` any layout."""
+    m, k = a.shape
+    n = b.shape[1]
+    ap = np.empty(_packed_a_size(m, k), dtype=c.dtype)
+    bp = np.empty(_packed_b_size(n), dtype=c.dtype)
+    _pack_a(a, ap)
+    _gemm_packed(ap, m, b, 0, n, c, 0, accumulate, bp)
+

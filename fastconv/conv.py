@@ -1,0 +1,335 @@
+"""The public convolution functions: validate, normalise, allocate, then call one compiled driver.
+
+conv2d's input gradient is conv_transpose2d's forward, and conv2d's forward is conv_transpose2d's input
+gradient; the functions below share the three private helpers ``_forward``, ``_input_grad`` and
+``_weight_grad`` and say which role each array plays.
+"""
+
+import numpy as np
+
+from . import _validate as v
+from ._conv_kernels import _conv2d_forward, _conv2d_input, _conv2d_weight
+from .config import COLUMN_BUFFER_BYTES
+
+__all__ = [
+    "conv2d",
+    "conv2d_backward",
+    "conv2d_input",
+    "conv2d_weight",
+    "conv_transpose2d",
+    "conv_transpose2d_backward",
+]
+
+
+def _rows_per_chunk(geometry, dtype):
+    """Output rows per im2col chunk, so that one column buffer stays within COLUMN_BUFFER_BYTES."""
+    _, Cg, R, S = geometry.weight_shape
+    Q = geometry.output_shape[3]
+    bytes_per_row = dtype.itemsize * max(1, Cg * R * S * Q)
+    return max(1, COLUMN_BUFFER_BYTES // bytes_per_row)
+
+
+def _initial(shape, dtype, bias):
+    """An output array holding the bias along axis 1, or zeros."""
+    if bias is None:
+        return np.zeros(shape, dtype)
+    out = np.empty(shape, dtype)
+    out[...] = bias.astype(dtype).reshape(1, -1, 1, 1)
+    return out
+
+
+def _forward(x, weight, bias, geometry, dtype):
+    """conv2d of 4-D ``x``: (N, C, H, W) -> (N, K, P, Q) as given by ``geometry``."""
+    y = _initial(geometry.output_shape, dtype, bias)
+    if y.size and x.size:
+        _conv2d_forward(
+            v.kernel_ready(x, dtype), v.kernel_ready(weight, dtype), geometry.kernel_geometry, geometry.groups,
+            _rows_per_chunk(geometry, dtype), y,
+        )
+    return y
+
+
+def _input_grad(grad_output, weight, bias, geometry, dtype):
+    """conv2d's input gradient: (N, K, P, Q) -> (N, C, H, W), plus ``bias`` when given (conv_transpose2d)."""
+    dx = _initial(geometry.input_shape, dtype, bias)
+    if dx.size and grad_output.size:
+        _conv2d_input(
+            v.kernel_ready(grad_output, dtype), v.kernel_ready(weight, dtype), geometry.kernel_geometry,
+            geometry.groups, _rows_per_chunk(geometry, dtype), dx,
+        )
+    return dx
+
+
+def _weight_grad(x, grad_output, geometry, dtype):
+    """conv2d's weight gradient: sum over the batch of grad_output · patches(x)ᵀ -> (K, C // groups, R, S)."""
+    dw = np.zeros(geometry.weight_shape, dtype)
+    if dw.size and grad_output.size:
+        _conv2d_weight(
+            v.kernel_ready(x, dtype), v.kernel_ready(grad_output, dtype), geometry.kernel_geometry,
+            geometry.groups, _rows_per_chunk(geometry, dtype), dw,
+        )
+    return dw
+
+
+def _bias_grad(grad_output, dtype):
+    return np.sum(grad_output, axis=(0, 2, 3), dtype=dtype)
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D cross-correlation, as ``torch.nn.functional.conv2d``.
+
+    ``y[n, k, p, q] = bias[k] + sum over c, r, s of
+    input[n, g * C/groups + c, p * sh - pad_top + r * dh, q * sw - pad_left + s * dw] * weight[k, c, r, s]``
+    with ``g = k // (K / groups)`` and zeros outside the input.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C, H, W) or (C, H, W)
+        The images. An unbatched input gives an unbatched output.
+    weight : array_like, shape (K, C // groups, R, S)
+        The filters.
+    bias : array_like, shape (K,), optional
+        Added to every output pixel of each channel.
+    stride : int or (int, int), default 1
+    padding : int, (int, int), ((int, int), (int, int)), 'valid' or 'same', default 0
+        Zeros added around the input: the same on all sides, per axis, or ``((top, bottom), (left, right))``.
+        ``'same'`` gives an output of ``ceil(in / stride)`` (TensorFlow's rule, at any stride).
+    dilation : int or (int, int), default 1
+        Spacing between kernel taps.
+    groups : int, default 1
+        Input and output channels split into this many independent convolutions.
+
+    Returns
+    -------
+    numpy.ndarray, shape (N, K, P, Q) or (K, P, Q)
+        In ``np.result_type(input, weight, bias, np.float32)``: float32 or float64.
+
+    Raises
+    ------
+    ValueError
+        For shapes or parameter values that do not fit together.
+    TypeError
+        For non-numeric or complex arrays, or a float or bool where an int is expected.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import conv2d
+    >>> x = np.array([[3, 3, 2, 1, 0], [0, 0, 1, 3, 1], [3, 1, 2, 2, 3], [2, 0, 0, 2, 2], [2, 0, 0, 0, 1]])
+    >>> w = np.array([[0, 1, 2], [2, 2, 0], [0, 1, 2]])
+    >>> conv2d(x[None, None], w[None, None])[0, 0]
+    array([[12., 12., 17.],
+           [10., 17., 19.],
+           [ 9.,  6., 14.]], dtype=float32)
+    >>> conv2d(np.ones((2, 3, 8, 8)), np.ones((4, 3, 3, 3)), stride=2, padding="same").shape
+    (2, 4, 4, 4)
+    """
+    x = v.as_array("input", input)
+    weight, geometry, batched = v.parse_conv2d("conv2d", x.shape, weight, stride, padding, dilation, groups)
+    bias = v.check_bias(bias, weight.shape[0], weight.shape)
+    dtype = v.result_dtype(input=x, weight=weight, bias=bias)
+    y = _forward(x.reshape(geometry.input_shape), weight, bias, geometry, dtype)
+    return v.unbatch(y, batched)
+
+
+def conv2d_input(input_size, weight, grad_output, stride=1, padding=0, dilation=1, groups=1):
+    """Gradient of conv2d with respect to its input, as ``torch.nn.grad.conv2d_input``.
+
+    Parameters
+    ----------
+    input_size : sequence of int
+        Shape of the forward input, (N, C, H, W) or (C, H, W).
+    weight : array_like, shape (K, C // groups, R, S)
+    grad_output : array_like, shape (N, K, P, Q) or (K, P, Q)
+        Gradient of the loss with respect to conv2d's output.
+    stride, padding, dilation, groups
+        As in :func:`conv2d`.
+
+    Returns
+    -------
+    numpy.ndarray, shape ``input_size``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import conv2d_input
+    >>> w = np.array([[[[0, 1, 2], [2, 2, 0], [0, 1, 2]]]])
+    >>> conv2d_input((1, 1, 5, 5), w, np.ones((1, 1, 3, 3)))[0, 0]
+    array([[ 0.,  1.,  3.,  3.,  2.],
+           [ 2.,  5.,  7.,  5.,  2.],
+           [ 2.,  6., 10.,  8.,  4.],
+           [ 2.,  5.,  7.,  5.,  2.],
+           [ 0.,  1.,  3.,  3.,  2.]], dtype=float32)
+    """
+    size = v.shape_tuple("input_size", input_size, (3, 4))
+    weight, geometry, batched = v.parse_conv2d(
+        "conv2d_input", size, weight, stride, padding, dilation, groups, "input_size"
+    )
+    dy = v.batched_grad_output(grad_output, geometry.output_shape, batched, "conv2d_input")
+    dtype = v.result_dtype(weight=weight, grad_output=dy)
+    return v.unbatch(_input_grad(dy, weight, None, geometry, dtype), batched)
+
+
+def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation=1, groups=1):
+    """Gradient of conv2d with respect to its weight, as ``torch.nn.grad.conv2d_weight``.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C, H, W) or (C, H, W)
+        The forward input.
+    weight_size : sequence of int
+        Shape of the weight, (K, C // groups, R, S).
+    grad_output : array_like, shape (N, K, P, Q) or (K, P, Q)
+    stride, padding, dilation, groups
+        As in :func:`conv2d`.
+
+    Returns
+    -------
+    numpy.ndarray, shape ``weight_size``
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import conv2d_weight
+    >>> x = np.array([[3, 3, 2, 1, 0], [0, 0, 1, 3, 1], [3, 1, 2, 2, 3], [2, 0, 0, 2, 2], [2, 0, 0, 0, 1]])
+    >>> conv2d_weight(x[None, None], (1, 1, 3, 3), np.ones((1, 1, 3, 3)))[0, 0]
+    array([[15., 15., 15.],
+           [ 9., 11., 16.],
+           [10.,  7., 12.]], dtype=float32)
+    """
+    x = v.as_array("input", input)
+    size = v.shape_tuple("weight_size", weight_size, (4,))
+    shape4, batched = v.batched_input("input", x.shape, "conv2d_weight")
+    geometry = v.conv2d_geometry("conv2d_weight", shape4, size, stride, padding, dilation, groups)
+    dy = v.batched_grad_output(grad_output, geometry.output_shape, batched, "conv2d_weight")
+    dtype = v.result_dtype(input=x, grad_output=dy)
+    return _weight_grad(x.reshape(shape4), dy, geometry, dtype)
+
+
+def conv2d_backward(input, weight, grad_output, stride=1, padding=0, dilation=1, groups=1):
+    """All three gradients of conv2d: ``(grad_input, grad_weight, grad_bias)``.
+
+    Arguments are checked once and converted once for the three gradients.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C, H, W) or (C, H, W)
+    weight : array_like, shape (K, C // groups, R, S)
+    grad_output : array_like, shape (N, K, P, Q) or (K, P, Q)
+    stride, padding, dilation, groups
+        As in :func:`conv2d`.
+
+    Returns
+    -------
+    grad_input : numpy.ndarray, shape of ``input``
+    grad_weight : numpy.ndarray, shape of ``weight``
+    grad_bias : numpy.ndarray, shape (K,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import conv2d_backward
+    >>> dx, dw, db = conv2d_backward(np.ones((2, 3, 6, 6)), np.ones((4, 3, 3, 3)), np.ones((2, 4, 4, 4)))
+    >>> dx.shape, dw.shape, db
+    ((2, 3, 6, 6), (4, 3, 3, 3), array([32., 32., 32., 32.], dtype=float32))
+    """
+    x = v.as_array("input", input)
+    weight, geometry, batched = v.parse_conv2d("conv2d_backward", x.shape, weight, stride, padding, dilation, groups)
+    dy = v.batched_grad_output(grad_output, geometry.output_shape, batched, "conv2d_backward")
+    dtype = v.result_dtype(input=x, weight=weight, grad_output=dy)
+    x, weight, dy = (v.kernel_ready(a, dtype) for a in (x.reshape(geometry.input_shape), weight, dy))
+    grad_input = _input_grad(dy, weight, None, geometry, dtype)
+    grad_weight = _weight_grad(x, dy, geometry, dtype)
+    return v.unbatch(grad_input, batched), grad_weight, _bias_grad(dy, dtype)
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """2-D transposed convolution, as ``torch.nn.functional.conv_transpose2d``.
+
+    It is the gradient of :func:`conv2d` with respect to its input, with this function's input in the role of
+    conv2d's grad_output, and is computed that way.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C_in, H, W) or (C_in, H, W)
+    weight : array_like, shape (C_in, C_out // groups, R, S)
+    bias : array_like, shape (C_out,), optional
+    stride : int or (int, int), default 1
+    padding : int or (int, int), default 0
+        ``dilation * (kernel - 1) - padding`` zeros are added to each side of the input.
+    output_padding : int or (int, int), default 0
+        Extra size added to one side of the output; smaller than either stride or dilation.
+    groups : int, default 1
+    dilation : int or (int, int), default 1
+
+    Returns
+    -------
+    numpy.ndarray, shape (N, C_out, H_out, W_out) or unbatched
+        ``H_out = (H - 1) * stride - 2 * padding + dilation * (R - 1) + output_padding + 1``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import conv_transpose2d
+    >>> y = np.array([[12, 12, 17], [10, 17, 19], [9, 6, 14]])
+    >>> w = np.array([[0, 1, 2], [2, 2, 0], [0, 1, 2]])
+    >>> conv_transpose2d(y[None, None], w[None, None])[0, 0]
+    array([[  0.,  12.,  36.,  41.,  34.],
+           [ 24.,  58.,  95.,  87.,  38.],
+           [ 20.,  75., 132., 105.,  62.],
+           [ 18.,  40.,  77.,  81.,  38.],
+           [  0.,   9.,  24.,  26.,  28.]], dtype=float32)
+    """
+    x, weight, geometry, batched = v.parse_transpose(
+        "conv_transpose2d", input, weight, stride, padding, output_padding, groups, dilation
+    )
+    bias = v.check_bias(bias, geometry.input_shape[1], weight.shape)
+    dtype = v.result_dtype(input=x, weight=weight, bias=bias)
+    # conv_transpose2d's input is conv2d's grad_output.
+    return v.unbatch(_input_grad(x, weight, bias, geometry, dtype), batched)
+
+
+def conv_transpose2d_backward(input, weight, grad_output, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """All three gradients of conv_transpose2d: ``(grad_input, grad_weight, grad_bias)``.
+
+    The input gradient is conv2d of ``grad_output``; the weight gradient is conv2d's weight gradient with
+    ``grad_output`` as the images and ``input`` as their output gradient.
+
+    Parameters
+    ----------
+    input : array_like, shape (N, C_in, H, W) or (C_in, H, W)
+    weight : array_like, shape (C_in, C_out // groups, R, S)
+    grad_output : array_like, shape of conv_transpose2d's output
+    stride, padding, output_padding, groups, dilation
+        As in :func:`conv_transpose2d`.
+
+    Returns
+    -------
+    grad_input : numpy.ndarray, shape of ``input``
+    grad_weight : numpy.ndarray, shape of ``weight``
+    grad_bias : numpy.ndarray, shape (C_out,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastconv import conv_transpose2d_backward
+    >>> y = np.array([[12, 12, 17], [10, 17, 19], [9, 6, 14]])
+    >>> w = np.array([[0, 1, 2], [2, 2, 0], [0, 1, 2]])
+    >>> dx, dw, db = conv_transpose2d_backward(y[None, None], w[None, None], np.ones((1, 1, 5, 5)))
+    >>> dx[0, 0], dw[0, 0], db
+    (array([[10., 10., 10.],
+           [10., 10., 10.],
+           [10., 10., 10.]], dtype=float32), array([[116., 116., 116.],
+           [116., 116., 116.],
+           [116., 116., 116.]], dtype=float32), array([25.], dtype=float32))
+    """
+    x, weight, geometry, batched = v.parse_transpose(
+        "conv_transpose2d_backward", input, weight, stride, padding, output_padding, groups, dilation
+    )
+    dy = v.batched_grad_output(grad_output, geometry.input_shape, batched, "conv_transpose2d_backward")
+    dtype = v.result_dtype(input=x, weight=weight, grad_output=dy)
+    x, weight, dy = (v.kernel_ready(a, dtype) for a in (x, weight, dy))
+    # Roles swapped: conv_transpose2d's grad_output is conv2d's input, its input is conv2d's grad_output.
+    grad_input = _forward(dy, weight, None, geometry, dtype)
+    grad_weight = _weight_grad(dy, x, geometry, dtype)
+    return v.unbatch(grad_input, batched), grad_weight, _bias_grad(dy, dtype)
