@@ -1,0 +1,160 @@
+"""Every fast function against fastconv.reference, over a stacked parametrised space of configurations."""
+
+import numpy as np
+import pytest
+from conftest import assert_close, random_array
+
+import fastconv
+from fastconv import reference
+from fastconv.shapes import conv_output_size, same_padding, transpose_output_size
+
+CHANNELS = [  # (C, K, groups)
+    (1, 1, 1),
+    (3, 5, 1),
+    (4, 6, 2),
+    (6, 3, 3),
+    (4, 4, 4),  # depthwise
+    (2, 6, 2),  # depthwise with multiplier 3
+]
+SIZES = [  # ((H, W), (R, S))
+    ((1, 1), (1, 1)),
+    ((5, 5), (3, 3)),
+    ((4, 6), (4, 6)),  # kernel == input
+    ((7, 12), (2, 5)),
+    ((12, 7), (5, 1)),
+    ((2, 3), (1, 2)),
+]
+STRIDE_DILATION = [(1, 1), (2, 1), ((3, 1), 1), (1, (2, 3)), (3, 2)]  # stride 3 > kernel 1 or 2 in some sizes
+PADDING = [0, 1, (2, 0), ((0, 2), (1, 0)), "valid", "same"]
+DTYPES = ["float32", "float64"]
+
+
+def _padded_fits(hw, rs, stride, padding, dilation):
+    stride = (stride, stride) if isinstance(stride, int) else stride
+    dilation = (dilation, dilation) if isinstance(dilation, int) else dilation
+    for axis in range(2):
+        if padding == "same":
+            pads = same_padding(hw[axis], rs[axis], stride[axis], dilation[axis])
+        elif padding == "valid":
+            pads = (0, 0)
+        elif isinstance(padding, int):
+            pads = (padding, padding)
+        elif isinstance(padding[0], tuple):
+            pads = padding[axis]
+        else:
+            pads = (padding[axis], padding[axis])
+        if conv_output_size(hw[axis], rs[axis], stride[axis], *pads, dilation[axis]) < 1:
+            return False
+    return True
+
+
+def _conv_case(rng, N, channels, sizes, dtype, bias=True):
+    (C, K, groups), ((H, W), (R, S)) = channels, sizes
+    x = random_array(rng, (N, C, H, W), dtype)
+    w = random_array(rng, (K, C // groups, R, S), dtype)
+    b = random_array(rng, (K,), dtype) if bias else None
+    return x, w, b
+
+
+def _check_conv2d_family(x, w, b, **params):
+    """conv2d and all its gradients against the reference, on one configuration."""
+    y = fastconv.conv2d(x, w, b, **params)
+    assert_close(y, reference.conv2d(x, w, b, **params))
+    dy = np.random.default_rng(1).standard_normal(y.shape).astype(y.dtype)
+    expected = reference.conv2d_backward(x, w, dy, **params)
+    for actual, want in zip(fastconv.conv2d_backward(x, w, dy, **params), expected):
+        assert_close(actual, want)
+    assert_close(fastconv.conv2d_input(x.shape, w, dy, **params), expected[0])
+    assert_close(fastconv.conv2d_weight(x, w.shape, dy, **params), expected[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("padding", PADDING)
+@pytest.mark.parametrize("stride, dilation", STRIDE_DILATION)
+@pytest.mark.parametrize("sizes", SIZES)
+@pytest.mark.parametrize("channels", CHANNELS)
+def test_conv2d_and_gradients(rng, channels, sizes, stride, dilation, padding, dtype):
+    if not _padded_fits(*sizes, stride, padding, dilation):
+        pytest.skip("the dilated kernel does not fit in the padded input (an error case, tested elsewhere)")
+    x, w, b = _conv_case(rng, 2, channels, sizes, dtype)
+    _check_conv2d_family(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=channels[2])
+
+
+@pytest.mark.parametrize("N", [0, 1, 2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_batch_sizes_and_bias(rng, N, bias, dtype):
+    x, w, b = _conv_case(rng, N, (4, 6, 2), ((6, 5), (3, 2)), dtype, bias)
+    _check_conv2d_family(x, w, b, stride=(2, 1), padding=1, groups=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unbatched_input_gives_unbatched_output(rng, dtype):
+    x, w, b = _conv_case(rng, 1, (3, 4, 1), ((6, 6), (3, 3)), dtype)
+    y = fastconv.conv2d(x[0], w, b, padding=1)
+    assert y.shape == (4, 6, 6)
+    assert_close(y, fastconv.conv2d(x, w, b, padding=1)[0])
+    dy = random_array(rng, y.shape, dtype)
+    dx, dw, db = fastconv.conv2d_backward(x[0], w, dy, padding=1)
+    assert dx.shape == x.shape[1:]
+    assert_close(dx, fastconv.conv2d_input(x.shape[1:], w, dy, padding=1))
+    assert_close(dw, fastconv.conv2d_weight(x[0], w.shape, dy, padding=1))
+    yt = fastconv.conv_transpose2d(y, w.transpose(0, 1, 2, 3), None, padding=1)
+    assert yt.shape == (3, 6, 6)
+
+
+TRANSPOSE_CHANNELS = [(1, 1, 1), (3, 4, 1), (4, 6, 2), (3, 3, 3)]  # (C_in, C_out, groups)
+TRANSPOSE_SIZES = [((1, 1), (1, 1)), ((4, 4), (4, 4)), ((3, 5), (3, 2)), ((5, 2), (2, 3))]
+TRANSPOSE_STRIDE_DILATION = [(1, 1), (2, 1), ((3, 2), 1), (1, 2), (2, (1, 3))]
+OUTPUT_PADDING = [0, 1, (1, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("output_padding", OUTPUT_PADDING)
+@pytest.mark.parametrize("padding", [0, 1, (0, 2)])
+@pytest.mark.parametrize("stride, dilation", TRANSPOSE_STRIDE_DILATION)
+@pytest.mark.parametrize("sizes", TRANSPOSE_SIZES)
+@pytest.mark.parametrize("channels", TRANSPOSE_CHANNELS)
+def test_conv_transpose2d_and_gradients(rng, channels, sizes, stride, dilation, padding, output_padding, dtype):
+    pair = lambda value: (value, value) if isinstance(value, int) else value  # noqa: E731
+    (C_in, C_out, groups), ((H, W), (R, S)) = channels, sizes
+    s, d, p, op = pair(stride), pair(dilation), pair(padding), pair(output_padding)
+    if any(op[i] >= max(s[i], d[i]) for i in range(2)):
+        pytest.skip("output_padding too large (an error case, tested elsewhere)")
+    out = [transpose_output_size(n, k, s[i], p[i], op[i], d[i]) for i, (n, k) in enumerate([(H, R), (W, S)])]
+    if min(out) < 1:
+        pytest.skip("empty output (an error case, tested elsewhere)")
+    x = random_array(rng, (2, C_in, H, W), dtype)
+    w = random_array(rng, (C_in, C_out // groups, R, S), dtype)
+    b = random_array(rng, (C_out,), dtype)
+    params = dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation)
+    y = fastconv.conv_transpose2d(x, w, b, **params)
+    assert_close(y, reference.conv_transpose2d(x, w, b, **params))
+    dy = random_array(rng, y.shape, dtype)
+    expected = reference.conv_transpose2d_backward(x, w, dy, **params)
+    for actual, want in zip(fastconv.conv_transpose2d_backward(x, w, dy, **params), expected):
+        assert_close(actual, want)
+
+
+def _pair(value):
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 0, 1), (2, 1, 1), ((2, 3), (1, 0), (1, 2))])
+def test_conv_transpose2d_is_the_input_gradient_of_conv2d(rng, stride, padding, dilation):
+    """conv_transpose2d(y, w) == conv2d_input(x.shape, w, y): each fast one against the other's reference."""
+    params = dict(stride=stride, padding=padding, dilation=dilation, groups=2)
+    x = random_array(rng, (2, 4, 9, 8), "float64")
+    w = random_array(rng, (6, 2, 3, 3), "float64")
+    y = random_array(rng, fastconv.conv2d(x, w, **params).shape, "float64")
+    # output_padding makes up the input rows and columns that conv2d's floor division left out.
+    output_padding = tuple(
+        x.shape[2 + i]
+        - transpose_output_size(y.shape[2 + i], w.shape[2 + i], _pair(stride)[i], _pair(padding)[i], 0, _pair(dilation)[i])
+        for i in range(2)
+    )
+    actual = fastconv.conv_transpose2d(y, w, None, output_padding=output_padding, **params)
+    assert_close(actual, reference.conv2d_input(x.shape, w, y, **params))
+    # And the other way round: conv2d is conv_transpose2d's input gradient.
+    dx, _, _ = reference.conv_transpose2d_backward(y, w, x, output_padding=output_padding, **params)
+    assert_close(fastconv.conv2d(x, w, **params), dx)

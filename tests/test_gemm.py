@@ -1,0 +1,61 @@
+"""fastconv.gemm against a float64 NumPy product, on shapes that are not multiples of MR, NR or KC."""
+
+import numpy as np
+import pytest
+from conftest import assert_close, random_array
+
+from fastconv import config, gemm
+
+SHAPES = [
+    (1, 1, 1),
+    (7, 13, 5),
+    (300, 301, 299),
+    (config.MR + 1, config.NR + 1, config.KC + 1),
+    (config.MC + 3, 2 * config.NR - 1, 2 * config.KC + 7),
+    (2, 5, 0),  # empty inner dimension: zeros
+    (0, 4, 3),
+    (3, 0, 4),
+]
+
+
+@pytest.mark.parametrize("m, n, k", SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gemm_matches_float64_product(rng, m, n, k, dtype):
+    a = random_array(rng, (m, k), dtype)
+    b = random_array(rng, (k, n), dtype)
+    expected = (a.astype(np.float64) @ b.astype(np.float64)).astype(dtype)
+    assert_close(gemm(a, b), expected)
+
+
+def test_gemm_accepts_any_layout_and_promotes(rng):
+    a = rng.standard_normal((40, 30))
+    b = rng.integers(-3, 4, size=(70, 30)).T[::-1]  # Fortran order, negative stride, int64
+    a_f = np.asfortranarray(a)
+    assert_close(gemm(a_f, b), a @ b.astype(np.float64))
+    assert gemm(np.ones((2, 2), np.uint8), np.ones((2, 2), np.float32)).dtype == np.float32
+
+
+def test_gemm_never_writes_inputs(rng):
+    a = random_array(rng, (9, 8), "float32")
+    b = random_array(rng, (8, 7), "float32")
+    a_copy, b_copy = a.copy(), b.copy()
+    a.flags.writeable = False
+    gemm(a, b)
+    np.testing.assert_array_equal(a, a_copy)
+    np.testing.assert_array_equal(b, b_copy)
+
+
+@pytest.mark.parametrize(
+    "a, b, error, words",
+    [
+        (np.ones((2, 3)), np.ones((4, 2)), ValueError, ["2x3", "4x2"]),
+        (np.ones(3), np.ones((3, 2)), ValueError, ["2-D", "(3,)"]),
+        (np.ones((2, 2), complex), np.ones((2, 2)), TypeError, ["a", "complex128"]),
+        (np.ones((2, 2)), np.array([["x", "y"], ["z", "w"]]), TypeError, ["b", "<U1"]),
+    ],
+)
+def test_gemm_errors(a, b, error, words):
+    with pytest.raises(error) as info:
+        gemm(a, b)
+    for word in words:
+        assert word in str(info.value)
