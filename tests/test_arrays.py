@@ -1,0 +1,144 @@
+"""What the functions accept and promise about arrays: layouts, dtypes, empty sizes, NaN, chunking, threads."""
+
+import numba
+import numpy as np
+import pytest
+from conftest import assert_close, random_array
+
+import fastconv
+from fastconv import conv as conv_module
+from fastconv import reference
+
+PARAMS = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
+
+
+def _layouts(array):
+    """The same values in C order, Fortran order, a strided view, reversed strides and read-only."""
+    fortran = np.asfortranarray(array)
+    strided = np.repeat(array, 2, axis=-1)[..., ::2]
+    reversed_ = np.ascontiguousarray(array[..., ::-1])[..., ::-1]
+    readonly = array.copy()
+    readonly.flags.writeable = False
+    return {"C": array, "F": fortran, "strided": strided, "negative": reversed_, "readonly": readonly}
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "strided", "negative", "readonly"])
+def test_any_layout_gives_the_same_result_and_inputs_stay_unchanged(rng, layout):
+    x = random_array(rng, (2, 4, 9, 8), "float32")
+    w = random_array(rng, (6, 2, 3, 3), "float32")
+    dy = random_array(rng, fastconv.conv2d(x, w, **PARAMS).shape, "float32")
+    expected = [fastconv.conv2d(x, w, **PARAMS), *fastconv.conv2d_backward(x, w, dy, **PARAMS)]
+    xs, ws, dys = _layouts(x)[layout], _layouts(w)[layout], _layouts(dy)[layout]
+    copies = [a.copy() for a in (xs, ws, dys)]
+    actual = [fastconv.conv2d(xs, ws, **PARAMS), *fastconv.conv2d_backward(xs, ws, dys, **PARAMS)]
+    for a, e in zip(actual, expected):
+        np.testing.assert_array_equal(a, e)
+    fastconv.conv_transpose2d(dys, ws, None, **PARAMS)
+    fastconv.conv_transpose2d_backward(dys, ws, xs, **PARAMS)
+    for a, copy in zip((xs, ws, dys), copies):
+        np.testing.assert_array_equal(a, copy)
+
+
+def test_layouts_compile_no_new_kernel_versions(rng):
+    x = random_array(rng, (1, 2, 6, 6), "float32")
+    w = random_array(rng, (2, 2, 3, 3), "float32")
+    fastconv.conv2d(x, w)
+    kernels = [conv_module._conv2d_forward, conv_module._conv2d_input, conv_module._conv2d_weight]
+    fastconv.conv2d_backward(x, w, np.ones((1, 2, 4, 4), np.float32))
+    counts = [len(k.signatures) for k in kernels]
+    for xs in _layouts(x).values():
+        for ws in _layouts(w).values():
+            fastconv.conv2d(xs, ws)
+            fastconv.conv2d_backward(xs, ws, np.ones((1, 2, 4, 4), np.float32))
+    assert [len(k.signatures) for k in kernels] == counts
+
+
+@pytest.mark.parametrize(
+    "x_dtype, w_dtype, expected",
+    [
+        ("uint8", "float32", "float32"),
+        ("int64", "float32", "float64"),
+        ("float16", "float16", "float32"),
+        ("float32", "float64", "float64"),
+        ("int32", "int32", "float64"),
+    ],
+)
+def test_result_dtype_follows_numpy_promotion_with_float32(rng, x_dtype, w_dtype, expected):
+    x = rng.integers(0, 5, size=(1, 2, 5, 5)).astype(x_dtype)
+    w = rng.integers(-2, 3, size=(3, 2, 3, 3)).astype(w_dtype)
+    y = fastconv.conv2d(x, w)
+    assert y.dtype == np.dtype(expected)
+    assert_close(y, reference.conv2d(x.astype(np.float64), w.astype(np.float64)).astype(expected))
+
+
+def test_bias_dtype_takes_part_in_promotion():
+    y = fastconv.conv2d(np.ones((1, 1, 3, 3), np.float32), np.ones((1, 1, 1, 1), np.float32), np.ones(1))
+    assert y.dtype == np.float64
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_empty_sizes_give_empty_or_zero_results(dtype):
+    w = np.ones((4, 3, 3, 3), dtype)
+    assert fastconv.conv2d(np.ones((0, 3, 8, 8), dtype), w, padding=1).shape == (0, 4, 8, 8)
+    dx, dw, db = fastconv.conv2d_backward(np.ones((0, 3, 8, 8), dtype), w, np.ones((0, 4, 8, 8), dtype), padding=1)
+    assert dx.shape == (0, 3, 8, 8)
+    np.testing.assert_array_equal(dw, np.zeros_like(w))
+    np.testing.assert_array_equal(db, np.zeros(4, dtype))
+    assert fastconv.conv_transpose2d(np.ones((0, 4, 3, 3), dtype), w).shape == (0, 3, 5, 5)
+    # Zero input channels: the output is the bias alone, as in PyTorch.
+    y = fastconv.conv2d(np.ones((2, 0, 5, 5), dtype), np.ones((4, 0, 3, 3), dtype), np.arange(4, dtype=dtype))
+    np.testing.assert_array_equal(y, np.broadcast_to(np.arange(4, dtype=dtype).reshape(1, 4, 1, 1), (2, 4, 3, 3)))
+    assert fastconv.conv2d(np.ones((2, 3, 5, 5), dtype), np.ones((0, 3, 3, 3), dtype)).shape == (2, 0, 3, 3)
+
+
+def test_nan_and_inf_propagate_like_pytorch():
+    x = np.ones((1, 1, 5, 5), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    x[0, 0, 4, 4] = np.inf
+    w = np.ones((1, 1, 3, 3), np.float32)
+    y = fastconv.conv2d(x, w)[0, 0]
+    assert np.isnan(y[0, 0]) and np.isinf(y[2, 2]) and np.isfinite(y[1, 1])
+    assert np.isnan(fastconv.conv2d(np.ones((1, 1, 3, 3), np.float32), np.full((1, 1, 3, 3), np.nan, np.float32))).all()
+    zero_weight = np.zeros((1, 1, 3, 3), np.float32)
+    assert np.isnan(fastconv.conv2d(x, zero_weight)[0, 0, 0, 0])  # 0 * NaN is NaN, never optimised away
+    dx, dw, _ = fastconv.conv2d_backward(x, w, np.ones((1, 1, 3, 3), np.float32))
+    assert np.isnan(dw).any() and np.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_chunked_column_buffer_gives_the_same_result(rng, monkeypatch, dtype):
+    """Large layers are processed a few output rows at a time; one row per chunk must change nothing."""
+    x = random_array(rng, (2, 4, 11, 9), dtype)
+    w = random_array(rng, (6, 2, 3, 2), dtype)
+    wt = random_array(rng, (4, 3, 3, 2), dtype)
+    whole = [fastconv.conv2d(x, w, **PARAMS)]
+    dy = random_array(rng, whole[0].shape, dtype)
+    whole += fastconv.conv2d_backward(x, w, dy, **PARAMS)
+    whole += [fastconv.conv_transpose2d(x, wt, None, stride=2, padding=1, groups=2)]
+    monkeypatch.setattr(conv_module, "COLUMN_BUFFER_BYTES", 1)
+    chunked = [fastconv.conv2d(x, w, **PARAMS), *fastconv.conv2d_backward(x, w, dy, **PARAMS)]
+    chunked += [fastconv.conv_transpose2d(x, wt, None, stride=2, padding=1, groups=2)]
+    for a, b in zip(chunked, whole):
+        assert_close(a, b)
+    assert_close(chunked[0], reference.conv2d(x, w, **PARAMS))
+
+
+def test_results_do_not_depend_on_the_thread_count(rng):
+    x = random_array(rng, (2, 8, 20, 20), "float32")
+    w = random_array(rng, (16, 8, 3, 3), "float32")
+    dy = random_array(rng, (2, 16, 20, 20), "float32")
+
+    def run():
+        return [fastconv.conv2d(x, w, padding=1), *fastconv.conv2d_backward(x, w, dy, padding=1),
+                fastconv.conv_transpose2d(dy, w, None, padding=1), fastconv.gemm(x.reshape(80, -1), x.reshape(-1, 80))]
+
+    saved = numba.get_num_threads()
+    try:
+        results = {}
+        for threads in sorted({1, saved}):
+            numba.set_num_threads(threads)
+            results[threads] = run()
+    finally:
+        numba.set_num_threads(saved)
+    for a, b in zip(results[1], results[saved]):
+        np.testing.assert_array_equal(a, b)
