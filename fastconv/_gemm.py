@@ -179,4 +179,3 @@ def _gemm(a, b, c, accumulate):
     bp = np.empty(_packed_b_size(n), dtype=c.dtype)
     _pack_a(a, ap)
     _gemm_packed(ap, m, b, 0, n, c, 0, accumulate, bp)
-

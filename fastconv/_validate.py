@@ -100,7 +100,9 @@ def batched_input(name, shape, function):
 def check_weight_ndim(name, shape, function):
     shape = tuple(shape)
     if len(shape) != 4:
-        raise ValueError(f"Expected 4D {name} to {function} of shape (out, in / groups, kH, kW), but got {name} of size: {shape}")
+        raise ValueError(
+            f"Expected 4D {name} to {function} of shape (out, in / groups, kH, kW), but got {name} of size: {shape}"
+        )
     return shape
 
 
@@ -114,6 +116,14 @@ def shape_tuple(name, value, ndim_allowed):
     if len(sizes) not in ndim_allowed or min(sizes, default=0) < 0:
         raise ValueError(f"{name} must be {' or '.join(map(str, ndim_allowed))} non-negative ints, but got {value!r}")
     return sizes
+
+
+def check_divisible_by_groups(weight_shape, groups):
+    if weight_shape[0] % groups != 0:
+        raise ValueError(
+            f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, "
+            f"but got weight of size {weight_shape} instead"
+        )
 
 
 def check_bias(bias, out_channels, weight_shape):
@@ -169,8 +179,7 @@ def conv2d_geometry(function, input_shape, weight_shape, stride, padding, dilati
     groups = check_groups(groups)
     N, C, H, W = input_shape
     K, Cg, R, S = weight_shape
-    if K % groups != 0:
-        raise ValueError(f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, but got weight of size {weight_shape} instead")
+    check_divisible_by_groups(weight_shape, groups)
     if C != Cg * groups:
         raise ValueError(
             f"Given groups={groups}, weight of size {weight_shape}, expected {input_name} {input_shape} to have "
@@ -214,8 +223,7 @@ def transpose_geometry(function, input_shape, weight_shape, stride, padding, out
             f"Given transposed=1, weight of size {weight_shape}, expected input {input_shape} to have {K} channels, "
             f"but got {C_in} channels instead"
         )
-    if K % groups != 0:
-        raise ValueError(f"Given groups={groups}, expected weight to be divisible by {groups} at dimension 0, but got weight of size {weight_shape} instead")
+    check_divisible_by_groups(weight_shape, groups)
     out_hw = tuple(
         transpose_output_size(i, k, s, p, op, d)
         for i, k, s, p, op, d in zip((H, W), (R, S), stride, padding, output_padding, dilation)

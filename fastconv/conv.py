@@ -43,8 +43,12 @@ def _forward(x, weight, bias, geometry, dtype):
     y = _initial(geometry.output_shape, dtype, bias)
     if y.size and x.size:
         _conv2d_forward(
-            v.kernel_ready(x, dtype), v.kernel_ready(weight, dtype), geometry.kernel_geometry, geometry.groups,
-            _rows_per_chunk(geometry, dtype), y,
+            v.kernel_ready(x, dtype),
+            v.kernel_ready(weight, dtype),
+            geometry.kernel_geometry,
+            geometry.groups,
+            _rows_per_chunk(geometry, dtype),
+            y,
         )
     return y
 
@@ -54,8 +58,12 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
     dx = _initial(geometry.input_shape, dtype, bias)
     if dx.size and grad_output.size:
         _conv2d_input(
-            v.kernel_ready(grad_output, dtype), v.kernel_ready(weight, dtype), geometry.kernel_geometry,
-            geometry.groups, _rows_per_chunk(geometry, dtype), dx,
+            v.kernel_ready(grad_output, dtype),
+            v.kernel_ready(weight, dtype),
+            geometry.kernel_geometry,
+            geometry.groups,
+            _rows_per_chunk(geometry, dtype),
+            dx,
         )
     return dx
 
@@ -65,8 +73,12 @@ def _weight_grad(x, grad_output, geometry, dtype):
     dw = np.zeros(geometry.weight_shape, dtype)
     if dw.size and grad_output.size:
         _conv2d_weight(
-            v.kernel_ready(x, dtype), v.kernel_ready(grad_output, dtype), geometry.kernel_geometry,
-            geometry.groups, _rows_per_chunk(geometry, dtype), dw,
+            v.kernel_ready(x, dtype),
+            v.kernel_ready(grad_output, dtype),
+            geometry.kernel_geometry,
+            geometry.groups,
+            _rows_per_chunk(geometry, dtype),
+            dw,
         )
     return dw
 
@@ -120,7 +132,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     >>> conv2d(x[None, None], w[None, None])[0, 0]
     array([[12., 12., 17.],
            [10., 17., 19.],
-           [ 9.,  6., 14.]], dtype=float32)
+           [ 9.,  6., 14.]])
     >>> conv2d(np.ones((2, 3, 8, 8)), np.ones((4, 3, 3, 3)), stride=2, padding="same").shape
     (2, 4, 4, 4)
     """
@@ -159,7 +171,7 @@ def conv2d_input(input_size, weight, grad_output, stride=1, padding=0, dilation=
            [ 2.,  5.,  7.,  5.,  2.],
            [ 2.,  6., 10.,  8.,  4.],
            [ 2.,  5.,  7.,  5.,  2.],
-           [ 0.,  1.,  3.,  3.,  2.]], dtype=float32)
+           [ 0.,  1.,  3.,  3.,  2.]])
     """
     size = v.shape_tuple("input_size", input_size, (3, 4))
     weight, geometry, batched = v.parse_conv2d(
@@ -195,7 +207,7 @@ def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation
     >>> conv2d_weight(x[None, None], (1, 1, 3, 3), np.ones((1, 1, 3, 3)))[0, 0]
     array([[15., 15., 15.],
            [ 9., 11., 16.],
-           [10.,  7., 12.]], dtype=float32)
+           [10.,  7., 12.]])
     """
     x = v.as_array("input", input)
     size = v.shape_tuple("weight_size", weight_size, (4,))
@@ -231,7 +243,7 @@ def conv2d_backward(input, weight, grad_output, stride=1, padding=0, dilation=1,
     >>> from fastconv import conv2d_backward
     >>> dx, dw, db = conv2d_backward(np.ones((2, 3, 6, 6)), np.ones((4, 3, 3, 3)), np.ones((2, 4, 4, 4)))
     >>> dx.shape, dw.shape, db
-    ((2, 3, 6, 6), (4, 3, 3, 3), array([32., 32., 32., 32.], dtype=float32))
+    ((2, 3, 6, 6), (4, 3, 3, 3), array([32., 32., 32., 32.]))
     """
     x = v.as_array("input", input)
     weight, geometry, batched = v.parse_conv2d("conv2d_backward", x.shape, weight, stride, padding, dilation, groups)
@@ -278,7 +290,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
            [ 24.,  58.,  95.,  87.,  38.],
            [ 20.,  75., 132., 105.,  62.],
            [ 18.,  40.,  77.,  81.,  38.],
-           [  0.,   9.,  24.,  26.,  28.]], dtype=float32)
+           [  0.,   9.,  24.,  26.,  28.]])
     """
     x, weight, geometry, batched = v.parse_transpose(
         "conv_transpose2d", input, weight, stride, padding, output_padding, groups, dilation
@@ -319,9 +331,9 @@ def conv_transpose2d_backward(input, weight, grad_output, stride=1, padding=0, o
     >>> dx[0, 0], dw[0, 0], db
     (array([[10., 10., 10.],
            [10., 10., 10.],
-           [10., 10., 10.]], dtype=float32), array([[116., 116., 116.],
+           [10., 10., 10.]]), array([[116., 116., 116.],
            [116., 116., 116.],
-           [116., 116., 116.]], dtype=float32), array([25.], dtype=float32))
+           [116., 116., 116.]]), array([25.]))
     """
     x, weight, geometry, batched = v.parse_transpose(
         "conv_transpose2d_backward", input, weight, stride, padding, output_padding, groups, dilation

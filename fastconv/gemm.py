@@ -34,7 +34,7 @@ def gemm(a, b):
     >>> from fastconv import gemm
     >>> gemm(np.arange(6).reshape(2, 3), np.ones((3, 2)))
     array([[ 3.,  3.],
-           [12., 12.]], dtype=float32)
+           [12., 12.]])
     """
     a = v.as_array("a", a)
     b = v.as_array("b", b)

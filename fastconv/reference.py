@@ -142,7 +142,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     >>> import numpy as np
     >>> from fastconv import reference
     >>> reference.conv2d(np.ones((1, 1, 4, 4)), np.ones((1, 1, 3, 3)), padding=1)[0, 0, 0]
-    array([4., 6., 6., 4.], dtype=float32)
+    array([4., 6., 6., 4.])
     """
     x = v.as_array("input", input)
     weight, geometry, batched = v.parse_conv2d("conv2d", x.shape, weight, stride, padding, dilation, groups)
@@ -170,7 +170,7 @@ def conv2d_input(input_size, weight, grad_output, stride=1, padding=0, dilation=
     >>> reference.conv2d_input((1, 1, 3, 3), np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2)))[0, 0]
     array([[1., 2., 1.],
            [2., 4., 2.],
-           [1., 2., 1.]], dtype=float32)
+           [1., 2., 1.]])
     """
     size = v.shape_tuple("input_size", input_size, (3, 4))
     weight, geometry, batched = v.parse_conv2d(
@@ -191,7 +191,7 @@ def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation
     >>> from fastconv import reference
     >>> reference.conv2d_weight(np.ones((1, 1, 3, 3)), (1, 1, 2, 2), np.ones((1, 1, 2, 2)))[0, 0]
     array([[4., 4.],
-           [4., 4.]], dtype=float32)
+           [4., 4.]])
     """
     x = v.as_array("input", input)
     size = v.shape_tuple("weight_size", weight_size, (4,))
@@ -212,7 +212,7 @@ def conv2d_backward(input, weight, grad_output, stride=1, padding=0, dilation=1,
     >>> from fastconv import reference
     >>> dx, dw, db = reference.conv2d_backward(np.ones((1, 2, 3, 3)), np.ones((1, 2, 3, 3)), np.ones((1, 1, 1, 1)))
     >>> db
-    array([1.], dtype=float32)
+    array([1.])
     """
     x = v.as_array("input", input)
     weight, geometry, batched = v.parse_conv2d("conv2d_backward", x.shape, weight, stride, padding, dilation, groups)
@@ -238,7 +238,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     >>> reference.conv_transpose2d(np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2)))[0, 0]
     array([[1., 2., 1.],
            [2., 4., 2.],
-           [1., 2., 1.]], dtype=float32)
+           [1., 2., 1.]])
     """
     x, weight, geometry, batched = v.parse_transpose(
         "conv_transpose2d", input, weight, stride, padding, output_padding, groups, dilation
@@ -257,10 +257,11 @@ def conv_transpose2d_backward(input, weight, grad_output, stride=1, padding=0, o
     --------
     >>> import numpy as np
     >>> from fastconv import reference
-    >>> dx, dw, db = reference.conv_transpose2d_backward(np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2)), np.ones((1, 1, 3, 3)))
+    >>> x, w, dy = np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 2)), np.ones((1, 1, 3, 3))
+    >>> dx, dw, db = reference.conv_transpose2d_backward(x, w, dy)
     >>> dx[0, 0], db
     (array([[4., 4.],
-           [4., 4.]], dtype=float32), array([9.], dtype=float32))
+           [4., 4.]]), array([9.]))
     """
     x, weight, geometry, batched = v.parse_transpose(
         "conv_transpose2d_backward", input, weight, stride, padding, output_padding, groups, dilation

@@ -129,8 +129,12 @@ def test_results_do_not_depend_on_the_thread_count(rng):
     dy = random_array(rng, (2, 16, 20, 20), "float32")
 
     def run():
-        return [fastconv.conv2d(x, w, padding=1), *fastconv.conv2d_backward(x, w, dy, padding=1),
-                fastconv.conv_transpose2d(dy, w, None, padding=1), fastconv.gemm(x.reshape(80, -1), x.reshape(-1, 80))]
+        return [
+            fastconv.conv2d(x, w, padding=1),
+            *fastconv.conv2d_backward(x, w, dy, padding=1),
+            fastconv.conv_transpose2d(dy, w, None, padding=1),
+            fastconv.gemm(x.reshape(80, -1), x.reshape(-1, 80)),
+        ]
 
     saved = numba.get_num_threads()
     try:

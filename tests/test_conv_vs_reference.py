@@ -150,7 +150,9 @@ def test_conv_transpose2d_is_the_input_gradient_of_conv2d(rng, stride, padding, 
     # output_padding makes up the input rows and columns that conv2d's floor division left out.
     output_padding = tuple(
         x.shape[2 + i]
-        - transpose_output_size(y.shape[2 + i], w.shape[2 + i], _pair(stride)[i], _pair(padding)[i], 0, _pair(dilation)[i])
+        - transpose_output_size(
+            y.shape[2 + i], w.shape[2 + i], _pair(stride)[i], _pair(padding)[i], 0, _pair(dilation)[i]
+        )
         for i in range(2)
     )
     actual = fastconv.conv_transpose2d(y, w, None, output_padding=output_padding, **params)

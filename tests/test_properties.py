@@ -45,7 +45,10 @@ def test_adjoint_identity(config, seed):
     (pt, _), (pl, _) = params["padding"]
     if params["padding"] == ((pt, pt), (pl, pl)):
         size = [
-            (y.shape[2 + i] - 1) * params["stride"][i] - 2 * (pt, pl)[i] + params["dilation"][i] * (w.shape[2 + i] - 1) + 1
+            (y.shape[2 + i] - 1) * params["stride"][i]
+            - 2 * (pt, pl)[i]
+            + params["dilation"][i] * (w.shape[2 + i] - 1)
+            + 1
             for i in range(2)
         ]
         output_padding = (x.shape[2] - size[0], x.shape[3] - size[1])
@@ -62,9 +65,7 @@ def test_grouped_conv_is_the_concatenation_of_per_group_convs(config):
     x, w, params = config
     groups = params.pop("groups")
     Cg, Kg = x.shape[1] // groups, w.shape[0] // groups
-    parts = [
-        fastconv.conv2d(x[:, g * Cg : (g + 1) * Cg], w[g * Kg : (g + 1) * Kg], **params) for g in range(groups)
-    ]
+    parts = [fastconv.conv2d(x[:, g * Cg : (g + 1) * Cg], w[g * Kg : (g + 1) * Kg], **params) for g in range(groups)]
     assert_close(fastconv.conv2d(x, w, groups=groups, **params), np.concatenate(parts, axis=1))
 
 
@@ -78,7 +79,9 @@ def test_splitting_the_batch_changes_nothing(config, split):
     np.testing.assert_array_equal(whole, np.concatenate(halves))
     dy = np.ones_like(whole)
     dw_whole = fastconv.conv2d_weight(x, w.shape, dy, **params)
-    dw_parts = sum(fastconv.conv2d_weight(x[s], w.shape, dy[s], **params) for s in (slice(None, split), slice(split, None)))
+    dw_parts = sum(
+        fastconv.conv2d_weight(x[s], w.shape, dy[s], **params) for s in (slice(None, split), slice(split, None))
+    )
     assert_close(dw_whole, dw_parts)
 
 
@@ -92,4 +95,7 @@ def test_same_padding_equals_its_explicit_padding(config):
     same = fastconv.conv2d(x, w, **{**params, "padding": "same"})
     assert same.shape[2:] == tuple(-(-x.shape[2 + i] // params["stride"][i]) for i in range(2))
     np.testing.assert_array_equal(same, fastconv.conv2d(x, w, **{**params, "padding": explicit}))
-    assert conv_output_size(x.shape[2], w.shape[2], params["stride"][0], *explicit[0], params["dilation"][0]) == same.shape[2]
+    assert (
+        conv_output_size(x.shape[2], w.shape[2], params["stride"][0], *explicit[0], params["dilation"][0])
+        == same.shape[2]
+    )

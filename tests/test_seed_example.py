@@ -33,7 +33,13 @@ def test_gradients_under_ones(lib):
 
 
 def test_transposed_convolution(lib):
-    expected = [[0, 12, 36, 41, 34], [24, 58, 95, 87, 38], [20, 75, 132, 105, 62], [18, 40, 77, 81, 38], [0, 9, 24, 26, 28]]
+    expected = [
+        [0, 12, 36, 41, 34],
+        [24, 58, 95, 87, 38],
+        [20, 75, 132, 105, 62],
+        [18, 40, 77, 81, 38],
+        [0, 9, 24, 26, 28],
+    ]
     np.testing.assert_array_equal(lib.conv_transpose2d(Y, W)[0, 0], expected)
 
 

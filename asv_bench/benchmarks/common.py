@@ -1,0 +1,20 @@
+"""Shapes shared by the benchmark modules."""
+
+import numpy as np
+
+# (N, C, H, W, K, R, S, stride, padding, groups): ResNet / VGG-style layers, kept small enough for --quick runs.
+CONV_LAYERS = {
+    "3x3_64ch_56px": (8, 64, 56, 56, 64, 3, 3, 1, 1, 1),
+    "3x3_256ch_14px": (8, 256, 14, 14, 256, 3, 3, 1, 1, 1),
+    "1x1_256to64_56px": (8, 256, 56, 56, 64, 1, 1, 1, 0, 1),
+    "7x7_s2_224px": (8, 3, 224, 224, 64, 7, 7, 2, 3, 1),
+    "depthwise_3x3_28px": (8, 256, 28, 28, 256, 3, 3, 1, 1, 256),
+}
+
+
+def conv_arrays(layer, dtype, seed=0):
+    N, C, H, W, K, R, S, stride, padding, groups = CONV_LAYERS[layer]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((K, C // groups, R, S)).astype(dtype)
+    return x, w, dict(stride=stride, padding=padding, groups=groups)
