@@ -74,10 +74,14 @@ def _check_conv2d_family(x, w, b, **params):
 @pytest.mark.parametrize("sizes", SIZES)
 @pytest.mark.parametrize("channels", CHANNELS)
 def test_conv2d_and_gradients(rng, channels, sizes, stride, dilation, padding, dtype):
-    if not _padded_fits(*sizes, stride, padding, dilation):
-        pytest.skip("the dilated kernel does not fit in the padded input (an error case, tested elsewhere)")
     x, w, b = _conv_case(rng, 2, channels, sizes, dtype)
-    _check_conv2d_family(x, w, b, stride=stride, padding=padding, dilation=dilation, groups=channels[2])
+    params = dict(stride=stride, padding=padding, dilation=dilation, groups=channels[2])
+    if _padded_fits(*sizes, stride, padding, dilation):
+        _check_conv2d_family(x, w, b, **params)
+    else:  # the dilated kernel does not fit in the padded input: both refuse, with the same words
+        for lib in (fastconv, reference):
+            with pytest.raises(ValueError, match="Kernel size can't be greater than actual input size"):
+                lib.conv2d(x, w, b, **params)
 
 
 @pytest.mark.parametrize("N", [0, 1, 2, 3])
@@ -119,15 +123,22 @@ def test_conv_transpose2d_and_gradients(rng, channels, sizes, stride, dilation, 
     pair = lambda value: (value, value) if isinstance(value, int) else value  # noqa: E731
     (C_in, C_out, groups), ((H, W), (R, S)) = channels, sizes
     s, d, p, op = pair(stride), pair(dilation), pair(padding), pair(output_padding)
-    if any(op[i] >= max(s[i], d[i]) for i in range(2)):
-        pytest.skip("output_padding too large (an error case, tested elsewhere)")
-    out = [transpose_output_size(n, k, s[i], p[i], op[i], d[i]) for i, (n, k) in enumerate([(H, R), (W, S)])]
-    if min(out) < 1:
-        pytest.skip("empty output (an error case, tested elsewhere)")
     x = random_array(rng, (2, C_in, H, W), dtype)
     w = random_array(rng, (C_in, C_out // groups, R, S), dtype)
     b = random_array(rng, (C_out,), dtype)
     params = dict(stride=stride, padding=padding, output_padding=output_padding, groups=groups, dilation=dilation)
+    out = [transpose_output_size(n, k, s[i], p[i], op[i], d[i]) for i, (n, k) in enumerate([(H, R), (W, S)])]
+    if any(op[i] >= max(s[i], d[i]) for i in range(2)):
+        refusal = "output padding must be smaller than either stride or dilation"
+    elif min(out) < 1:
+        refusal = "Output size is too small"
+    else:
+        refusal = None
+    if refusal:
+        for lib in (fastconv, reference):
+            with pytest.raises(ValueError, match=refusal):
+                lib.conv_transpose2d(x, w, b, **params)
+        return
     y = fastconv.conv_transpose2d(x, w, b, **params)
     assert_close(y, reference.conv_transpose2d(x, w, b, **params))
     dy = random_array(rng, y.shape, dtype)
