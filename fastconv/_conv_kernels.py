@@ -1,16 +1,17 @@
-"""Convolution drivers: im2col / col2im around the blocked GEMM, per image, group and chunk of output rows.
+"""Convolution drivers: im2col / col2im around the blocked GEMM, per group and chunk of output rows.
 
 Each driver is one compiled function, so a call costs one dispatch whatever the batch size and group count.
 Arrays are C-contiguous and of one dtype (float32 or float64); outputs are allocated and initialised by the
 caller. ``geometry`` is ``(sh, sw, pt, pl, dh, dw)``; ``rows_per_chunk`` bounds the column buffer at
-``Cg * R * S * rows_per_chunk * Q`` values.
+``Cg * R * S * rows_per_chunk * Q`` values. A chunk is a range of output rows of the whole batch (see
+``_im2col``), so small images are batched into one wide GEMM.
 
-With ``Kg = K / groups``, ``Cg = C / groups`` and ``col`` the ``(Cg*R*S) x (P*Q)`` patch matrix of one image and
-group, the three contractions are::
+With ``Kg = K / groups``, ``Cg = C / groups`` and ``col`` the ``(Cg*R*S) x (N*P*Q)`` patch matrix of one group,
+and every image's ``(K, P*Q)`` output side by side as one ``K x N*P*Q`` matrix, the three contractions are::
 
-    # Forward:         [Kg, Cg*R*S] [Cg*R*S, P*Q] -> [Kg, P*Q]        y  = W @ col
-    # Input gradient:  [Cg*R*S, Kg] [Kg, P*Q]     -> [Cg*R*S, P*Q]    dx = col2im(W.T @ dy)
-    # Weight gradient: [Kg, P*Q]    [P*Q, Cg*R*S] -> [Kg, Cg*R*S]     dW = sum over images of dy @ col.T
+    # Forward:         [Kg, Cg*R*S] [Cg*R*S, N*P*Q] -> [Kg, N*P*Q]        y  = W @ col
+    # Input gradient:  [Cg*R*S, Kg] [Kg, N*P*Q]     -> [Cg*R*S, N*P*Q]    dx = col2im(W.T @ dy)
+    # Weight gradient: [Kg, N*P*Q]  [N*P*Q, Cg*R*S] -> [Kg, Cg*R*S]       dW = dy @ col.T
 """
 
 import numpy as np
@@ -21,17 +22,27 @@ from ._im2col import _col2im, _im2col
 
 
 @njit(cache=True)
-def _pack_weights(w_mat, transpose):
-    """Pack each group's weight matrix (or its transpose) as the GEMM's A, once per call."""
-    groups, Kg, crs = w_mat.shape
+def _pack_weights(weight, groups, transpose):
+    """Pack each group's weight matrix ``[Kg, Cg*R*S]`` (or its transpose) as the GEMM's A, once per call."""
+    K, Cg, R, S = weight.shape
+    Kg = K // groups
+    crs = Cg * R * S
+    w_mat = weight.reshape(groups, Kg, crs)
     m, k = (crs, Kg) if transpose else (Kg, crs)
-    ap = np.empty((groups, _packed_a_size(m, k)), dtype=w_mat.dtype)
+    ap = np.empty((groups, _packed_a_size(m, k)), dtype=weight.dtype)
     for g in range(groups):
         if transpose:
-            _pack_a(w_mat[g].T, ap[g])
+            _pack_a(w_mat[g : g + 1].transpose(0, 2, 1), 0, m, 0, k, ap[g])
         else:
-            _pack_a(w_mat[g], ap[g])
+            _pack_a(w_mat[g : g + 1], 0, m, 0, k, ap[g])
     return ap
+
+
+@njit(cache=True)
+def _column_buffer(crs, rows_per_chunk, n_rows, Q, dtype):
+    """The column buffer of a chunk, as a blocked matrix of one block, and the rows per chunk it allows."""
+    rows = min(rows_per_chunk, n_rows)
+    return np.empty((1, crs, rows * Q), dtype=dtype), rows
 
 
 @njit(cache=True)
@@ -42,18 +53,16 @@ def _conv2d_forward(x, weight, geometry, groups, rows_per_chunk, y):
     _, _, P, Q = y.shape
     Kg = K // groups
     crs = Cg * R * S
-    ap = _pack_weights(weight.reshape(groups, Kg, crs), False)
-    rows = min(rows_per_chunk, P)
-    col = np.empty(crs * rows * Q, dtype=y.dtype)
+    ap = _pack_weights(weight, groups, False)
+    col, rows = _column_buffer(crs, rows_per_chunk, N * P, Q, y.dtype)
     bp = np.empty(_packed_b_size(rows * Q), dtype=y.dtype)
-    y_mat = y.reshape(N, K, P * Q)
-    for n in range(N):
-        for g in range(groups):
-            for p0 in range(0, P, rows):
-                p1 = min(P, p0 + rows)
-                cols = col[: crs * (p1 - p0) * Q].reshape(crs, (p1 - p0) * Q)
-                _im2col(x[n], g * Cg, R, S, geometry, p0, p1, Q, cols)
-                _gemm_packed(ap[g], Kg, cols, 0, cols.shape[1], y_mat[n, g * Kg : (g + 1) * Kg], p0 * Q, True, bp)
+    y_blocks = y.reshape(N, K, P * Q)
+    for g in range(groups):
+        for t0 in range(0, N * P, rows):
+            t1 = min(N * P, t0 + rows)
+            _im2col(x, g * Cg, R, S, geometry, t0, t1, P, Q, col[0])
+            n = (t1 - t0) * Q
+            _gemm_packed(ap[g], Kg, crs, col, 0, 0, n, y_blocks, g * Kg, t0 * Q, True, bp)
 
 
 @njit(cache=True)
@@ -63,41 +72,37 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     _, Cg, R, S = weight.shape
     Kg = K // groups
     crs = Cg * R * S
-    ap = _pack_weights(weight.reshape(groups, Kg, crs), True)
-    rows = min(rows_per_chunk, P)
-    col = np.empty(crs * rows * Q, dtype=grad_input.dtype)
+    ap = _pack_weights(weight, groups, True)
+    col, rows = _column_buffer(crs, rows_per_chunk, N * P, Q, grad_input.dtype)
     bp = np.empty(_packed_b_size(rows * Q), dtype=grad_input.dtype)
-    dy_mat = grad_output.reshape(N, K, P * Q)
-    for n in range(N):
-        for g in range(groups):
-            for p0 in range(0, P, rows):
-                p1 = min(P, p0 + rows)
-                cols = col[: crs * (p1 - p0) * Q].reshape(crs, (p1 - p0) * Q)
-                _gemm_packed(ap[g], crs, dy_mat[n, g * Kg : (g + 1) * Kg], p0 * Q, cols.shape[1], cols, 0, False, bp)
-                _col2im(cols, R, S, geometry, p0, p1, Q, grad_input[n], g * Cg)
+    dy_blocks = grad_output.reshape(N, K, P * Q)
+    for g in range(groups):
+        for t0 in range(0, N * P, rows):
+            t1 = min(N * P, t0 + rows)
+            n = (t1 - t0) * Q
+            _gemm_packed(ap[g], crs, Kg, dy_blocks, g * Kg, t0 * Q, n, col, 0, 0, False, bp)
+            _col2im(col[0], R, S, geometry, t0, t1, P, Q, grad_input, g * Cg)
 
 
 @njit(cache=True)
 def _conv2d_weight(x, grad_output, geometry, groups, rows_per_chunk, grad_weight):
     """``grad_weight += conv2d_weight(x, grad_output)``; grad_weight (K, Cg, R, S) holds zeros on entry.
 
-    Images and chunks are added in a fixed order, so the sum does not depend on the number of threads.
+    Chunks are added in a fixed order, so the sum does not depend on the number of threads.
     """
     N, K, P, Q = grad_output.shape
     _, Cg, R, S = grad_weight.shape
     Kg = K // groups
     crs = Cg * R * S
-    rows = min(rows_per_chunk, P)
-    col = np.empty(crs * rows * Q, dtype=grad_weight.dtype)
+    col, rows = _column_buffer(crs, rows_per_chunk, N * P, Q, grad_weight.dtype)
     ap = np.empty(_packed_a_size(Kg, rows * Q), dtype=grad_weight.dtype)
     bp = np.empty(_packed_b_size(crs), dtype=grad_weight.dtype)
-    dy_mat = grad_output.reshape(N, K, P * Q)
-    dw_mat = grad_weight.reshape(groups, Kg, crs)
-    for n in range(N):
-        for g in range(groups):
-            for p0 in range(0, P, rows):
-                p1 = min(P, p0 + rows)
-                cols = col[: crs * (p1 - p0) * Q].reshape(crs, (p1 - p0) * Q)
-                _im2col(x[n], g * Cg, R, S, geometry, p0, p1, Q, cols)
-                _pack_a(dy_mat[n, g * Kg : (g + 1) * Kg, p0 * Q : p1 * Q], ap)
-                _gemm_packed(ap, Kg, cols.T, 0, crs, dw_mat[g], 0, True, bp)
+    dy_blocks = grad_output.reshape(N, K, P * Q)
+    dw_blocks = grad_weight.reshape(groups, Kg, crs)
+    for g in range(groups):
+        for t0 in range(0, N * P, rows):
+            t1 = min(N * P, t0 + rows)
+            n = (t1 - t0) * Q
+            _im2col(x, g * Cg, R, S, geometry, t0, t1, P, Q, col[0])
+            _pack_a(dy_blocks, g * Kg, Kg, t0 * Q, n, ap)
+            _gemm_packed(ap, Kg, n, col.transpose(0, 2, 1), 0, 0, crs, dw_blocks, 0, g * crs, True, bp)

@@ -62,15 +62,26 @@ def _packed_b_size(n):
     return KC * _round_up(min(n, NC), NR)
 
 
-@njit(parallel=True, cache=True)
-def _pack_a(a, ap):
-    """Pack all of ``a`` (m x k) into MR-row micro-panels, one KC-column block after another.
+@njit(cache=True)
+def _segment(blocks, j):
+    """Where logical column ``j`` of a blocked matrix lives: ``(block, column in it, columns left in it)``."""
+    ncols = blocks.shape[2]
+    return j // ncols, j % ncols, ncols - j % ncols
 
-    The block of columns ``pc:pc+kc`` starts at ``ap[pc * m_pad]``; in it, the micro-panel of rows
+
+@njit(parallel=True, cache=True)
+def _pack_a(a, row0, m, col0, k, ap):
+    """Pack the blocked matrix ``A = a[:, row0 : row0 + m, col0 : col0 + k]`` into MR-row micro-panels.
+
+    Every GEMM operand is blocked: a 3-D array ``(blocks, rows, cols)`` standing for the matrix
+    ``np.concatenate(list(a), axis=1)``, so a batch of images ``(N, K, P*Q)`` is one ``K x N*P*Q`` matrix.
+    Operands are passed whole with row and column offsets rather than sliced, so Numba knows their last axis is
+    contiguous and vectorises the copies.
+
+    The KC-column block starting at ``pc`` occupies ``ap[pc * m_pad :]``; in it, the micro-panel of rows
     ``ir:ir+MR`` starts at offset ``ir * kc`` and holds ``kc`` columns of MR values each, so the micro-kernel
     reads MR consecutive values per step. Rows past ``m`` are zeros. Footprint: ``m_pad * k`` values.
     """
-    m, k = a.shape
     m_pad = _round_up(m, MR)
     n_panels = m_pad // MR
     n_blocks = -(-k // KC)
@@ -81,16 +92,24 @@ def _pack_a(a, ap):
         m_valid = min(MR, m - ir)
         start = pc * m_pad + ir * kc
         panel = ap[start : start + kc * MR]
-        for p in range(kc):
+        p = 0
+        while p < kc:
+            block, col, left = _segment(a, col0 + pc + p)
+            run = min(kc - p, left)
             for i in range(m_valid):
-                panel[p * MR + i] = a[ir + i, pc + p]
+                src = a[block, row0 + ir + i, col : col + run]
+                for q in range(run):
+                    panel[(p + q) * MR + i] = src[q]
+            p += run
+        for p in range(kc):
             for i in range(m_valid, MR):
                 panel[p * MR + i] = 0
 
 
 @njit(parallel=True, cache=True)
-def _pack_b(b, b_col0, pc, kc, jc, nc, bp):
-    """Pack ``b[pc:pc+kc, b_col0+jc : b_col0+jc+nc]`` into NR-column micro-panels.
+def _pack_b(b, row0, col0, pc, kc, jc, nc, bp):
+    """Pack rows ``pc:pc+kc`` of the blocked matrix ``B = b[:, row0:, col0 + jc : col0 + jc + nc]`` into
+    NR-column micro-panels.
 
     The micro-panel of columns ``jr:jr+NR`` starts at ``bp[jr * kc]`` and holds ``kc`` rows of NR values;
     columns past ``nc`` are zeros. Footprint: ``kc * round_up(nc, NR)`` values.
@@ -100,19 +119,23 @@ def _pack_b(b, b_col0, pc, kc, jc, nc, bp):
         jr = t * NR
         n_valid = min(NR, nc - jr)
         panel = bp[jr * kc : jr * kc + kc * NR]
-        col0 = b_col0 + jc + jr
+        j = 0
+        while j < n_valid:
+            block, col, left = _segment(b, col0 + jc + jr + j)
+            run = min(n_valid - j, left)
+            for p in range(kc):
+                src = b[block, row0 + pc + p, col : col + run]
+                dst = panel[p * NR + j : p * NR + j + run]
+                for q in range(run):
+                    dst[q] = src[q]
+            j += run
         for p in range(kc):
-            row = b[pc + p, col0 : col0 + n_valid]
-            dst = panel[p * NR : (p + 1) * NR]
-            for j in range(n_valid):
-                dst[j] = row[j]
-            for j in range(n_valid, NR):
-                dst[j] = 0
+            panel[p * NR + n_valid : (p + 1) * NR] = 0
 
 
 @njit(fastmath=_FASTMATH, cache=True)
 def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate):
-    """``C[i0:i0+m_valid, j0:j0+n_valid] (+)= A~ @ B~`` for one MR x NR tile.
+    """``C[i0:i0+m_valid, j0:j0+n_valid] (+)= A~ @ B~`` for one MR x NR tile of the blocked matrix ``c``.
 
     ``a_panel`` is kc x MR and ``b_panel`` kc x NR, both packed. The loops over MR and NR have constant trip
     counts, so LLVM unrolls them and keeps the whole tile in registers.
@@ -129,35 +152,42 @@ def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate)
             a_i = a[i]
             for j in range(NR):
                 tile[i, j] += a_i * b[j]
-    if accumulate:
+    j = 0
+    while j < n_valid:  # the tile's columns may span two blocks of c (two images)
+        block, col, left = _segment(c, j0 + j)
+        run = min(n_valid - j, left)
         for i in range(m_valid):
-            for j in range(n_valid):
-                c[i0 + i, j0 + j] += tile[i, j]
-    else:
-        for i in range(m_valid):
-            for j in range(n_valid):
-                c[i0 + i, j0 + j] = tile[i, j]
+            dst = c[block, i0 + i, col : col + run]
+            if accumulate:
+                for q in range(run):
+                    dst[q] += tile[i, j + q]
+            else:
+                for q in range(run):
+                    dst[q] = tile[i, j + q]
+        j += run
 
 
 @njit(parallel=True, cache=True)
-def _gemm_packed(ap, m, b, b_col0, n, c, c_col0, accumulate, bp):
-    """``c[:, c_col0:c_col0+n] (+)= A @ b[:, b_col0:b_col0+n]`` with A already packed by ``_pack_a``.
+def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, bp):
+    """``C (+)= A @ B`` on blocked matrices (see ``_pack_a``), with A (m x k) already packed by ``_pack_a``.
 
-    ``m`` is the number of rows of A (and of ``c``); ``bp`` is scratch of ``_packed_b_size(n)`` values.
-    With ``accumulate`` false the columns of ``c`` are overwritten (BLAS beta = 0, applied on the first
-    ``pc`` block only), otherwise added to (beta = 1).
+    ``B`` is ``b[:, b_row0 : b_row0 + k, b_col0 : b_col0 + n]``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 :
+    c_col0 + n]``.
+    ``bp`` is scratch of ``_packed_b_size(n)`` values. With ``accumulate`` false ``C`` is overwritten (BLAS
+    beta = 0, applied on the first ``pc`` block only), otherwise added to (beta = 1).
     """
-    k = b.shape[0]
     m_pad = _round_up(m, MR)
     if k == 0 and not accumulate:
-        c[:, c_col0 : c_col0 + n] = 0
+        for j in range(n):
+            block, col, _ = _segment(c, c_col0 + j)
+            c[block, c_row0 : c_row0 + m, col] = 0
     n_ic = -(-m // MC)
     for jc in range(0, n, NC):
         nc = min(NC, n - jc)
         n_jr = -(-nc // NR)
         for pc in range(0, k, KC):
             kc = min(KC, k - pc)
-            _pack_b(b, b_col0, pc, kc, jc, nc, bp)
+            _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp)
             add = accumulate or pc > 0
             for t in prange(n_ic * n_jr):
                 ic = (t // n_jr) * MC
@@ -167,15 +197,17 @@ def _gemm_packed(ap, m, b, b_col0, n, c, c_col0, accumulate, bp):
                 for ir in range(ic, min(ic + MC, m), MR):
                     start = pc * m_pad + ir * kc
                     a_panel = ap[start : start + kc * MR]
-                    _micro_kernel(kc, a_panel, b_panel, c, ir, c_col0 + jc + jr, min(MR, m - ir), n_valid, add)
+                    i0 = c_row0 + ir
+                    _micro_kernel(kc, a_panel, b_panel, c, i0, c_col0 + jc + jr, min(MR, m - ir), n_valid, add)
 
 
 @njit(cache=True)
-def _gemm(a, b, c, accumulate):
-    """``c (+)= a @ b`` for 2-D arrays of one dtype; ``c`` is C-contiguous, ``a`` and ``b`` any layout."""
+def _gemm(a, b, c):
+    """``c = a @ b`` for C-contiguous 2-D arrays of one dtype."""
     m, k = a.shape
     n = b.shape[1]
     ap = np.empty(_packed_a_size(m, k), dtype=c.dtype)
     bp = np.empty(_packed_b_size(n), dtype=c.dtype)
-    _pack_a(a, ap)
-    _gemm_packed(ap, m, b, 0, n, c, 0, accumulate, bp)
+    # As blocked matrices of one block each.
+    _pack_a(a.reshape(1, m, k), 0, m, 0, k, ap)
+    _gemm_packed(ap, m, k, b.reshape(1, k, n), 0, 0, n, c.reshape(1, m, n), 0, 0, False, bp)

@@ -1,11 +1,12 @@
 """Patch extraction (im2col) and its adjoint, patch scatter-add (col2im), as Numba kernels.
 
-Both work on one image and a chunk of output rows ``p0:p1``, so a caller can bound the column buffer whatever
-the image size. ``geometry`` is ``(sh, sw, pt, pl, dh, dw)``: strides, top and left padding, dilations.
-The column matrix of channels ``c0:c0+Cg`` has one row per ``(c, r, s)`` and one column per output pixel
-``(p - p0, q)``::
+Both work on a chunk of output rows of the whole batch: output row ``t`` is row ``p = t % P`` of image
+``n = t // P``, so a chunk may span several small images (one wide GEMM instead of many narrow ones) or part of
+one large image (a bounded column buffer). ``geometry`` is ``(sh, sw, pt, pl, dh, dw)``: strides, top and left
+padding, dilations. The column matrix of channels ``c0:c0+Cg`` has one row per ``(c, r, s)`` and one column
+per output pixel ``(t - t0, q)``::
 
-    col[(c * R + r) * S + s, (p - p0) * Q + q] = image[c0 + c, p * sh - pt + r * dh, q * sw - pl + s * dw]
+    col[(c * R + r) * S + s, (t - t0) * Q + q] = x[n, c0 + c, p * sh - pt + r * dh, q * sw - pl + s * dw]
 
 with zeros where the index falls in the padding.
 """
@@ -23,25 +24,25 @@ def _valid_q_range(s, Q, W, sw, pl, dw):
 
 
 @njit(parallel=True, cache=True)
-def _im2col(image, c0, R, S, geometry, p0, p1, Q, col):
-    """Fill ``col`` (Cg*R*S x (p1-p0)*Q) with the patches of ``image[c0:c0+Cg]`` (C x H x W).
+def _im2col(x, c0, R, S, geometry, t0, t1, P, Q, col):
+    """Fill ``col`` (Cg*R*S x (t1-t0)*Q) with the patches of output rows ``t0:t1`` of ``x[:, c0:c0+Cg]``.
 
     Parallel over rows of ``col``: each thread writes whole rows. Footprint: ``col`` only.
     """
-    _, H, W = image.shape
+    _, _, H, W = x.shape
     sh, sw, pt, pl, dh, dw = geometry
     for row in prange(col.shape[0]):
         c = row // (R * S)
         r = row // S % R
         s = row % S
         q_lo, q_hi = _valid_q_range(s, Q, W, sw, pl, dw)
-        for p in range(p0, p1):
-            dst = col[row, (p - p0) * Q : (p - p0 + 1) * Q]
-            h = p * sh - pt + r * dh
+        for t in range(t0, t1):
+            dst = col[row, (t - t0) * Q : (t - t0 + 1) * Q]
+            h = t % P * sh - pt + r * dh
             if h < 0 or h >= H:
                 dst[:] = 0
                 continue
-            src = image[c0 + c, h]
+            src = x[t // P, c0 + c, h]
             dst[:q_lo] = 0
             for q in range(q_lo, q_hi):
                 dst[q] = src[q * sw - pl + s * dw]
@@ -49,35 +50,39 @@ def _im2col(image, c0, R, S, geometry, p0, p1, Q, col):
 
 
 @njit(parallel=True, cache=True)
-def _col2im(col, R, S, geometry, p0, p1, Q, image, c0):
-    """Add the patches in ``col`` back into ``image[c0:c0+Cg]``: the adjoint of ``_im2col``.
+def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0):
+    """Add the patches in ``col`` (output rows ``t0:t1``) back into ``x[:, c0:c0+Cg]``: the adjoint of ``_im2col``.
 
-    Race-free by construction: each thread owns whole input rows ``(c, h)`` and gathers into them every
-    ``(r, s)`` contribution of the output rows ``p0:p1``, in a fixed order, so results do not depend on the
-    number of threads. Footprint: none beyond ``image``.
+    Race-free by construction: each thread owns whole input rows ``(c, h)`` of one image and gathers into them
+    every ``(r, s)`` contribution, in a fixed order, so results do not depend on the number of threads.
+    Footprint: none beyond ``x``.
     """
     Cg = col.shape[0] // (R * S)
-    _, H, W = image.shape
+    _, _, H, W = x.shape
     sh, sw, pt, pl, dh, dw = geometry
-    # Only the input rows under the patches of output rows p0:p1 receive anything.
-    h_lo = max(0, p0 * sh - pt)
-    h_hi = min(H, (p1 - 1) * sh - pt + (R - 1) * dh + 1)
-    n_rows = h_hi - h_lo
-    if n_rows <= 0:
-        return
-    for t in prange(Cg * n_rows):
-        c = t // n_rows
-        h = h_lo + t % n_rows
-        dst = image[c0 + c, h]
-        for r in range(R):
-            hp = h + pt - r * dh  # = p * sh for the output row p this tap comes from
-            if hp < 0 or hp % sh != 0:
-                continue
-            p = hp // sh
-            if p < p0 or p >= p1:
-                continue
-            for s in range(S):
-                q_lo, q_hi = _valid_q_range(s, Q, W, sw, pl, dw)
-                src = col[(c * R + r) * S + s, (p - p0) * Q : (p - p0 + 1) * Q]
-                for q in range(q_lo, q_hi):
-                    dst[q * sw - pl + s * dw] += src[q]
+    for n in range(t0 // P, (t1 - 1) // P + 1):
+        p0 = max(t0 - n * P, 0)
+        p1 = min(t1 - n * P, P)
+        # Only the input rows under the patches of output rows p0:p1 receive anything.
+        h_lo = max(0, p0 * sh - pt)
+        h_hi = min(H, (p1 - 1) * sh - pt + (R - 1) * dh + 1)
+        n_rows = h_hi - h_lo
+        if n_rows <= 0:
+            continue
+        for task in prange(Cg * n_rows):
+            c = task // n_rows
+            h = h_lo + task % n_rows
+            dst = x[n, c0 + c, h]
+            for r in range(R):
+                hp = h + pt - r * dh  # = p * sh for the output row p this tap comes from
+                if hp < 0 or hp % sh != 0:
+                    continue
+                p = hp // sh
+                if p < p0 or p >= p1:
+                    continue
+                column = (n * P + p - t0) * Q
+                for s in range(S):
+                    q_lo, q_hi = _valid_q_range(s, Q, W, sw, pl, dw)
+                    src = col[(c * R + r) * S + s, column : column + Q]
+                    for q in range(q_lo, q_hi):
+                        dst[q * sw - pl + s * dw] += src[q]

@@ -48,5 +48,5 @@ def gemm(a, b):
     dtype = v.result_dtype(a=a, b=b)
     c = np.empty((a.shape[0], b.shape[1]), dtype)
     if c.size:
-        _gemm(v.kernel_ready(a, dtype), v.kernel_ready(b, dtype), c, False)
+        _gemm(v.kernel_ready(a, dtype), v.kernel_ready(b, dtype), c)
     return c

@@ -105,9 +105,10 @@ def test_nan_and_inf_propagate_like_pytorch():
     assert np.isnan(dw).any() and np.isfinite(dx).all()
 
 
+@pytest.mark.parametrize("rows", [1, 3, 7])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_chunked_column_buffer_gives_the_same_result(rng, monkeypatch, dtype):
-    """Large layers are processed a few output rows at a time; one row per chunk must change nothing."""
+def test_chunked_column_buffer_gives_the_same_result(rng, monkeypatch, dtype, rows):
+    """Output rows of the batch are processed a chunk at a time; chunks within and across images change nothing."""
     x = random_array(rng, (2, 4, 11, 9), dtype)
     w = random_array(rng, (6, 2, 3, 2), dtype)
     wt = random_array(rng, (4, 3, 3, 2), dtype)
@@ -115,7 +116,7 @@ def test_chunked_column_buffer_gives_the_same_result(rng, monkeypatch, dtype):
     dy = random_array(rng, whole[0].shape, dtype)
     whole += fastconv.conv2d_backward(x, w, dy, **PARAMS)
     whole += [fastconv.conv_transpose2d(x, wt, None, stride=2, padding=1, groups=2)]
-    monkeypatch.setattr(conv_module, "COLUMN_BUFFER_BYTES", 1)
+    monkeypatch.setattr(conv_module, "_rows_per_chunk", lambda geometry, dtype: rows)
     chunked = [fastconv.conv2d(x, w, **PARAMS), *fastconv.conv2d_backward(x, w, dy, **PARAMS)]
     chunked += [fastconv.conv_transpose2d(x, wt, None, stride=2, padding=1, groups=2)]
     for a, b in zip(chunked, whole):
