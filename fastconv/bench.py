@@ -103,9 +103,9 @@ def _median_ms(function, repeat):
 
 
 def _settle():
-    # Numba's and OpenBLAS's worker threads spin for a while after a parallel region; let them go idle so the
-    # next side does not share the cores with them.
-    time.sleep(0.05)
+    # Worker threads spin after a parallel region before they sleep (OpenBLAS's for about 2**28 cycles, some
+    # 70 ms here); let them go idle so the next side does not share the cores with them.
+    time.sleep(0.2)
 
 
 def _peers(layer, x, w, threads):
@@ -142,6 +142,8 @@ def run(layers, dtype, threads, repeat, progress=sys.stderr):
         peers = _peers(layer, x, w, threads)
         expected = peers["fastconv"]()  # also compiles
         got = peers["im2col+numpy"]()
+        if "torch" in peers:
+            peers["torch"]()  # oneDNN builds its kernel on the first call of a shape
         tol = 1e-3 if dtype == np.float32 else 1e-9
         if not np.allclose(expected, got, rtol=tol, atol=tol * float(np.abs(got).max(initial=1.0))):
             raise AssertionError(f"fastconv and the im2col + numpy baseline disagree on {layer}")
