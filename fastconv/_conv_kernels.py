@@ -17,8 +17,9 @@ and every image's ``(K, P*Q)`` output side by side as one ``K x N*P*Q`` matrix, 
 import numpy as np
 from numba import njit
 
-from ._gemm import _gemm_packed, _pack_a, _packed_a_size, _packed_b_size
-from ._im2col import _col2im, _im2col
+from ._gemm import _gemm_packed, _macro_kernel, _pack_a, _packed_a_size, _packed_b_size
+from ._im2col import _col2im, _im2col, _pack_b_patches
+from .config import KC, NC
 
 
 @njit(cache=True)
@@ -46,23 +47,27 @@ def _column_buffer(crs, rows_per_chunk, n_rows, Q, dtype):
 
 
 @njit(cache=True)
-def _conv2d_forward(x, weight, geometry, groups, rows_per_chunk, y):
-    """``y += conv2d(x, weight)``: x (N, C, H, W), weight (K, Cg, R, S), y (N, K, P, Q) holding the bias."""
+def _conv2d_forward(x, weight, geometry, groups, y):
+    """``y += conv2d(x, weight)``: x (N, C, H, W), weight (K, Cg, R, S), y (N, K, P, Q) holding the bias.
+
+    Implicit im2col: each KC x NC panel of the patch matrix is packed straight from ``x``, so the only scratch
+    is one packed panel, whatever the image size.
+    """
     N = x.shape[0]
     K, Cg, R, S = weight.shape
     _, _, P, Q = y.shape
     Kg = K // groups
     crs = Cg * R * S
     ap = _pack_weights(weight, groups, False)
-    col, rows = _column_buffer(crs, rows_per_chunk, N * P, Q, y.dtype)
-    bp = np.empty(_packed_b_size(rows * Q), dtype=y.dtype)
+    bp = np.empty(_packed_b_size(N * P * Q), dtype=y.dtype)
     y_blocks = y.reshape(N, K, P * Q)
     for g in range(groups):
-        for t0 in range(0, N * P, rows):
-            t1 = min(N * P, t0 + rows)
-            _im2col(x, g * Cg, R, S, geometry, t0, t1, P, Q, col[0])
-            n = (t1 - t0) * Q
-            _gemm_packed(ap[g], Kg, crs, col, 0, 0, n, y_blocks, g * Kg, t0 * Q, True, bp)
+        for jc in range(0, N * P * Q, NC):
+            nc = min(NC, N * P * Q - jc)
+            for pc in range(0, crs, KC):
+                kc = min(KC, crs - pc)
+                _pack_b_patches(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp)
+                _macro_kernel(ap[g], Kg, pc, kc, bp, nc, y_blocks, g * Kg, jc, True)
 
 
 @njit(cache=True)

@@ -168,37 +168,50 @@ def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate)
 
 
 @njit(parallel=True, cache=True)
+def _macro_kernel(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate):
+    """``C[:, jc:jc+nc] (+)= A[:, pc:pc+kc] @ B~`` for one packed KC x NC panel ``bp`` of B.
+
+    ``ap`` is all of A packed by ``_pack_a``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 : c_col0 + nc]``.
+    The (ic, jr) tiles are split between threads; each owns its elements of C, so none is written twice.
+    """
+    m_pad = _round_up(m, MR)
+    n_ic = -(-m // MC)
+    n_jr = -(-nc // NR)
+    for t in prange(n_ic * n_jr):
+        ic = (t // n_jr) * MC
+        jr = (t % n_jr) * NR
+        b_panel = bp[jr * kc : jr * kc + kc * NR]
+        n_valid = min(NR, nc - jr)
+        for ir in range(ic, min(ic + MC, m), MR):
+            start = pc * m_pad + ir * kc
+            a_panel = ap[start : start + kc * MR]
+            _micro_kernel(kc, a_panel, b_panel, c, c_row0 + ir, c_col0 + jr, min(MR, m - ir), n_valid, accumulate)
+
+
+@njit(cache=True)
+def _zero_columns(c, c_row0, m, c_col0, n):
+    """``C = 0`` on a blocked matrix: what ``C = A @ B`` is when the shared dimension is empty."""
+    for j in range(n):
+        block, col, _ = _segment(c, c_col0 + j)
+        c[block, c_row0 : c_row0 + m, col] = 0
+
+
+@njit(cache=True)
 def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, bp):
     """``C (+)= A @ B`` on blocked matrices (see ``_pack_a``), with A (m x k) already packed by ``_pack_a``.
 
     ``B`` is ``b[:, b_row0 : b_row0 + k, b_col0 : b_col0 + n]``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 :
-    c_col0 + n]``.
-    ``bp`` is scratch of ``_packed_b_size(n)`` values. With ``accumulate`` false ``C`` is overwritten (BLAS
-    beta = 0, applied on the first ``pc`` block only), otherwise added to (beta = 1).
+    c_col0 + n]``. ``bp`` is scratch of ``_packed_b_size(n)`` values. With ``accumulate`` false ``C`` is
+    overwritten (BLAS beta = 0, applied on the first ``pc`` block only), otherwise added to (beta = 1).
     """
-    m_pad = _round_up(m, MR)
     if k == 0 and not accumulate:
-        for j in range(n):
-            block, col, _ = _segment(c, c_col0 + j)
-            c[block, c_row0 : c_row0 + m, col] = 0
-    n_ic = -(-m // MC)
+        _zero_columns(c, c_row0, m, c_col0, n)
     for jc in range(0, n, NC):
         nc = min(NC, n - jc)
-        n_jr = -(-nc // NR)
         for pc in range(0, k, KC):
             kc = min(KC, k - pc)
             _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp)
-            add = accumulate or pc > 0
-            for t in prange(n_ic * n_jr):
-                ic = (t // n_jr) * MC
-                jr = (t % n_jr) * NR
-                b_panel = bp[jr * kc : jr * kc + kc * NR]
-                n_valid = min(NR, nc - jr)
-                for ir in range(ic, min(ic + MC, m), MR):
-                    start = pc * m_pad + ir * kc
-                    a_panel = ap[start : start + kc * MR]
-                    i0 = c_row0 + ir
-                    _micro_kernel(kc, a_panel, b_panel, c, i0, c_col0 + jc + jr, min(MR, m - ir), n_valid, add)
+            _macro_kernel(ap, m, pc, kc, bp, nc, c, c_row0, c_col0 + jc, accumulate or pc > 0)
 
 
 @njit(cache=True)

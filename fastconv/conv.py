@@ -43,12 +43,7 @@ def _forward(x, weight, bias, geometry, dtype):
     y = _initial(geometry.output_shape, dtype, bias)
     if y.size and x.size:
         _conv2d_forward(
-            v.kernel_ready(x, dtype),
-            v.kernel_ready(weight, dtype),
-            geometry.kernel_geometry,
-            geometry.groups,
-            _rows_per_chunk(geometry, dtype),
-            y,
+            v.kernel_ready(x, dtype), v.kernel_ready(weight, dtype), geometry.kernel_geometry, geometry.groups, y
         )
     return y
 
