@@ -29,3 +29,8 @@ NC = 4096
 #: Bytes the convolution drivers may use for one im2col / column buffer. Larger layers are processed in
 #: chunks of output rows, so memory stays bounded whatever the image size.
 COLUMN_BUFFER_BYTES = 32 * 2**20
+
+#: ``algorithm="auto"`` computes a grouped convolution by direct loops (``_direct.py``) when each group has at
+#: most this many output channels: the GEMM of such a group is too thin to fill the MR x NR register tile.
+#: Depthwise convolutions (one output channel per group) always qualify.
+DIRECT_MAX_OUT_PER_GROUP = 4

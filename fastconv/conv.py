@@ -9,7 +9,11 @@ import numpy as np
 
 from . import _validate as v
 from ._conv_kernels import _conv2d_forward, _conv2d_input, _conv2d_weight
-from .config import COLUMN_BUFFER_BYTES
+from ._direct import _conv2d_direct
+from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP
+
+#: What ``conv2d``'s ``algorithm`` accepts.
+ALGORITHMS = ("auto", "gemm", "direct")
 
 __all__ = [
     "conv2d",
@@ -38,8 +42,31 @@ def _initial(shape, dtype, bias):
     return out
 
 
-def _forward(x, weight, bias, geometry, dtype):
+def _choose_algorithm(algorithm, geometry):
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, but got algorithm={algorithm!r}")
+    if algorithm == "auto":
+        out_per_group = geometry.weight_shape[0] // geometry.groups
+        many_groups = geometry.groups > 1 and out_per_group <= DIRECT_MAX_OUT_PER_GROUP
+        return "direct" if many_groups else "gemm"
+    return algorithm
+
+
+def _forward(x, weight, bias, geometry, dtype, algorithm="auto"):
     """conv2d of 4-D ``x``: (N, C, H, W) -> (N, K, P, Q) as given by ``geometry``."""
+    if _choose_algorithm(algorithm, geometry) == "direct":
+        y = np.empty(geometry.output_shape, dtype)
+        bias = np.zeros(y.shape[1], dtype) if bias is None else v.kernel_ready(bias, dtype)
+        if y.size:
+            _conv2d_direct(
+                v.kernel_ready(x, dtype),
+                v.kernel_ready(weight, dtype),
+                bias,
+                geometry.kernel_geometry,
+                geometry.groups,
+                y,
+            )
+        return y
     y = _initial(geometry.output_shape, dtype, bias)
     if y.size and x.size:
         _conv2d_forward(
@@ -82,7 +109,7 @@ def _bias_grad(grad_output, dtype):
     return np.sum(grad_output, axis=(0, 2, 3), dtype=dtype)
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
     """2-D cross-correlation, as ``torch.nn.functional.conv2d``.
 
     ``y[n, k, p, q] = bias[k] + sum over c, r, s of
@@ -105,6 +132,11 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         Spacing between kernel taps.
     groups : int, default 1
         Input and output channels split into this many independent convolutions.
+    algorithm : {'auto', 'gemm', 'direct'}, keyword-only
+        How to compute it; every choice gives the same result up to float rounding (each output is one dot
+        product, summed in a different order). ``'gemm'``: implicit im2col and the blocked GEMM, the fast path
+        for dense layers. ``'direct'``: direct loops per output plane, the fast path for depthwise and other
+        convolutions with a few output channels per group. ``'auto'`` (default) picks by shape.
 
     Returns
     -------
@@ -135,7 +167,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     weight, geometry, batched = v.parse_conv2d("conv2d", x.shape, weight, stride, padding, dilation, groups)
     bias = v.check_bias(bias, weight.shape[0], weight.shape)
     dtype = v.result_dtype(input=x, weight=weight, bias=bias)
-    y = _forward(x.reshape(geometry.input_shape), weight, bias, geometry, dtype)
+    y = _forward(x.reshape(geometry.input_shape), weight, bias, geometry, dtype, algorithm)
     return v.unbatch(y, batched)
 
 

@@ -6,6 +6,7 @@ from conftest import assert_close, random_array
 
 import fastconv
 from fastconv import reference
+from fastconv.conv import ALGORITHMS
 from fastconv.shapes import conv_output_size, same_padding, transpose_output_size
 
 CHANNELS = [  # (C, K, groups)
@@ -59,7 +60,10 @@ def _conv_case(rng, N, channels, sizes, dtype, bias=True):
 def _check_conv2d_family(x, w, b, **params):
     """conv2d and all its gradients against the reference, on one configuration."""
     y = fastconv.conv2d(x, w, b, **params)
-    assert_close(y, reference.conv2d(x, w, b, **params))
+    expected_y = reference.conv2d(x, w, b, **params)
+    assert_close(y, expected_y)
+    for algorithm in ALGORITHMS:
+        assert_close(fastconv.conv2d(x, w, b, **params, algorithm=algorithm), expected_y)
     dy = np.random.default_rng(1).standard_normal(y.shape).astype(y.dtype)
     expected = reference.conv2d_backward(x, w, dy, **params)
     for actual, want in zip(fastconv.conv2d_backward(x, w, dy, **params), expected):

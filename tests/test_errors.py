@@ -52,6 +52,11 @@ CONV2D_ERRORS = [
 ]
 
 
+def test_unknown_algorithm():
+    with pytest.raises(ValueError, match="algorithm.*'fft'"):
+        fastconv.conv2d(X, W, algorithm="fft")
+
+
 @pytest.mark.parametrize("overrides, error, words", CONV2D_ERRORS)
 def test_conv2d_errors(lib, overrides, error, words):
     if "longdouble" in str(overrides) and np.dtype(np.longdouble).itemsize <= 8:

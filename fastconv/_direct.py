@@ -1,0 +1,106 @@
+"""Direct convolution for many small groups (depthwise and the like), where a GEMM per group would be tiny.
+
+With ``Kg = K / groups`` and ``Cg = C / groups`` of a handful each, one group's GEMM is a few rows by a few
+dozen columns of shared dimension: the micro-kernel's MR x NR tile would be mostly padding. Direct loops do
+the same arithmetic with no packing.
+
+Each thread computes whole output planes ``(n, k)``. It splits each input channel of the plane's group into
+``sh * sw`` zero-padded stride phases (space-to-depth), ``phase[a, b][i, j] = padded[i * sh + a, j * sw + b]``,
+so that every tap ``(r, s)`` reads one phase at stride 1::
+
+    out[p, q] += w[r, s] * phase[r*dh % sh, s*dw % sw][p + r*dh // sh, q + s*dw // sw]
+
+and accumulates into a scratch plane as wide as a phase row (``Wq`` columns; those past Q are computed and
+dropped), so a tap is one multiply-add over the whole flattened plane: a loop long enough for LLVM to
+vectorise well, with no zero multiplied and no bounds test inside.
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+_FASTMATH = {"contract"}
+
+
+@njit(cache=True)
+def _split_phases(image, sh, sw, pt, pl, Hq, Wq, phase_size, phases):
+    """Write ``image`` (H x W), padded by ``pt`` rows and ``pl`` columns, into the flat stride ``phases``.
+
+    Only the input's own pixels are written: the padding was zeroed once and stays zero, since every channel
+    puts its pixels in the same places. Input pixels that no output reads are skipped.
+    """
+    H, W = image.shape
+    for h in range(H):
+        a, i = (h + pt) % sh, (h + pt) // sh
+        if i >= Hq:
+            break
+        src = image[h]
+        for b in range(sw):
+            # Input columns w with (w + pl) % sw == b, from the first one on.
+            w0 = (b - pl) % sw
+            j0 = (w0 + pl) // sw
+            count = min(-(-(W - w0) // sw), Wq - j0)
+            start = (a * sw + b) * phase_size + i * Wq + j0
+            dst = phases[start : start + max(count, 0)]
+            for j in range(count):
+                dst[j] = src[w0 + j * sw]
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _conv2d_direct(x, weight, bias, geometry, groups, y):
+    """``y = conv2d(x, weight) + bias`` by direct loops, in parallel over output planes ``(n, k)``.
+
+    ``y`` is written, never read: one pass over the output, the least memory traffic a memory-bound layer
+    allows. Each thread owns whole planes of ``y``, so no element is written by two threads, and each is
+    summed in the order ``(c, r, s)`` whatever the thread count. Footprint per thread: the stride phases of one
+    input channel and one wide output plane, ``O(H * W)`` values.
+    """
+    N = x.shape[0]
+    K, Cg, R, S = weight.shape
+    P, Q = y.shape[2], y.shape[3]
+    sh, sw, pt, pl, dh, dw = geometry
+    Kg = K // groups
+    Hq = P + (R - 1) * dh // sh
+    Wq = Q + (S - 1) * dw // sw
+    phase_size = (Hq + 1) * Wq  # one spare row: the wide plane's last taps read past Hq rows
+    threads = numba.config.NUMBA_NUM_THREADS
+    phases = np.zeros((threads, sh * sw * phase_size), dtype=y.dtype)
+    wide = np.empty((threads, P * Wq), dtype=y.dtype)
+    # Where each tap reads: the start of its phase plus its offset in it.
+    tap_start = np.empty(R * S, np.int64)
+    for t in range(R * S):
+        r, s = t // S, t % S
+        a, b = r * dh % sh, s * dw % sw
+        tap_start[t] = (a * sw + b) * phase_size + (r * dh // sh) * Wq + s * dw // sw
+    size = P * Wq
+    for plane in prange(N * K):
+        thread = numba.get_thread_id()
+        n = plane // K
+        k = plane % K
+        c0 = k // Kg * Cg
+        src = phases[thread]
+        acc = wide[thread]
+        acc[:] = 0
+        taps = weight[k].reshape(Cg * R * S)
+        for c in range(Cg):
+            _split_phases(x[n, c0 + c], sh, sw, pt, pl, Hq, Wq, phase_size, src)
+            # Three taps per pass over the plane: a third of the loads and stores of acc.
+            for t in range(0, R * S - 2, 3):
+                w0, w1, w2 = taps[c * R * S + t], taps[c * R * S + t + 1], taps[c * R * S + t + 2]
+                row0 = src[tap_start[t] : tap_start[t] + size]
+                row1 = src[tap_start[t + 1] : tap_start[t + 1] + size]
+                row2 = src[tap_start[t + 2] : tap_start[t + 2] + size]
+                for o in range(size):
+                    acc[o] += w0 * row0[o] + w1 * row1[o] + w2 * row2[o]
+            for t in range(R * S - R * S % 3, R * S):
+                w0 = taps[c * R * S + t]
+                row0 = src[tap_start[t] : tap_start[t] + size]
+                for o in range(size):
+                    acc[o] += w0 * row0[o]
+        out = y[n, k]
+        b = bias[k]
+        for p in range(P):
+            dst = out[p]
+            row = acc[p * Wq : p * Wq + Q]
+            for q in range(Q):
+                dst[q] = b + row[q]
