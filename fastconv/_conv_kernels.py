@@ -17,7 +17,7 @@ and every image's ``(K, P*Q)`` output side by side as one ``K x N*P*Q`` matrix, 
 import numpy as np
 from numba import njit
 
-from ._gemm import _gemm_packed, _macro_kernel, _pack_a, _packed_a_size, _packed_b_size
+from ._gemm import _gemm_packed, _macro_kernel, _pack_a, _pack_b, _packed_a_size, _packed_b_size
 from ._im2col import _col2im, _im2col, _pack_b_patches
 from .config import KC, NC
 
@@ -61,12 +61,18 @@ def _conv2d_forward(x, weight, geometry, groups, y):
     ap = _pack_weights(weight, groups, False)
     bp = np.empty(_packed_b_size(N * P * Q), dtype=y.dtype)
     y_blocks = y.reshape(N, K, P * Q)
+    # A 1x1, stride-1, unpadded convolution's patch matrix is the input itself: pack it as a plain matrix.
+    pointwise = R == 1 and S == 1 and geometry[:4] == (1, 1, 0, 0)
+    x_blocks = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
     for g in range(groups):
         for jc in range(0, N * P * Q, NC):
             nc = min(NC, N * P * Q - jc)
             for pc in range(0, crs, KC):
                 kc = min(KC, crs - pc)
-                _pack_b_patches(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp)
+                if pointwise:
+                    _pack_b(x_blocks, g * Cg, 0, pc, kc, jc, nc, bp)
+                else:
+                    _pack_b_patches(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp)
                 _macro_kernel(ap[g], Kg, pc, kc, bp, nc, y_blocks, g * Kg, jc, True)
 
 
