@@ -62,7 +62,8 @@ def _conv2d_forward(x, weight, geometry, groups, y):
     bp = np.empty(_packed_b_size(N * P * Q), dtype=y.dtype)
     y_blocks = y.reshape(N, K, P * Q)
     # A 1x1, stride-1, unpadded convolution's patch matrix is the input itself: pack it as a plain matrix.
-    pointwise = R == 1 and S == 1 and geometry[:4] == (1, 1, 0, 0)
+    # (conv_transpose2d's input gradient can ask for fewer output rows than the input has: not then.)
+    pointwise = R == 1 and S == 1 and geometry[:4] == (1, 1, 0, 0) and (P, Q) == x.shape[2:]
     x_blocks = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
     for g in range(groups):
         for jc in range(0, N * P * Q, NC):
