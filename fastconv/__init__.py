@@ -4,8 +4,13 @@ Numba kernels for patch extraction (im2col), patch scatter-add (col2im) and a bl
 with PyTorch's semantics. ``fastconv.reference`` holds the same functions as plain direct loops.
 """
 
-from . import reference, shapes
-from .conv import (
+from . import _cache
+
+_cache.install()  # before any module that defines a kernel is imported
+
+from . import reference, shapes  # noqa: E402
+from ._parallel import get_num_threads, set_num_threads, threading_layer  # noqa: E402
+from .conv import (  # noqa: E402
     conv2d,
     conv2d_backward,
     conv2d_input,
@@ -13,7 +18,7 @@ from .conv import (
     conv_transpose2d,
     conv_transpose2d_backward,
 )
-from .gemm import gemm
+from .gemm import gemm  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -25,6 +30,9 @@ __all__ = [
     "conv_transpose2d",
     "conv_transpose2d_backward",
     "gemm",
+    "get_num_threads",
+    "set_num_threads",
+    "threading_layer",
     "reference",
     "shapes",
 ]

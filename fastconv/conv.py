@@ -10,6 +10,7 @@ import numpy as np
 from . import _validate as v
 from ._conv_kernels import _conv2d_forward, _conv2d_input, _conv2d_weight
 from ._direct import _conv2d_direct
+from ._parallel import run
 from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP
 
 #: What ``conv2d``'s ``algorithm`` accepts.
@@ -58,7 +59,8 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto"):
         y = np.empty(geometry.output_shape, dtype)
         bias = np.zeros(y.shape[1], dtype) if bias is None else v.kernel_ready(bias, dtype)
         if y.size:
-            _conv2d_direct(
+            run(
+                _conv2d_direct,
                 v.kernel_ready(x, dtype),
                 v.kernel_ready(weight, dtype),
                 bias,
@@ -69,8 +71,13 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto"):
         return y
     y = _initial(geometry.output_shape, dtype, bias)
     if y.size and x.size:
-        _conv2d_forward(
-            v.kernel_ready(x, dtype), v.kernel_ready(weight, dtype), geometry.kernel_geometry, geometry.groups, y
+        run(
+            _conv2d_forward,
+            v.kernel_ready(x, dtype),
+            v.kernel_ready(weight, dtype),
+            geometry.kernel_geometry,
+            geometry.groups,
+            y,
         )
     return y
 
@@ -79,7 +86,8 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
     """conv2d's input gradient: (N, K, P, Q) -> (N, C, H, W), plus ``bias`` when given (conv_transpose2d)."""
     dx = _initial(geometry.input_shape, dtype, bias)
     if dx.size and grad_output.size:
-        _conv2d_input(
+        run(
+            _conv2d_input,
             v.kernel_ready(grad_output, dtype),
             v.kernel_ready(weight, dtype),
             geometry.kernel_geometry,
@@ -94,7 +102,8 @@ def _weight_grad(x, grad_output, geometry, dtype):
     """conv2d's weight gradient: sum over the batch of grad_output · patches(x)ᵀ -> (K, C // groups, R, S)."""
     dw = np.zeros(geometry.weight_shape, dtype)
     if dw.size and grad_output.size:
-        _conv2d_weight(
+        run(
+            _conv2d_weight,
             v.kernel_ready(x, dtype),
             v.kernel_ready(grad_output, dtype),
             geometry.kernel_geometry,

@@ -4,6 +4,7 @@ import numpy as np
 
 from . import _validate as v
 from ._gemm import _gemm
+from ._parallel import run
 
 __all__ = ["gemm"]
 
@@ -48,5 +49,5 @@ def gemm(a, b):
     dtype = v.result_dtype(a=a, b=b)
     c = np.empty((a.shape[0], b.shape[1]), dtype)
     if c.size:
-        _gemm(v.kernel_ready(a, dtype), v.kernel_ready(b, dtype), c)
+        run(_gemm, v.kernel_ready(a, dtype), v.kernel_ready(b, dtype), c)
     return c

@@ -1,0 +1,92 @@
+"""How fastconv's parallel kernels share the process with other threads and with fork().
+
+Numba runs ``prange`` loops on one of three threading layers. fastconv depends on ``tbb`` (where wheels exist)
+so Numba picks TBB, which is both thread-safe and fork-safe, and whose workers do not spin after a parallel
+region. The others: ``workqueue`` aborts the whole process when two threads enter a parallel region at once,
+so fastconv serialises its kernels there; GNU OpenMP (``omp``) is thread-safe, but a child forked after the
+parent ran a parallel region is killed by OpenMP itself, which no library can prevent.
+
+The thread count is a process-wide setting here (Numba's own ``set_num_threads`` is per calling thread), applied
+to every kernel whatever thread calls it.
+"""
+
+import os
+import threading
+from contextlib import contextmanager
+
+import numba
+
+_THREAD_SAFE_LAYERS = ("tbb", "omp")
+
+_lock = threading.Lock()
+_num_threads = None
+
+
+def _reset_after_fork():
+    global _lock
+    _lock = threading.Lock()  # a thread of the parent may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def threading_layer():
+    """The threading layer Numba uses, or ``None`` before the first parallel region has run."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+def set_num_threads(n):
+    """Use ``n`` threads in every fastconv kernel, whichever thread calls it.
+
+    Parameters
+    ----------
+    n : int
+        From 1 to ``numba.config.NUMBA_NUM_THREADS`` (the cores Numba started with).
+
+    Examples
+    --------
+    >>> import fastconv
+    >>> fastconv.set_num_threads(1)
+    >>> fastconv.get_num_threads()
+    1
+    >>> fastconv.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    """
+    limit = numba.config.NUMBA_NUM_THREADS
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"the number of threads must be an int, but got {n!r}")
+    if not 1 <= n <= limit:
+        raise ValueError(f"the number of threads must be between 1 and {limit}, but got {n}")
+    global _num_threads
+    _num_threads = n
+
+
+def get_num_threads():
+    """The number of threads fastconv's kernels use (by default all of Numba's).
+
+    Examples
+    --------
+    >>> import fastconv
+    >>> fastconv.get_num_threads() >= 1
+    True
+    """
+    return _num_threads or numba.config.NUMBA_NUM_THREADS
+
+
+@contextmanager
+def parallel_section():
+    """Run a kernel with the process-wide thread count, serialised where the threading layer needs it."""
+    numba.set_num_threads(get_num_threads())
+    if threading_layer() in _THREAD_SAFE_LAYERS:
+        yield
+    else:  # workqueue, or not chosen yet (the first launch chooses it): one kernel at a time
+        with _lock:
+            yield
+
+
+def run(kernel, *args):
+    """``kernel(*args)`` inside a :func:`parallel_section`."""
+    with parallel_section():
+        kernel(*args)
