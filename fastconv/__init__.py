@@ -10,6 +10,7 @@ _cache.install()  # before any module that defines a kernel is imported
 
 from . import reference, shapes  # noqa: E402
 from ._parallel import get_num_threads, set_num_threads, threading_layer  # noqa: E402
+from ._warmup import precompile  # noqa: E402
 from .conv import (  # noqa: E402
     conv2d,
     conv2d_backward,
@@ -31,6 +32,7 @@ __all__ = [
     "conv_transpose2d_backward",
     "gemm",
     "get_num_threads",
+    "precompile",
     "set_num_threads",
     "threading_layer",
     "reference",

@@ -17,7 +17,7 @@ and every image's ``(K, P*Q)`` output side by side as one ``K x N*P*Q`` matrix, 
 import numpy as np
 from numba import njit
 
-from ._gemm import _gemm_packed, _macro_kernel, _pack_a, _pack_b, _packed_a_size, _packed_b_size
+from ._gemm import FALSE, TRUE, ZERO, _gemm_packed, _macro_kernel, _pack_a, _pack_b, _packed_a_size, _packed_b_size
 from ._im2col import _col2im, _im2col, _pack_b_patches
 from .config import KC, NC
 
@@ -33,9 +33,9 @@ def _pack_weights(weight, groups, transpose):
     ap = np.empty((groups, _packed_a_size(m, k)), dtype=weight.dtype)
     for g in range(groups):
         if transpose:
-            _pack_a(w_mat[g : g + 1].transpose(0, 2, 1), 0, m, 0, k, ap[g])
+            _pack_a(w_mat[g : g + 1].transpose(0, 2, 1), ZERO, m, ZERO, k, ap[g])
         else:
-            _pack_a(w_mat[g : g + 1], 0, m, 0, k, ap[g])
+            _pack_a(w_mat[g : g + 1], ZERO, m, ZERO, k, ap[g])
     return ap
 
 
@@ -58,7 +58,7 @@ def _conv2d_forward(x, weight, geometry, groups, y):
     _, _, P, Q = y.shape
     Kg = K // groups
     crs = Cg * R * S
-    ap = _pack_weights(weight, groups, False)
+    ap = _pack_weights(weight, groups, FALSE)
     bp = np.empty(_packed_b_size(N * P * Q), dtype=y.dtype)
     y_blocks = y.reshape(N, K, P * Q)
     # A 1x1, stride-1, unpadded convolution's patch matrix is the input itself: pack it as a plain matrix.
@@ -71,10 +71,10 @@ def _conv2d_forward(x, weight, geometry, groups, y):
             for pc in range(0, crs, KC):
                 kc = min(KC, crs - pc)
                 if pointwise:
-                    _pack_b(x_blocks, g * Cg, 0, pc, kc, jc, nc, bp)
+                    _pack_b(x_blocks, g * Cg, ZERO, pc, kc, jc, nc, bp)
                 else:
                     _pack_b_patches(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp)
-                _macro_kernel(ap[g], Kg, pc, kc, bp, nc, y_blocks, g * Kg, jc, True)
+                _macro_kernel(ap[g], Kg, pc, kc, bp, nc, y_blocks, g * Kg, jc, TRUE)
 
 
 @njit(cache=True)
@@ -84,7 +84,7 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     _, Cg, R, S = weight.shape
     Kg = K // groups
     crs = Cg * R * S
-    ap = _pack_weights(weight, groups, True)
+    ap = _pack_weights(weight, groups, TRUE)
     col, rows = _column_buffer(crs, rows_per_chunk, N * P, Q, grad_input.dtype)
     bp = np.empty(_packed_b_size(rows * Q), dtype=grad_input.dtype)
     dy_blocks = grad_output.reshape(N, K, P * Q)
@@ -92,7 +92,7 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
         for t0 in range(0, N * P, rows):
             t1 = min(N * P, t0 + rows)
             n = (t1 - t0) * Q
-            _gemm_packed(ap[g], crs, Kg, dy_blocks, g * Kg, t0 * Q, n, col, 0, 0, False, bp)
+            _gemm_packed(ap[g], crs, Kg, dy_blocks, g * Kg, t0 * Q, n, col, ZERO, ZERO, FALSE, bp)
             _col2im(col[0], R, S, geometry, t0, t1, P, Q, grad_input, g * Cg)
 
 
@@ -117,4 +117,4 @@ def _conv2d_weight(x, grad_output, geometry, groups, rows_per_chunk, grad_weight
             n = (t1 - t0) * Q
             _im2col(x, g * Cg, R, S, geometry, t0, t1, P, Q, col[0])
             _pack_a(dy_blocks, g * Kg, Kg, t0 * Q, n, ap)
-            _gemm_packed(ap, Kg, n, col.transpose(0, 2, 1), 0, 0, crs, dw_blocks, 0, g * crs, True, bp)
+            _gemm_packed(ap, Kg, n, col.transpose(0, 2, 1), ZERO, ZERO, crs, dw_blocks, ZERO, g * crs, TRUE, bp)

@@ -26,6 +26,12 @@ from numba.extending import intrinsic
 
 from .config import KC, MC, MR, NC, NR
 
+# Arguments typed as plain int64 and bool, not as Numba literals: a literal argument (a bare 0 or True) would
+# compile the callee once more, for that one value.
+ZERO = np.int64(0)
+TRUE = np.bool_(True)
+FALSE = np.bool_(False)
+
 # Only contraction of multiply-add pairs into FMAs: no reassociation is needed to vectorise along NR, and the
 # flags that assume finite values would let LLVM drop the NaN and Inf that must propagate.
 _FASTMATH = {"contract"}
@@ -222,5 +228,5 @@ def _gemm(a, b, c):
     ap = np.empty(_packed_a_size(m, k), dtype=c.dtype)
     bp = np.empty(_packed_b_size(n), dtype=c.dtype)
     # As blocked matrices of one block each.
-    _pack_a(a.reshape(1, m, k), 0, m, 0, k, ap)
-    _gemm_packed(ap, m, k, b.reshape(1, k, n), 0, 0, n, c.reshape(1, m, n), 0, 0, False, bp)
+    _pack_a(a.reshape(1, m, k), ZERO, m, ZERO, k, ap)
+    _gemm_packed(ap, m, k, b.reshape(1, k, n), ZERO, ZERO, n, c.reshape(1, m, n), ZERO, ZERO, FALSE, bp)

@@ -1,0 +1,74 @@
+"""``precompile``: pay the kernels' compile time up front instead of on first use."""
+
+import sys
+import time
+
+import numpy as np
+
+_SUPPORTED = ("float32", "float64")
+
+
+def _calls(dtype):
+    """One small call per compiled path (driver, algorithm, packing variant) of the public API."""
+    from .conv import conv2d, conv2d_backward, conv_transpose2d, conv_transpose2d_backward
+    from .gemm import gemm
+
+    x = np.ones((1, 2, 5, 5), dtype)
+    w = np.ones((2, 2, 3, 3), dtype)
+    dy = np.ones((1, 2, 3, 3), dtype)
+    return [
+        ("conv2d", lambda: conv2d(x, w)),
+        ("conv2d 1x1", lambda: conv2d(x, w[:, :, :1, :1])),
+        ("conv2d depthwise", lambda: conv2d(x, w[:, :1], groups=2)),
+        ("conv2d_backward", lambda: conv2d_backward(x, w, dy)),
+        ("conv_transpose2d", lambda: conv_transpose2d(dy, w)),
+        ("conv_transpose2d_backward", lambda: conv_transpose2d_backward(dy, w, x)),
+        ("gemm", lambda: gemm(x[0, 0], x[0, 0])),
+    ]
+
+
+def precompile(dtypes=_SUPPORTED, progress=True):
+    """Compile (or load from the cache) every kernel of the public API for ``dtypes``.
+
+    The first call of each function otherwise compiles its kernels, a few seconds each on an empty cache.
+    Kernels are cached on disk, so this is needed once per installation, not once per process.
+
+    Parameters
+    ----------
+    dtypes : sequence of {'float32', 'float64'}, default both
+    progress : bool, default True
+        Draw a progress bar on standard error.
+
+    Returns
+    -------
+    float
+        Seconds taken.
+
+    Examples
+    --------
+    >>> import fastconv
+    >>> seconds = fastconv.precompile(dtypes=["float32"], progress=False)
+    """
+    names = [np.dtype(d).name for d in ([dtypes] if isinstance(dtypes, str) else dtypes)]
+    for name in names:
+        if name not in _SUPPORTED:
+            raise ValueError(f"dtypes must be among {_SUPPORTED}, but got {name!r}")
+    steps = [(name, label, call) for name in names for label, call in _calls(name)]
+    start = time.perf_counter()
+    for done, (name, label, call) in enumerate(steps):
+        if progress:
+            bar = "#" * (30 * done // len(steps))
+            print(
+                f"\rfastconv: compiling [{bar:<30}] {done}/{len(steps)} {label} ({name})".ljust(100),
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+        call()
+    seconds = time.perf_counter() - start
+    if progress:
+        print(
+            f"\rfastconv: compiled [{'#' * 30}] {len(steps)}/{len(steps)} in {seconds:.1f} s".ljust(100),
+            file=sys.stderr,
+        )
+    return seconds
