@@ -6,6 +6,7 @@ PyTorch's where PyTorch has an equivalent check.
 """
 
 import numbers
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -275,3 +276,47 @@ def parse_transpose(function, input, weight, stride, padding, output_padding, gr
 def unbatch(array, batched):
     """Drop the batch axis added to an unbatched input."""
     return array if batched else array[0]
+
+
+def available_memory():
+    """Bytes of memory the system can still give this process (Linux's MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _size(nbytes):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes} B"
+        nbytes /= 1024
+
+
+def check_memory(function, output_shape, dtype, inputs, workspace):
+    """Raise ``MemoryError`` naming the sizes when the output, the input copies and the workspace cannot fit.
+
+    Checked before anything is allocated: an allocation far beyond memory may otherwise succeed lazily and
+    end with the process killed when the kernel touches it.
+    """
+    output = int(np.prod(output_shape, dtype=object)) * dtype.itemsize
+    copies = sum(
+        a.size * dtype.itemsize
+        for a in inputs
+        if a is not None and not (a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable)
+    )
+    needed = output + copies + workspace
+    available = available_memory()
+    if available is not None and needed > available:
+        raise MemoryError(
+            f"{function} needs {_size(needed)}: {_size(output)} for an output of shape {tuple(output_shape)} "
+            f"{dtype}, {_size(copies)} for contiguous {dtype} copies of the inputs and {_size(workspace)} of "
+            f"workspace, but only {_size(available)} of memory is available"
+        )

@@ -5,13 +5,14 @@ gradient; the functions below share the three private helpers ``_forward``, ``_i
 ``_weight_grad`` and say which role each array plays.
 """
 
+import numba
 import numpy as np
 
 from . import _validate as v
 from ._conv_kernels import _conv2d_forward, _conv2d_input, _conv2d_weight
 from ._direct import _conv2d_direct
 from ._parallel import run
-from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP
+from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP, KC, NC
 
 #: What ``conv2d``'s ``algorithm`` accepts.
 ALGORITHMS = ("auto", "gemm", "direct")
@@ -43,6 +44,21 @@ def _initial(shape, dtype, bias):
     return out
 
 
+def _workspace_bytes(geometry, dtype, direct=False):
+    """An upper bound on a driver's scratch memory: column buffer, packed panels and packed weights or, for the
+    direct kernel, each thread's padded input phases and wide output plane."""
+    if direct:
+        _, _, H, W = geometry.input_shape
+        _, _, P, Q = geometry.output_shape
+        (pt, pb), (pl, pr) = geometry.padding
+        R, S = geometry.weight_shape[2:]
+        padded_plane = (H + pt + pb + geometry.dilation[0] * R) * (W + pl + pr + geometry.dilation[1] * S)
+        per_thread = 2 * padded_plane + P * (Q + geometry.dilation[1] * S)
+        return dtype.itemsize * numba.config.NUMBA_NUM_THREADS * per_thread
+    weights = 2 * int(np.prod(geometry.weight_shape)) + KC * NC
+    return 2 * COLUMN_BUFFER_BYTES + dtype.itemsize * weights
+
+
 def _choose_algorithm(algorithm, geometry):
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, but got algorithm={algorithm!r}")
@@ -55,7 +71,10 @@ def _choose_algorithm(algorithm, geometry):
 
 def _forward(x, weight, bias, geometry, dtype, algorithm="auto"):
     """conv2d of 4-D ``x``: (N, C, H, W) -> (N, K, P, Q) as given by ``geometry``."""
-    if _choose_algorithm(algorithm, geometry) == "direct":
+    direct = _choose_algorithm(algorithm, geometry) == "direct"
+    workspace = _workspace_bytes(geometry, dtype, direct)
+    v.check_memory("conv2d", geometry.output_shape, dtype, (x, weight), workspace)
+    if direct:
         y = np.empty(geometry.output_shape, dtype)
         bias = np.zeros(y.shape[1], dtype) if bias is None else v.kernel_ready(bias, dtype)
         if y.size:
@@ -84,6 +103,8 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto"):
 
 def _input_grad(grad_output, weight, bias, geometry, dtype):
     """conv2d's input gradient: (N, K, P, Q) -> (N, C, H, W), plus ``bias`` when given (conv_transpose2d)."""
+    workspace = _workspace_bytes(geometry, dtype)
+    v.check_memory("the input gradient", geometry.input_shape, dtype, (grad_output, weight), workspace)
     dx = _initial(geometry.input_shape, dtype, bias)
     if dx.size and grad_output.size:
         run(
@@ -100,6 +121,8 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
 
 def _weight_grad(x, grad_output, geometry, dtype):
     """conv2d's weight gradient: sum over the batch of grad_output · patches(x)ᵀ -> (K, C // groups, R, S)."""
+    workspace = _workspace_bytes(geometry, dtype)
+    v.check_memory("the weight gradient", geometry.weight_shape, dtype, (x, grad_output), workspace)
     dw = np.zeros(geometry.weight_shape, dtype)
     if dw.size and grad_output.size:
         run(
