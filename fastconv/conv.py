@@ -69,11 +69,11 @@ def _choose_algorithm(algorithm, geometry):
     return algorithm
 
 
-def _forward(x, weight, bias, geometry, dtype, algorithm="auto"):
-    """conv2d of 4-D ``x``: (N, C, H, W) -> (N, K, P, Q) as given by ``geometry``."""
+def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d"):
+    """conv2d of 4-D ``x``: (N, C, H, W) -> (N, K, P, Q) as given by ``geometry``; ``purpose`` names it in errors."""
     direct = _choose_algorithm(algorithm, geometry) == "direct"
     workspace = _workspace_bytes(geometry, dtype, direct)
-    v.check_memory("conv2d", geometry.output_shape, dtype, (x, weight), workspace)
+    v.check_memory(purpose, geometry.output_shape, dtype, (x, weight), workspace)
     if direct:
         y = np.empty(geometry.output_shape, dtype)
         bias = np.zeros(y.shape[1], dtype) if bias is None else v.kernel_ready(bias, dtype)
@@ -101,8 +101,43 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto"):
     return y
 
 
+def _input_grad_as_conv2d(geometry):
+    """The geometry of the conv2d that computes this input gradient, at stride 1; else None.
+
+    At stride 1 the input gradient is a full correlation of grad_output with the flipped filters, channels in
+    and out swapped: a forward convolution, padded by ``dilation * (R - 1) - pad_top`` before and what makes
+    the output H x W after, which runs on the forward path's implicit im2col (no column buffer, no col2im).
+    Padding wider than the dilated kernel would need negative padding: those keep the col2im path.
+    """
+    if geometry.stride != (1, 1):
+        return None
+    N, C, H, W = geometry.input_shape
+    K, Cg, R, S = geometry.weight_shape
+    _, _, P, Q = geometry.output_shape
+    (pt, _), (pl, _) = geometry.padding
+    dh, dw = geometry.dilation
+    before = (dh * (R - 1) - pt, dw * (S - 1) - pl)
+    after = (H - P + pt, W - Q + pl)
+    if min(before + after) < 0:
+        return None
+    padding = ((before[0], after[0]), (before[1], after[1]))
+    weight_shape = (C, K // geometry.groups, R, S)
+    return v.Conv2dGeometry((N, K, P, Q), weight_shape, (N, C, H, W), (1, 1), padding, (dh, dw), geometry.groups)
+
+
+def _flip_for_input_grad(weight, groups):
+    """``(K, C/g, R, S)`` filters as the ``(C, K/g, R, S)`` filters of the input-gradient convolution."""
+    K, Cg, R, S = weight.shape
+    per_group = weight.reshape(groups, K // groups, Cg, R, S).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+    return np.ascontiguousarray(per_group.reshape(groups * Cg, K // groups, R, S))
+
+
 def _input_grad(grad_output, weight, bias, geometry, dtype):
     """conv2d's input gradient: (N, K, P, Q) -> (N, C, H, W), plus ``bias`` when given (conv_transpose2d)."""
+    as_conv2d = _input_grad_as_conv2d(geometry)
+    if as_conv2d is not None:
+        flipped = _flip_for_input_grad(weight, geometry.groups)
+        return _forward(grad_output, flipped, bias, as_conv2d, dtype, purpose="the input gradient")
     workspace = _workspace_bytes(geometry, dtype)
     v.check_memory("the input gradient", geometry.input_shape, dtype, (grad_output, weight), workspace)
     dx = _initial(geometry.input_shape, dtype, bias)
