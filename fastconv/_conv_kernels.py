@@ -2,24 +2,38 @@
 
 Each driver is one compiled function, so a call costs one dispatch whatever the batch size and group count.
 Arrays are C-contiguous and of one dtype (float32 or float64); outputs are allocated and initialised by the
-caller. ``geometry`` is ``(sh, sw, pt, pl, dh, dw)``; ``rows_per_chunk`` bounds the column buffer at
-``Cg * R * S * rows_per_chunk * Q`` values. A chunk is a range of output rows of the whole batch (see
-``_im2col``), so small images are batched into one wide GEMM.
+caller. ``geometry`` is ``(sh, sw, pt, pl, dh, dw)``. Every GEMM runs over the output pixels of the whole
+batch (see ``_im2col.py``), so small images make one wide GEMM. The forward pass and the weight gradient pack
+their patches straight from the input (no column buffer); the input gradient's column buffer holds
+``rows_per_chunk`` output rows at a time.
 
 With ``Kg = K / groups``, ``Cg = C / groups`` and ``col`` the ``(Cg*R*S) x (N*P*Q)`` patch matrix of one group,
 and every image's ``(K, P*Q)`` output side by side as one ``K x N*P*Q`` matrix, the three contractions are::
 
     # Forward:         [Kg, Cg*R*S] [Cg*R*S, N*P*Q] -> [Kg, N*P*Q]        y  = W @ col
     # Input gradient:  [Cg*R*S, Kg] [Kg, N*P*Q]     -> [Cg*R*S, N*P*Q]    dx = col2im(W.T @ dy)
-    # Weight gradient: [Kg, N*P*Q]  [N*P*Q, Cg*R*S] -> [Kg, Cg*R*S]       dW = dy @ col.T
+    # Weight gradient: [Kg, N*P*Q]  [N*P*Q, Cg*R*S] -> [Kg, Cg*R*S]       dW = dy @ col.T (col never built)
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
-from ._gemm import FALSE, TRUE, ZERO, _gemm_packed, _macro_kernel, _pack_a, _pack_b, _packed_a_size, _packed_b_size
-from ._im2col import _col2im, _im2col, _pack_b_patches
-from .config import KC, NC
+from ._gemm import (
+    FALSE,
+    TRUE,
+    ZERO,
+    _gemm_packed,
+    _macro_kernel,
+    _macro_kernel_serial,
+    _n_tiles,
+    _pack_a,
+    _pack_a_serial,
+    _pack_b,
+    _packed_a_size,
+    _packed_b_size,
+)
+from ._im2col import _col2im, _pack_b_patches, _pack_b_patches_transposed, _pack_b_patches_transposed_serial
+from .config import KC, NC, WEIGHT_GRAD_CHUNKS
 
 
 @njit(cache=True)
@@ -97,24 +111,58 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
 
 
 @njit(cache=True)
-def _conv2d_weight(x, grad_output, geometry, groups, rows_per_chunk, grad_weight):
-    """``grad_weight += conv2d_weight(x, grad_output)``; grad_weight (K, Cg, R, S) holds zeros on entry.
+def _weight_grad_chunks(Kg, crs, groups, pixels):
+    """How many pixel ranges the weight gradient is split into (1: parallel over its tiles instead).
 
-    Chunks are added in a fixed order, so the sum does not depend on the number of threads.
+    A gradient with many (ic, jr) tiles keeps both cores busy in every GEMM; one with few (Kg = 64 filters of
+    Cg*R*S = 576 taps make 9) is split over the pixels instead, up to WEIGHT_GRAD_CHUNKS ranges of at least KC
+    pixels. Depends on the shape alone, so the result does not depend on the thread count.
+    """
+    if groups * _n_tiles(Kg, min(crs, NC)) >= 4 * WEIGHT_GRAD_CHUNKS:
+        return 1
+    return max(1, min(WEIGHT_GRAD_CHUNKS, pixels // KC))
+
+
+@njit(parallel=True, cache=True)
+def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
+    """``grad_weight = conv2d_weight(x, grad_output)``: grad_weight (K, Cg, R, S) is overwritten.
+
+    B, the transposed patch matrix, is packed straight from ``x``. With many tiles, each GEMM is parallel over
+    them. With few, the sum over output pixels is split into fixed, contiguous ranges, each one thread's
+    serial GEMM into a partial sum of its own, and the partial sums are added in order. Either way no two
+    threads add into one element and the order of every sum is fixed. Footprint: one partial weight gradient
+    and one packed panel of A and of B per range.
     """
     N, K, P, Q = grad_output.shape
     _, Cg, R, S = grad_weight.shape
     Kg = K // groups
     crs = Cg * R * S
-    col, rows = _column_buffer(crs, rows_per_chunk, N * P, Q, grad_weight.dtype)
-    ap = np.empty(_packed_a_size(Kg, rows * Q), dtype=grad_weight.dtype)
-    bp = np.empty(_packed_b_size(crs), dtype=grad_weight.dtype)
+    pixels = N * P * Q
+    chunks = _weight_grad_chunks(Kg, crs, groups, pixels)
+    partial = np.zeros((chunks, groups, Kg, crs), dtype=grad_weight.dtype)
+    ap = np.empty((chunks, _packed_a_size(Kg, KC)), dtype=grad_weight.dtype)
+    bp = np.empty((chunks, _packed_b_size(crs)), dtype=grad_weight.dtype)
     dy_blocks = grad_output.reshape(N, K, P * Q)
-    dw_blocks = grad_weight.reshape(groups, Kg, crs)
-    for g in range(groups):
-        for t0 in range(0, N * P, rows):
-            t1 = min(N * P, t0 + rows)
-            n = (t1 - t0) * Q
-            _im2col(x, g * Cg, R, S, geometry, t0, t1, P, Q, col[0])
-            _pack_a(dy_blocks, g * Kg, Kg, t0 * Q, n, ap)
-            _gemm_packed(ap, Kg, n, col.transpose(0, 2, 1), ZERO, ZERO, crs, dw_blocks, ZERO, g * crs, TRUE, bp)
+    if chunks == 1:
+        for g in range(groups):
+            for pc in range(0, pixels, KC):
+                kc = min(KC, pixels - pc)
+                _pack_a(dy_blocks, g * Kg, Kg, pc, kc, ap[0])
+                for jc in range(0, crs, NC):
+                    nc = min(NC, crs - jc)
+                    _pack_b_patches_transposed(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp[0])
+                    _macro_kernel(ap[0], Kg, ZERO, kc, bp[0], nc, partial[0], ZERO, g * crs + jc, TRUE)
+    else:
+        for i in prange(chunks):
+            for g in range(groups):
+                for pc in range(i * pixels // chunks, (i + 1) * pixels // chunks, KC):
+                    kc = min(KC, (i + 1) * pixels // chunks - pc)
+                    _pack_a_serial(dy_blocks, g * Kg, Kg, pc, kc, ap[i])
+                    for jc in range(0, crs, NC):
+                        nc = min(NC, crs - jc)
+                        _pack_b_patches_transposed_serial(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp[i])
+                        _macro_kernel_serial(ap[i], Kg, ZERO, kc, bp[i], nc, partial[i], ZERO, g * crs + jc, TRUE)
+    dw = grad_weight.reshape(groups, Kg, crs)
+    dw[:] = partial[0]
+    for i in range(1, chunks):
+        dw += partial[i]

@@ -46,6 +46,137 @@ def _split_phases(image, sh, sw, pt, pl, Hq, Wq, phase_size, phases):
                 dst[j] = src[w0 + j * sw]
 
 
+@njit(cache=True)
+def _phase_layout(R, S, P, Q, geometry):
+    """Sizes of the stride phases and where each tap ``t = r * S + s`` reads in them.
+
+    Returns ``(Hq, Wq, phase_size, tap_start)``: a phase holds ``Hq`` rows of ``Wq`` values (plus a spare row:
+    the wide plane's last taps read past ``Hq`` rows), and tap ``t`` reads the wide plane's value ``o`` at
+    ``tap_start[t] + o``.
+    """
+    sh, sw, _, _, dh, dw = geometry
+    Hq = P + (R - 1) * dh // sh
+    Wq = Q + (S - 1) * dw // sw
+    phase_size = (Hq + 1) * Wq
+    tap_start = np.empty(R * S, np.int64)
+    for t in range(R * S):
+        r, s = t // S, t % S
+        a, b = r * dh % sh, s * dw % sw
+        tap_start[t] = (a * sw + b) * phase_size + (r * dh // sh) * Wq + s * dw // sw
+    return Hq, Wq, phase_size, tap_start
+
+
+@njit(cache=True)
+def _merge_phases(phases, sh, sw, pt, pl, Hq, Wq, phase_size, image, bias):
+    """``image = bias + (the values of phases at the input's own pixels)``: the adjoint of ``_split_phases``.
+
+    Pixels that no output reads get ``bias`` alone. Same loop structure as ``_split_phases``, no division per
+    pixel.
+    """
+    H, W = image.shape
+    for h in range(H):
+        dst = image[h]
+        dst[:] = bias
+        a, i = (h + pt) % sh, (h + pt) // sh
+        if i >= Hq:
+            continue
+        for b in range(sw):
+            w0 = (b - pl) % sw
+            j0 = (w0 + pl) // sw
+            count = min(-(-(W - w0) // sw), Wq - j0)
+            start = (a * sw + b) * phase_size + i * Wq + j0
+            src = phases[start : start + max(count, 0)]
+            for j in range(count):
+                dst[w0 + j * sw] += src[j]
+
+
+@njit(cache=True)
+def _widen(plane, Wq, wide):
+    """Copy a P x Q plane into the first Q columns of each Wq-wide row of ``wide`` (the rest stay zero)."""
+    P, Q = plane.shape
+    for p in range(P):
+        dst = wide[p * Wq : p * Wq + Q]
+        src = plane[p]
+        for q in range(Q):
+            dst[q] = src[q]
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _conv2d_direct_input(grad_output, weight, bias, geometry, groups, grad_input):
+    """``grad_input = bias + conv2d_input(grad_output, weight)`` by direct loops, in parallel over input planes.
+
+    The adjoint of ``_conv2d_direct``: each thread owns whole planes ``(n, c)`` of ``grad_input``; for every
+    output channel ``k`` of the group it scatters ``w[k, c, r, s] * dy[n, k]`` into the stride phases (the wide
+    plane's extra columns carry zeros), then reads the phases back at the input's pixels. Footprint per thread:
+    the phases of one plane and one wide output-gradient plane.
+    """
+    N, K, P, Q = grad_output.shape
+    _, Cg, R, S = weight.shape
+    C = grad_input.shape[1]
+    sh, sw, pt, pl, dh, dw = geometry
+    Kg = K // groups
+    Hq, Wq, phase_size, tap_start = _phase_layout(R, S, P, Q, geometry)
+    threads = numba.config.NUMBA_NUM_THREADS
+    phases = np.empty((threads, sh * sw * phase_size), dtype=grad_input.dtype)
+    wide = np.zeros((threads, P * Wq), dtype=grad_input.dtype)
+    size = P * Wq
+    for plane in prange(N * C):
+        thread = numba.get_thread_id()
+        n = plane // C
+        c = plane % C
+        g = c // Cg
+        acc = phases[thread]
+        acc[:] = 0
+        dy = wide[thread]
+        for k in range(g * Kg, (g + 1) * Kg):
+            _widen(grad_output[n, k], Wq, dy)
+            taps = weight[k, c - g * Cg].reshape(R * S)
+            for t in range(R * S):
+                tap = taps[t]
+                dst = acc[tap_start[t] : tap_start[t] + size]
+                for o in range(size):
+                    dst[o] += tap * dy[o]
+        _merge_phases(acc, sh, sw, pt, pl, Hq, Wq, phase_size, grad_input[n, c], bias[c])
+
+
+@njit(parallel=True, fastmath={"contract", "reassoc"}, cache=True)
+def _conv2d_direct_weight(x, grad_output, geometry, groups, grad_weight):
+    """``grad_weight = conv2d_weight(x, grad_output)`` by direct loops, in parallel over output channels.
+
+    Each thread owns the filters of whole output channels ``k`` and sums over the images in order: results do
+    not depend on the thread count. Every tap is one dot product of the wide output-gradient plane with the
+    stride phase it reads (``reassoc`` lets LLVM vectorise those sums). Footprint per thread: the phases of
+    one input channel and one wide plane.
+    """
+    N, K, P, Q = grad_output.shape
+    _, Cg, R, S = grad_weight.shape
+    sh, sw, pt, pl, dh, dw = geometry
+    Kg = K // groups
+    Hq, Wq, phase_size, tap_start = _phase_layout(R, S, P, Q, geometry)
+    threads = numba.config.NUMBA_NUM_THREADS
+    phases = np.zeros((threads, sh * sw * phase_size), dtype=grad_weight.dtype)
+    wide = np.zeros((threads, P * Wq), dtype=grad_weight.dtype)
+    size = P * Wq
+    zero = np.zeros(1, grad_weight.dtype)[0]  # sums in the dtype of the result, as LLVM vectorises them
+    for k in prange(K):
+        thread = numba.get_thread_id()
+        c0 = k // Kg * Cg
+        src = phases[thread]
+        dy = wide[thread]
+        taps = grad_weight[k].reshape(Cg * R * S)
+        taps[:] = 0
+        for n in range(N):
+            _widen(grad_output[n, k], Wq, dy)
+            for c in range(Cg):
+                _split_phases(x[n, c0 + c], sh, sw, pt, pl, Hq, Wq, phase_size, src)
+                for t in range(R * S):
+                    row = src[tap_start[t] : tap_start[t] + size]
+                    total = zero
+                    for o in range(size):
+                        total += dy[o] * row[o]
+                    taps[c * R * S + t] += total
+
+
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
 def _conv2d_direct(x, weight, bias, geometry, groups, y):
     """``y = conv2d(x, weight) + bias`` by direct loops, in parallel over output planes ``(n, k)``.
@@ -60,18 +191,10 @@ def _conv2d_direct(x, weight, bias, geometry, groups, y):
     P, Q = y.shape[2], y.shape[3]
     sh, sw, pt, pl, dh, dw = geometry
     Kg = K // groups
-    Hq = P + (R - 1) * dh // sh
-    Wq = Q + (S - 1) * dw // sw
-    phase_size = (Hq + 1) * Wq  # one spare row: the wide plane's last taps read past Hq rows
+    Hq, Wq, phase_size, tap_start = _phase_layout(R, S, P, Q, geometry)
     threads = numba.config.NUMBA_NUM_THREADS
     phases = np.zeros((threads, sh * sw * phase_size), dtype=y.dtype)
     wide = np.empty((threads, P * Wq), dtype=y.dtype)
-    # Where each tap reads: the start of its phase plus its offset in it.
-    tap_start = np.empty(R * S, np.int64)
-    for t in range(R * S):
-        r, s = t // S, t % S
-        a, b = r * dh % sh, s * dw % sw
-        tap_start[t] = (a * sw + b) * phase_size + (r * dh // sh) * Wq + s * dw // sw
     size = P * Wq
     for plane in prange(N * K):
         thread = numba.get_thread_id()

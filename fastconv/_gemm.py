@@ -75,6 +75,36 @@ def _segment(blocks, j):
     return j // ncols, j % ncols, ncols - j % ncols
 
 
+@njit(cache=True)
+def _pack_a_panel(a, row0, m, col0, k, ap, t):
+    """Micro-panel ``t`` of ``_pack_a``: rows ``ir:ir+MR`` of the KC-column block ``pc`` (zero-padded)."""
+    m_pad = _round_up(m, MR)
+    n_panels = m_pad // MR
+    pc = (t // n_panels) * KC
+    ir = (t % n_panels) * MR
+    kc = min(KC, k - pc)
+    m_valid = min(MR, m - ir)
+    start = pc * m_pad + ir * kc
+    panel = ap[start : start + kc * MR]
+    p = 0
+    while p < kc:
+        block, col, left = _segment(a, col0 + pc + p)
+        run = min(kc - p, left)
+        for i in range(m_valid):
+            src = a[block, row0 + ir + i, col : col + run]
+            for q in range(run):
+                panel[(p + q) * MR + i] = src[q]
+        p += run
+    for p in range(kc):
+        for i in range(m_valid, MR):
+            panel[p * MR + i] = 0
+
+
+@njit(cache=True)
+def _n_a_panels(m, k):
+    return (_round_up(m, MR) // MR) * -(-k // KC)
+
+
 @njit(parallel=True, cache=True)
 def _pack_a(a, row0, m, col0, k, ap):
     """Pack the blocked matrix ``A = a[:, row0 : row0 + m, col0 : col0 + k]`` into MR-row micro-panels.
@@ -88,28 +118,15 @@ def _pack_a(a, row0, m, col0, k, ap):
     ``ir:ir+MR`` starts at offset ``ir * kc`` and holds ``kc`` columns of MR values each, so the micro-kernel
     reads MR consecutive values per step. Rows past ``m`` are zeros. Footprint: ``m_pad * k`` values.
     """
-    m_pad = _round_up(m, MR)
-    n_panels = m_pad // MR
-    n_blocks = -(-k // KC)
-    for t in prange(n_blocks * n_panels):
-        pc = (t // n_panels) * KC
-        ir = (t % n_panels) * MR
-        kc = min(KC, k - pc)
-        m_valid = min(MR, m - ir)
-        start = pc * m_pad + ir * kc
-        panel = ap[start : start + kc * MR]
-        p = 0
-        while p < kc:
-            block, col, left = _segment(a, col0 + pc + p)
-            run = min(kc - p, left)
-            for i in range(m_valid):
-                src = a[block, row0 + ir + i, col : col + run]
-                for q in range(run):
-                    panel[(p + q) * MR + i] = src[q]
-            p += run
-        for p in range(kc):
-            for i in range(m_valid, MR):
-                panel[p * MR + i] = 0
+    for t in prange(_n_a_panels(m, k)):
+        _pack_a_panel(a, row0, m, col0, k, ap, t)
+
+
+@njit(cache=True)
+def _pack_a_serial(a, row0, m, col0, k, ap):
+    """``_pack_a`` on the calling thread, for use inside another parallel loop."""
+    for t in range(_n_a_panels(m, k)):
+        _pack_a_panel(a, row0, m, col0, k, ap, t)
 
 
 @njit(parallel=True, cache=True)
@@ -173,6 +190,26 @@ def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate)
         j += run
 
 
+@njit(cache=True)
+def _n_tiles(m, nc):
+    return -(-m // MC) * -(-nc // NR)
+
+
+@njit(cache=True)
+def _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, t):
+    """Tile ``t`` of the (ic, jr) grid: rows ``ic:ic+MC`` of C against B's micro-panel ``jr``."""
+    m_pad = _round_up(m, MR)
+    n_jr = -(-nc // NR)
+    ic = (t // n_jr) * MC
+    jr = (t % n_jr) * NR
+    b_panel = bp[jr * kc : jr * kc + kc * NR]
+    n_valid = min(NR, nc - jr)
+    for ir in range(ic, min(ic + MC, m), MR):
+        start = pc * m_pad + ir * kc
+        a_panel = ap[start : start + kc * MR]
+        _micro_kernel(kc, a_panel, b_panel, c, c_row0 + ir, c_col0 + jr, min(MR, m - ir), n_valid, accumulate)
+
+
 @njit(parallel=True, cache=True)
 def _macro_kernel(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate):
     """``C[:, jc:jc+nc] (+)= A[:, pc:pc+kc] @ B~`` for one packed KC x NC panel ``bp`` of B.
@@ -180,18 +217,15 @@ def _macro_kernel(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate):
     ``ap`` is all of A packed by ``_pack_a``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 : c_col0 + nc]``.
     The (ic, jr) tiles are split between threads; each owns its elements of C, so none is written twice.
     """
-    m_pad = _round_up(m, MR)
-    n_ic = -(-m // MC)
-    n_jr = -(-nc // NR)
-    for t in prange(n_ic * n_jr):
-        ic = (t // n_jr) * MC
-        jr = (t % n_jr) * NR
-        b_panel = bp[jr * kc : jr * kc + kc * NR]
-        n_valid = min(NR, nc - jr)
-        for ir in range(ic, min(ic + MC, m), MR):
-            start = pc * m_pad + ir * kc
-            a_panel = ap[start : start + kc * MR]
-            _micro_kernel(kc, a_panel, b_panel, c, c_row0 + ir, c_col0 + jr, min(MR, m - ir), n_valid, accumulate)
+    for t in prange(_n_tiles(m, nc)):
+        _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, t)
+
+
+@njit(cache=True)
+def _macro_kernel_serial(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate):
+    """``_macro_kernel`` on the calling thread, for use inside another parallel loop."""
+    for t in range(_n_tiles(m, nc)):
+        _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, t)
 
 
 @njit(cache=True)

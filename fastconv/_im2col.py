@@ -1,6 +1,9 @@
 """Patch extraction (im2col) and its adjoint, patch scatter-add (col2im), as Numba kernels.
 
-Both work on a chunk of output rows of the whole batch: output row ``t`` is row ``p = t % P`` of image
+The patch matrix is never built whole: ``_pack_b_patches`` and ``_pack_b_patches_transposed`` extract the
+patches of one GEMM panel at a time, straight into the packed layout the micro-kernel reads (implicit im2col).
+``_col2im`` adds a column buffer of patch gradients back into the image. They work on a range of output rows
+(or pixels) of the whole batch: output row ``t`` is row ``p = t % P`` of image
 ``n = t // P``, so a chunk may span several small images (one wide GEMM instead of many narrow ones) or part of
 one large image (a bounded column buffer). ``geometry`` is ``(sh, sw, pt, pl, dh, dw)``: strides, top and left
 padding, dilations. The column matrix of channels ``c0:c0+Cg`` has one row per ``(c, r, s)`` and one column
@@ -27,34 +30,8 @@ def _valid_q_range(s, Q, W, sw, pl, dw):
 
 
 @njit(parallel=True, cache=True)
-def _im2col(x, c0, R, S, geometry, t0, t1, P, Q, col):
-    """Fill ``col`` (Cg*R*S x (t1-t0)*Q) with the patches of output rows ``t0:t1`` of ``x[:, c0:c0+Cg]``.
-
-    Parallel over rows of ``col``: each thread writes whole rows. Footprint: ``col`` only.
-    """
-    _, _, H, W = x.shape
-    sh, sw, pt, pl, dh, dw = geometry
-    for row in prange(col.shape[0]):
-        c = row // (R * S)
-        r = row // S % R
-        s = row % S
-        q_lo, q_hi = _valid_q_range(s, Q, W, sw, pl, dw)
-        for t in range(t0, t1):
-            dst = col[row, (t - t0) * Q : (t - t0 + 1) * Q]
-            h = t % P * sh - pt + r * dh
-            if h < 0 or h >= H:
-                dst[:] = 0
-                continue
-            src = x[t // P, c0 + c, h]
-            dst[:q_lo] = 0
-            for q in range(q_lo, q_hi):
-                dst[q] = src[q * sw - pl + s * dw]
-            dst[q_hi:] = 0
-
-
-@njit(parallel=True, cache=True)
 def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0):
-    """Add the patches in ``col`` (output rows ``t0:t1``) back into ``x[:, c0:c0+Cg]``: the adjoint of ``_im2col``.
+    """Add the patches in ``col`` (output rows ``t0:t1``) back into ``x[:, c0:c0+Cg]``: the adjoint of im2col.
 
     Race-free by construction: each thread owns whole input rows ``(c, h)`` of one image and gathers into them
     every ``(r, s)`` contribution, in a fixed order, so results do not depend on the number of threads.
@@ -96,7 +73,7 @@ def _pack_b_patches(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
     """Pack a KC x NC panel of the patch matrix of ``x[:, c0:c0+Cg]`` straight into NR-column micro-panels.
 
     Implicit im2col: rows ``pc:pc+kc`` (taps ``(c, r, s)``) and columns ``jc:jc+nc`` (output pixels of the whole
-    batch, ``(n * P + p) * Q + q``) of the matrix ``_im2col`` would build, in the layout ``_gemm._pack_b``
+    batch, ``(n * P + p) * Q + q``) of the column matrix above, in the layout ``_gemm._pack_b``
     produces, so the full patch matrix never exists. Footprint: ``kc * round_up(nc, NR)`` values, and a table
     of the ``kc`` taps.
     """
@@ -149,3 +126,64 @@ def _pack_b_patches(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
         for row in range(kc):
             for j in range(n_valid, NR):
                 bp[jr * kc + row * NR + j] = 0
+
+
+@njit(cache=True)
+def _transposed_patch_panel(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp, panel_index):
+    """Micro-panel ``panel_index`` (taps ``jr:jr+NR``) of ``_pack_b_patches_transposed``."""
+    _, _, H, W = x.shape
+    sh, sw, pt, pl, dh, dw = geometry
+    jr = panel_index * NR
+    n_valid = min(NR, nc - jr)
+    panel = bp[jr * kc : jr * kc + kc * NR]
+    for j in range(n_valid):
+        tap = jc + jr + j
+        c = c0 + tap // (R * S)
+        r = tap // S % R
+        s = tap % S
+        q_lo, q_hi = _valid_q_range(s, Q, W, sw, pl, dw)
+        offset = s * dw - pl
+        t = pc // Q
+        q0 = pc % Q
+        row = 0
+        while row < kc:  # one run of pixels per output row (n, p)
+            run = min(kc - row, Q - q0)
+            h = t % P * sh - pt + r * dh
+            lo, hi = q0, q0
+            if 0 <= h < H:
+                lo = min(max(q_lo, q0), q0 + run)
+                hi = max(min(q_hi, q0 + run), lo)
+            base = (row - q0) * NR + j  # panel[base + q * NR] holds pixel q of this run
+            for q in range(q0, lo):
+                panel[base + q * NR] = 0
+            if hi > lo:
+                src = x[t // P, c, h]
+                for q in range(lo, hi):
+                    panel[base + q * NR] = src[q * sw + offset]
+            for q in range(hi, q0 + run):
+                panel[base + q * NR] = 0
+            row += run
+            t += 1
+            q0 = 0
+    for row in range(kc):
+        panel[row * NR + n_valid : (row + 1) * NR] = 0
+
+
+@njit(parallel=True, cache=True)
+def _pack_b_patches_transposed(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
+    """Pack the transposed patch matrix of ``x[:, c0:c0+Cg]`` into NR-column micro-panels: the weight
+    gradient's B.
+
+    Rows ``pc:pc+kc`` are output pixels of the whole batch, ``(n * P + p) * Q + q``; columns ``jc:jc+nc`` are
+    taps ``(c, r, s)``: ``B[pixel, tap]`` is ``col[tap, pixel]`` of the column matrix above, read straight
+    from ``x``. Footprint: ``kc * round_up(nc, NR)`` values.
+    """
+    for panel_index in prange(-(-nc // NR)):
+        _transposed_patch_panel(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp, panel_index)
+
+
+@njit(cache=True)
+def _pack_b_patches_transposed_serial(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
+    """``_pack_b_patches_transposed`` on the calling thread, for use inside another parallel loop."""
+    for panel_index in range(-(-nc // NR)):
+        _transposed_patch_panel(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp, panel_index)

@@ -34,3 +34,9 @@ COLUMN_BUFFER_BYTES = 32 * 2**20
 #: most this many output channels: the GEMM of such a group is too thin to fill the MR x NR register tile.
 #: Depthwise convolutions (one output channel per group) always qualify.
 DIRECT_MAX_OUT_PER_GROUP = 4
+
+#: The weight gradient sums over every output pixel of the batch. The pixels are split into this many fixed,
+#: contiguous ranges, one serial GEMM each into its own partial sum, added in order at the end: parallel with
+#: no two threads adding into one element, and the same result whatever the thread count. A few per core
+#: balance the load; each costs one copy of the weight gradient.
+WEIGHT_GRAD_CHUNKS = 8

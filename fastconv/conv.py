@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _validate as v
 from ._conv_kernels import _conv2d_forward, _conv2d_input, _conv2d_weight
-from ._direct import _conv2d_direct
+from ._direct import _conv2d_direct, _conv2d_direct_input, _conv2d_direct_weight
 from ._parallel import run
 from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP, KC, NC
 
@@ -138,8 +138,23 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
     if as_conv2d is not None:
         flipped = _flip_for_input_grad(weight, geometry.groups)
         return _forward(grad_output, flipped, bias, as_conv2d, dtype, purpose="the input gradient")
-    workspace = _workspace_bytes(geometry, dtype)
+    direct = _choose_algorithm("auto", geometry) == "direct"
+    workspace = _workspace_bytes(geometry, dtype, direct)
     v.check_memory("the input gradient", geometry.input_shape, dtype, (grad_output, weight), workspace)
+    if direct:
+        dx = np.empty(geometry.input_shape, dtype)
+        bias = np.zeros(dx.shape[1], dtype) if bias is None else v.kernel_ready(bias, dtype)
+        if dx.size:
+            run(
+                _conv2d_direct_input,
+                v.kernel_ready(grad_output, dtype),
+                v.kernel_ready(weight, dtype),
+                bias,
+                geometry.kernel_geometry,
+                geometry.groups,
+                dx,
+            )
+        return dx
     dx = _initial(geometry.input_shape, dtype, bias)
     if dx.size and grad_output.size:
         run(
@@ -156,9 +171,21 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
 
 def _weight_grad(x, grad_output, geometry, dtype):
     """conv2d's weight gradient: sum over the batch of grad_output · patches(x)ᵀ -> (K, C // groups, R, S)."""
-    workspace = _workspace_bytes(geometry, dtype)
+    direct = _choose_algorithm("auto", geometry) == "direct"
+    workspace = _workspace_bytes(geometry, dtype, direct)
     v.check_memory("the weight gradient", geometry.weight_shape, dtype, (x, grad_output), workspace)
     dw = np.zeros(geometry.weight_shape, dtype)
+    if direct:
+        if dw.size:
+            run(
+                _conv2d_direct_weight,
+                v.kernel_ready(x, dtype),
+                v.kernel_ready(grad_output, dtype),
+                geometry.kernel_geometry,
+                geometry.groups,
+                dw,
+            )
+        return dw
     if dw.size and grad_output.size:
         run(
             _conv2d_weight,
@@ -166,7 +193,6 @@ def _weight_grad(x, grad_output, geometry, dtype):
             v.kernel_ready(grad_output, dtype),
             geometry.kernel_geometry,
             geometry.groups,
-            _rows_per_chunk(geometry, dtype),
             dw,
         )
     return dw

@@ -3,9 +3,9 @@
 import numba
 import numpy as np
 import pytest
-from conftest import assert_close, random_array
 
 import fastconv
+from conftest import assert_close, random_array
 from fastconv import conv as conv_module
 from fastconv import reference
 
@@ -134,3 +134,37 @@ def test_results_do_not_depend_on_the_thread_count(rng):
         numba.set_num_threads(saved)
     for a, b in zip(results[1], results[saved]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("direct_up_to", [0, 1000])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradients_by_gemm_and_by_direct_loops_agree_with_the_reference(rng, monkeypatch, direct_up_to, stride):
+    """Grouped gradients take the direct kernels or the GEMM path by shape; force each on the same cases."""
+    monkeypatch.setattr(conv_module, "DIRECT_MAX_OUT_PER_GROUP", direct_up_to)
+    for C, K, groups in [(4, 4, 4), (4, 6, 2), (3, 6, 1)]:
+        x = random_array(rng, (2, C, 9, 8), "float64")
+        w = random_array(rng, (K, C // groups, 3, 2), "float64")
+        params = dict(stride=stride, padding=(1, 2), dilation=(2, 1), groups=groups)
+        dy = random_array(rng, fastconv.conv2d(x, w, **params).shape, "float64")
+        for actual, expected in zip(
+            fastconv.conv2d_backward(x, w, dy, **params), reference.conv2d_backward(x, w, dy, **params)
+        ):
+            assert_close(actual, expected)
+        b = random_array(rng, (C,), "float64")
+        assert_close(
+            fastconv.conv_transpose2d(dy, w, b, **params, output_padding=(stride - 1, 0)),
+            reference.conv_transpose2d(dy, w, b, **params, output_padding=(stride - 1, 0)),
+        )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_weight_gradient_split_over_pixel_ranges_matches_the_reference(rng, dtype):
+    """Few filters and many pixels: the weight gradient is summed over fixed pixel ranges, then in order."""
+    from fastconv._conv_kernels import _weight_grad_chunks
+
+    x = random_array(rng, (2, 4, 21, 19), dtype)
+    w = random_array(rng, (6, 2, 3, 3), dtype)
+    params = dict(stride=1, padding=1, groups=2)
+    dy = random_array(rng, (2, 6, 21, 19), dtype)
+    assert _weight_grad_chunks(3, 18, 2, 2 * 21 * 19) > 1  # this case takes the split path
+    assert_close(fastconv.conv2d_weight(x, w.shape, dy, **params), reference.conv2d_weight(x, w.shape, dy, **params))
