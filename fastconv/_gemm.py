@@ -86,14 +86,23 @@ def _pack_a_panel(a, row0, m, col0, k, ap, t):
     m_valid = min(MR, m - ir)
     start = pc * m_pad + ir * kc
     panel = ap[start : start + kc * MR]
+    # Read along whichever axis of ``a`` is contiguous: rows of a C-ordered operand, columns of a transposed
+    # one (the input gradient's W.T), so neither is packed with strided loads.
+    column_major = a.strides[1] < a.strides[2]
     p = 0
     while p < kc:
         block, col, left = _segment(a, col0 + pc + p)
         run = min(kc - p, left)
-        for i in range(m_valid):
-            src = a[block, row0 + ir + i, col : col + run]
+        if column_major:
             for q in range(run):
-                panel[(p + q) * MR + i] = src[q]
+                src = a[block, row0 + ir : row0 + ir + m_valid, col + q]
+                for i in range(m_valid):
+                    panel[(p + q) * MR + i] = src[i]
+        else:
+            for i in range(m_valid):
+                src = a[block, row0 + ir + i, col : col + run]
+                for q in range(run):
+                    panel[(p + q) * MR + i] = src[q]
         p += run
     for p in range(kc):
         for i in range(m_valid, MR):
