@@ -115,6 +115,8 @@ def _pack_b_patches(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
                     offset = w_offset[row]
                     if sw == 1:  # contiguous: a slice copy, which LLVM vectorises
                         bp[base + lo : base + hi] = src[lo + offset : hi + offset]
+                    elif sw == 2:  # a constant stride LLVM can vectorise with shuffles, not gathers
+                        bp[base + lo : base + hi] = src[2 * lo + offset : 2 * hi + offset - 1 : 2]
                     else:
                         for q in range(lo, hi):
                             bp[base + q] = src[q * sw + offset]
