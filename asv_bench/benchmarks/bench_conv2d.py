@@ -5,7 +5,7 @@ import numpy as np
 import fastconv
 from fastconv.bench import im2col_numpy_conv2d
 
-from .common import CONV_LAYERS, conv_arrays
+from .common import CONV_LAYERS, TRANSPOSE_LAYERS, conv_arrays, transpose_arrays
 
 
 class Conv2d:
@@ -14,7 +14,7 @@ class Conv2d:
 
     def setup(self, layer, dtype):
         self.x, self.w, self.params = conv_arrays(layer, dtype)
-        self.dy = np.ones_like(fastconv.conv2d(self.x, self.w, **self.params))  # also compiles
+        fastconv.conv2d(self.x, self.w, **self.params)  # compile before timing
 
     def time_conv2d(self, layer, dtype):
         fastconv.conv2d(self.x, self.w, **self.params)
@@ -22,18 +22,49 @@ class Conv2d:
     def peakmem_conv2d(self, layer, dtype):
         fastconv.conv2d(self.x, self.w, **self.params)
 
+
+class Conv2dGradients:
+    params = [list(CONV_LAYERS), ["float32"]]
+    param_names = ["layer", "dtype"]
+
+    def setup(self, layer, dtype):
+        self.x, self.w, self.params = conv_arrays(layer, dtype)
+        self.dy = np.ones_like(fastconv.conv2d(self.x, self.w, **self.params))
+        fastconv.conv2d_backward(self.x, self.w, self.dy, **self.params)  # compile before timing
+
+    def time_conv2d_input(self, layer, dtype):
+        fastconv.conv2d_input(self.x.shape, self.w, self.dy, **self.params)
+
+    def time_conv2d_weight(self, layer, dtype):
+        fastconv.conv2d_weight(self.x, self.w.shape, self.dy, **self.params)
+
     def time_conv2d_backward(self, layer, dtype):
         fastconv.conv2d_backward(self.x, self.w, self.dy, **self.params)
 
+    def peakmem_conv2d_backward(self, layer, dtype):
+        fastconv.conv2d_backward(self.x, self.w, self.dy, **self.params)
+
+
+class ConvTranspose2d:
+    params = [list(TRANSPOSE_LAYERS), ["float32"]]
+    param_names = ["layer", "dtype"]
+
+    def setup(self, layer, dtype):
+        self.x, self.w, self.params = transpose_arrays(layer, dtype)
+        self.dy = np.ones_like(fastconv.conv_transpose2d(self.x, self.w, **self.params))
+        fastconv.conv_transpose2d_backward(self.x, self.w, self.dy, **self.params)
+
     def time_conv_transpose2d(self, layer, dtype):
-        fastconv.conv_transpose2d(
-            self.dy,
-            self.w,
-            None,
-            stride=self.params["stride"],
-            padding=self.params["padding"],
-            groups=self.params["groups"],
-        )
+        fastconv.conv_transpose2d(self.x, self.w, **self.params)
+
+    def peakmem_conv_transpose2d(self, layer, dtype):
+        fastconv.conv_transpose2d(self.x, self.w, **self.params)
+
+    def time_conv_transpose2d_backward(self, layer, dtype):
+        fastconv.conv_transpose2d_backward(self.x, self.w, self.dy, **self.params)
+
+    def peakmem_conv_transpose2d_backward(self, layer, dtype):
+        fastconv.conv_transpose2d_backward(self.x, self.w, self.dy, **self.params)
 
 
 class Im2colNumpy:
@@ -50,7 +81,7 @@ class Im2colNumpy:
 
 
 class LargeImageMemory:
-    """One 512x512 image through a 7x7 layer: its full im2col would be 3.1 GiB; the chunked one is bounded."""
+    """One 512x512 image through a 7x7 layer: its full im2col would be 3.1 GiB; fastconv packs panels instead."""
 
     timeout = 300
 
@@ -58,18 +89,25 @@ class LargeImageMemory:
         rng = np.random.default_rng(0)
         self.x = rng.standard_normal((1, 64, 512, 512)).astype(np.float32)
         self.w = rng.standard_normal((64, 64, 7, 7)).astype(np.float32)
-        fastconv.conv2d(self.x[:, :, :16, :16], self.w, padding=3)
+        self.dy = np.ones((1, 64, 512, 512), np.float32)
+        fastconv.conv2d_backward(self.x[:, :, :16, :16], self.w, self.dy[:, :, :16, :16], padding=3)
 
     def peakmem_conv2d_7x7_512px(self):
         fastconv.conv2d(self.x, self.w, padding=3)
+
+    def peakmem_conv2d_backward_7x7_512px(self):
+        fastconv.conv2d_backward(self.x, self.w, self.dy, padding=3)
 
 
 class FirstCall:
     """Import and first-call time of a new process (warm kernel cache)."""
 
-    def timeraw_import_and_conv2d(self):
+    def timeraw_import_and_first_calls(self):
         return """
         import numpy as np
         import fastconv
-        fastconv.conv2d(np.ones((1, 3, 8, 8), np.float32), np.ones((4, 3, 3, 3), np.float32))
+        x, w = np.ones((1, 3, 8, 8), np.float32), np.ones((4, 3, 3, 3), np.float32)
+        y = fastconv.conv2d(x, w)
+        fastconv.conv2d_backward(x, w, y)
+        fastconv.conv_transpose2d(y, w)
         """

@@ -18,3 +18,19 @@ def conv_arrays(layer, dtype, seed=0):
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     w = rng.standard_normal((K, C // groups, R, S)).astype(dtype)
     return x, w, dict(stride=stride, padding=padding, groups=groups)
+
+
+# (N, C_in, H, W, C_out, kernel, stride, padding): decoder layers (DCGAN, U-Net).
+TRANSPOSE_LAYERS = {
+    "dcgan_512to256_4px": (8, 512, 4, 4, 256, 4, 2, 1),
+    "dcgan_128to64_16px": (8, 128, 16, 16, 64, 4, 2, 1),
+    "unet_128to64_28px": (8, 128, 28, 28, 64, 2, 2, 0),
+}
+
+
+def transpose_arrays(layer, dtype, seed=0):
+    N, C, H, W, K, R, stride, padding = TRANSPOSE_LAYERS[layer]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((C, K, R, R)).astype(dtype)
+    return x, w, dict(stride=stride, padding=padding)
