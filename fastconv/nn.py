@@ -36,6 +36,18 @@ def _uniform(rng, bound, shape, dtype):
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
+def _check_layer(in_channels, out_channels, kernel_size, groups):
+    """The kernel size as a pair and groups as an int, checked against the channel counts."""
+    kernel = v.positive_pair("kernel_size", kernel_size)
+    groups = v.check_groups(groups)
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"in_channels and out_channels must be divisible by groups, but got in_channels={in_channels}, "
+            f"out_channels={out_channels}, groups={groups}"
+        )
+    return kernel, groups
+
+
 class _ConvLayer:
     """What both layers share: parameters, their gradients, PyTorch's initialisation."""
 
@@ -120,13 +132,7 @@ class Conv2d(_ConvLayer):
         dtype=np.float32,
         rng=None,
     ):
-        kernel = v.positive_pair("kernel_size", kernel_size)
-        groups = v.check_groups(groups)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"in_channels and out_channels must be divisible by groups, but got in_channels={in_channels}, "
-                f"out_channels={out_channels}, groups={groups}"
-            )
+        kernel, groups = _check_layer(in_channels, out_channels, kernel_size, groups)
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {tuple(PADDING_MODES)}, but got {padding_mode!r}")
         self.stride, self.dilation, self.groups = stride, dilation, groups
@@ -217,13 +223,7 @@ class ConvTranspose2d(_ConvLayer):
         dtype=np.float32,
         rng=None,
     ):
-        kernel = v.positive_pair("kernel_size", kernel_size)
-        groups = v.check_groups(groups)
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(
-                f"in_channels and out_channels must be divisible by groups, but got in_channels={in_channels}, "
-                f"out_channels={out_channels}, groups={groups}"
-            )
+        kernel, groups = _check_layer(in_channels, out_channels, kernel_size, groups)
         if padding_mode != "zeros":
             raise ValueError(f"Only 'zeros' padding mode is supported for ConvTranspose2d, got {padding_mode!r}")
         self.stride, self.padding, self.output_padding = stride, padding, output_padding
