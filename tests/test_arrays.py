@@ -111,9 +111,9 @@ def test_chunked_column_buffer_gives_the_same_result(rng, monkeypatch, dtype, ro
 
 
 def test_results_do_not_depend_on_the_thread_count(rng):
-    x = random_array(rng, (2, 8, 20, 20), "float32")
+    x = random_array(rng, (2, 8, 40, 40), "float32")  # 3200 pixels: the weight gradient is split over them
     w = random_array(rng, (16, 8, 3, 3), "float32")
-    dy = random_array(rng, (2, 16, 20, 20), "float32")
+    dy = random_array(rng, (2, 16, 40, 40), "float32")
 
     def run():
         return [
@@ -162,9 +162,9 @@ def test_weight_gradient_split_over_pixel_ranges_matches_the_reference(rng, dtyp
     """Few filters and many pixels: the weight gradient is summed over fixed pixel ranges, then in order."""
     from fastconv._conv_kernels import _weight_grad_chunks
 
-    x = random_array(rng, (2, 4, 21, 19), dtype)
+    x = random_array(rng, (2, 4, 33, 31), dtype)
     w = random_array(rng, (6, 2, 3, 3), dtype)
     params = dict(stride=1, padding=1, groups=2)
-    dy = random_array(rng, (2, 6, 21, 19), dtype)
-    assert _weight_grad_chunks(3, 18, 2, 2 * 21 * 19) > 1  # this case takes the split path
+    dy = random_array(rng, (2, 6, 33, 31), dtype)
+    assert _weight_grad_chunks(3, 18, 2, 2 * 33 * 31) > 1  # this case takes the split path
     assert_close(fastconv.conv2d_weight(x, w.shape, dy, **params), reference.conv2d_weight(x, w.shape, dy, **params))
