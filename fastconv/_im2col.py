@@ -68,18 +68,11 @@ def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0):
                         dst[q * sw - pl + s * dw] += src[q]
 
 
-@njit(parallel=True, cache=True)
-def _pack_b_patches(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
-    """Pack a KC x NC panel of the patch matrix of ``x[:, c0:c0+Cg]`` straight into NR-column micro-panels.
-
-    Implicit im2col: rows ``pc:pc+kc`` (taps ``(c, r, s)``) and columns ``jc:jc+nc`` (output pixels of the whole
-    batch, ``(n * P + p) * Q + q``) of the column matrix above, in the layout ``_gemm._pack_b``
-    produces, so the full patch matrix never exists. Footprint: ``kc * round_up(nc, NR)`` values, and a table
-    of the ``kc`` taps.
-    """
-    _, _, H, W = x.shape
+@njit(cache=True)
+def _tap_table(c0, R, S, geometry, Q, W, pc, kc):
+    """Taps ``pc:pc+kc`` decoded once (integer division costs more than the copy it indexes):
+    ``(channel, h_offset, w_offset, q_valid)`` per tap."""
     sh, sw, pt, pl, dh, dw = geometry
-    # Integer division costs more than the copy it indexes: decode each tap once, not once per panel.
     channel = np.empty(kc, np.int64)
     h_offset = np.empty(kc, np.int64)
     w_offset = np.empty(kc, np.int64)
@@ -90,44 +83,64 @@ def _pack_b_patches(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
         h_offset[row] = tap // S % R * dh - pt
         w_offset[row] = tap % S * dw - pl
         q_valid[row, 0], q_valid[row, 1] = _valid_q_range(tap % S, Q, W, sw, pl, dw)
-    n_panels = -(-nc // NR)
-    for panel_index in prange(n_panels):
-        jr = panel_index * NR
-        n_valid = min(NR, nc - jr)
-        t = (jc + jr) // Q
-        q0 = (jc + jr) % Q
-        j = 0
-        while j < n_valid:  # one run of columns per output row (n, p) the panel covers
-            run = min(n_valid - j, Q - q0)
-            n = t // P
-            h_base = t % P * sh
-            for row in range(kc):
-                base = jr * kc + row * NR + j - q0  # bp[base + q] holds output column q of this run
-                h = h_base + h_offset[row]
-                lo, hi = q0, q0
-                if 0 <= h < H:
-                    lo = min(max(q_valid[row, 0], q0), q0 + run)
-                    hi = max(min(q_valid[row, 1], q0 + run), lo)
-                for q in range(q0, lo):
-                    bp[base + q] = 0
-                if hi > lo:
-                    src = x[n, channel[row], h]
-                    offset = w_offset[row]
-                    if sw == 1:  # contiguous: a slice copy, which LLVM vectorises
-                        bp[base + lo : base + hi] = src[lo + offset : hi + offset]
-                    elif sw == 2:  # a constant stride LLVM can vectorise with shuffles, not gathers
-                        bp[base + lo : base + hi] = src[2 * lo + offset : 2 * hi + offset - 1 : 2]
-                    else:
-                        for q in range(lo, hi):
-                            bp[base + q] = src[q * sw + offset]
-                for q in range(hi, q0 + run):
-                    bp[base + q] = 0
-            j += run
-            t += 1
-            q0 = 0
+    return channel, h_offset, w_offset, q_valid
+
+
+@njit(cache=True)
+def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
+    """Micro-panel ``panel_index`` (output pixels ``jc+jr : jc+jr+NR``) of ``_pack_b_patches``."""
+    channel, h_offset, w_offset, q_valid = taps
+    H = x.shape[2]
+    jr = panel_index * NR
+    n_valid = min(NR, nc - jr)
+    t = (jc + jr) // Q
+    q0 = (jc + jr) % Q
+    j = 0
+    while j < n_valid:  # one run of columns per output row (n, p) the panel covers
+        run = min(n_valid - j, Q - q0)
+        n = t // P
+        h_base = t % P * sh
         for row in range(kc):
-            for j in range(n_valid, NR):
-                bp[jr * kc + row * NR + j] = 0
+            base = jr * kc + row * NR + j - q0  # bp[base + q] holds output column q of this run
+            h = h_base + h_offset[row]
+            lo, hi = q0, q0
+            if 0 <= h < H:
+                lo = min(max(q_valid[row, 0], q0), q0 + run)
+                hi = max(min(q_valid[row, 1], q0 + run), lo)
+            for q in range(q0, lo):
+                bp[base + q] = 0
+            if hi > lo:
+                src = x[n, channel[row], h]
+                offset = w_offset[row]
+                if sw == 1:  # contiguous: a slice copy, which LLVM vectorises
+                    bp[base + lo : base + hi] = src[lo + offset : hi + offset]
+                elif sw == 2:  # a constant stride LLVM can vectorise with shuffles, not gathers
+                    bp[base + lo : base + hi] = src[2 * lo + offset : 2 * hi + offset - 1 : 2]
+                else:
+                    for q in range(lo, hi):
+                        bp[base + q] = src[q * sw + offset]
+            for q in range(hi, q0 + run):
+                bp[base + q] = 0
+        j += run
+        t += 1
+        q0 = 0
+    for row in range(kc):
+        for j in range(n_valid, NR):
+            bp[jr * kc + row * NR + j] = 0
+
+
+@njit(parallel=True, cache=True)
+def _pack_b_patches(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
+    """Pack a KC x NC panel of the patch matrix of ``x[:, c0:c0+Cg]`` straight into NR-column micro-panels.
+
+    Implicit im2col: rows ``pc:pc+kc`` (taps ``(c, r, s)``) and columns ``jc:jc+nc`` (output pixels of the whole
+    batch, ``(n * P + p) * Q + q``) of the column matrix above, in the layout ``_gemm._pack_b``
+    produces, so the full patch matrix never exists. Footprint: ``kc * round_up(nc, NR)`` values, and a table
+    of the ``kc`` taps.
+    """
+    taps = _tap_table(c0, R, S, geometry, Q, x.shape[3], pc, kc)
+    for panel_index in prange(-(-nc // NR)):
+        _patch_panel(x, taps, geometry[0], geometry[1], P, Q, kc, jc, nc, bp, panel_index)
 
 
 @njit(cache=True)
