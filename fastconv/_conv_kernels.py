@@ -26,7 +26,6 @@ from ._gemm import (
     _macro_kernel,
     _macro_kernel_serial,
     _n_tiles,
-    _pack_a,
     _pack_a_serial,
     _pack_b,
     _packed_a_size,
@@ -46,10 +45,11 @@ def _pack_weights(weight, groups, transpose):
     m, k = (crs, Kg) if transpose else (Kg, crs)
     ap = np.empty((groups, _packed_a_size(m, k)), dtype=weight.dtype)
     for g in range(groups):
+        # Serial: weights are small next to the GEMM, and a parallel loop here costs seconds of compile time.
         if transpose:
-            _pack_a(w_mat[g : g + 1].transpose(0, 2, 1), ZERO, m, ZERO, k, ap[g])
+            _pack_a_serial(w_mat[g : g + 1].transpose(0, 2, 1), ZERO, m, ZERO, k, ap[g])
         else:
-            _pack_a(w_mat[g : g + 1], ZERO, m, ZERO, k, ap[g])
+            _pack_a_serial(w_mat[g : g + 1], ZERO, m, ZERO, k, ap[g])
     return ap
 
 
@@ -147,7 +147,7 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
         for g in range(groups):
             for pc in range(0, pixels, KC):
                 kc = min(KC, pixels - pc)
-                _pack_a(dy_blocks, g * Kg, Kg, pc, kc, ap[0])
+                _pack_a_serial(dy_blocks, g * Kg, Kg, pc, kc, ap[0])  # Kg x KC: small next to the GEMM
                 for jc in range(0, crs, NC):
                     nc = min(NC, crs - jc)
                     _pack_b_patches_transposed(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp[0])
