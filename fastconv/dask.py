@@ -1,11 +1,11 @@
 """Dask bridge: conv2d on dask arrays, for batches or images larger than one machine's memory.
 
 Chunks along the batch axis only need no communication: each chunk is convolved on its own (``map_blocks``).
-Chunks along H and W (one huge image) need a halo: the input is padded once, globally, then every output chunk
-reads exactly the input rows and columns its windows cover, ``[a * stride, (b - 1) * stride + span)`` for output
-rows ``a:b`` (``span`` the dilated kernel size), so the halo is ``span - stride`` wide and chunk boundaries fall
-on multiples of the stride. Each piece is convolved with no padding and the pieces are assembled with
-``da.block``. Channels are always one chunk (a convolution mixes all of a group's channels).
+Chunks along H and W (one huge image) need a halo: the input is padded once, globally, and rechunked so that
+the chunk of output rows ``a:b`` starts at padded row ``a * stride`` (boundaries on multiples of the stride);
+``map_overlap`` then lends each chunk the ``span - stride`` rows after it that its last windows reach (``span``
+the dilated kernel size), exactly the halo needed, and each block is convolved with no padding. Channels are
+always one chunk (a convolution mixes all of a group's channels).
 
 How many threads: fastconv's kernels use every core Numba has, so give a worker process as many threads of
 its own as cores it should use and run one task per worker at a time (``threads_per_worker=1``); on one
@@ -25,6 +25,8 @@ Examples
 >>> bool(np.allclose(y.compute(scheduler="threads"), fastconv.conv2d(x.compute(), w, stride=2, padding=1), atol=1e-4))
 True
 """
+
+import functools
 
 import dask
 import dask.array as da
@@ -52,11 +54,31 @@ def _check_input(function, x):
     return x.rechunk({1: -1}) if len(x.chunks[1]) > 1 else x
 
 
-def _output_boundaries(input_chunks, in_size, out_size):
-    """Output chunk edges proportional to the input's, with no empty chunk."""
+def _output_chunks(input_chunks, in_size, out_size, minimum):
+    """Output chunk sizes proportional to the input's, none empty and none below ``minimum`` rows."""
     edges = np.cumsum((0, *input_chunks))
-    out = sorted({round(out_size * e / in_size) for e in edges} | {0, out_size})
-    return out
+    cuts = sorted({round(out_size * e / in_size) for e in edges} | {0, out_size})
+    sizes = [b - a for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    merged = []
+    for size in sizes:  # a chunk smaller than its neighbour's halo cannot lend it that halo: merge it
+        if merged and (merged[-1] < minimum or size < minimum):
+            merged[-1] += size
+        else:
+            merged.append(size)
+    return tuple(merged)
+
+
+def _spatial_chunks(input_chunks, in_size, padded_size, out_size, span, stride):
+    """``(output chunks, padded-input chunks, halo)`` along one spatial axis.
+
+    Output rows ``a:b`` read padded rows ``a * stride`` to ``(b - 1) * stride + span``: the input chunk of an
+    output chunk starts at ``a * stride`` (boundaries on multiples of the stride) and borrows ``span - stride``
+    rows from the next chunk.
+    """
+    halo = max(span - stride, 0)
+    out = _output_chunks(input_chunks, in_size, out_size, -(-halo // stride))
+    inputs = tuple(size * stride for size in out[:-1])
+    return out, (*inputs, padded_size - sum(inputs)), halo
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -94,31 +116,31 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         )
     (pt, pb), (pl, pr) = geometry.padding
     padded = da.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr))) if pt + pb + pl + pr else x
-    (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
-    span_h, span_w = dh * (weight.shape[2] - 1) + 1, dw * (weight.shape[3] - 1) + 1
-    rows = _output_boundaries(x.chunks[2], x.shape[2], P)
-    cols = _output_boundaries(x.chunks[3], x.shape[3], Q)
-    blocks = []
-    for a, b in zip(rows[:-1], rows[1:]):
-        row = []
-        for c, d in zip(cols[:-1], cols[1:]):
-            piece = padded[:, :, a * sh : (b - 1) * sh + span_h, c * sw : (d - 1) * sw + span_w]
-            piece = piece.rechunk({2: -1, 3: -1})
-            row.append(
-                piece.map_blocks(
-                    _conv2d,
-                    weight,
-                    bias,
-                    geometry.stride,
-                    0,
-                    geometry.dilation,
-                    geometry.groups,
-                    chunks=(piece.chunks[0], (K,), (b - a,), (d - c,)),
-                    dtype=dtype,
-                )
-            )
-        blocks.append(row)
-    return da.block(blocks)
+    spans = [d * (k - 1) + 1 for d, k in zip(geometry.dilation, weight.shape[2:])]
+    rows, row_inputs, halo_h = _spatial_chunks(
+        x.chunks[2], x.shape[2], padded.shape[2], P, spans[0], geometry.stride[0]
+    )
+    cols, col_inputs, halo_w = _spatial_chunks(
+        x.chunks[3], x.shape[3], padded.shape[3], Q, spans[1], geometry.stride[1]
+    )
+    padded = padded.rechunk({2: row_inputs, 3: col_inputs})
+    convolve = functools.partial(
+        _conv2d,
+        weight=weight,
+        bias=bias,
+        stride=geometry.stride,
+        padding=0,
+        dilation=geometry.dilation,
+        groups=geometry.groups,
+    )
+    return padded.map_overlap(
+        convolve,
+        depth={0: 0, 1: 0, 2: (0, halo_h), 3: (0, halo_w)},
+        boundary="none",
+        trim=False,
+        chunks=(x.chunks[0], (K,), rows, cols),
+        dtype=dtype,
+    )
 
 
 def _backward_block(x, weight, grad_output, params):
