@@ -21,6 +21,17 @@ from . import _parallel, conv2d, conv2d_backward, conv_transpose2d, conv_transpo
 REFERENCE_MAX_FLOPS = 2e8
 
 
+def _layer_ints(text, form):
+    """The 7 to 10 comma-separated ints of a ``--layer`` argument, or an argparse error showing ``form``."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not 7 <= len(values) <= 10:
+        raise argparse.ArgumentTypeError(f"a layer is {form}, got {text!r}")
+    return values
+
+
 @dataclass(frozen=True)
 class Layer:
     """A conv2d layer: input (N, C, H, W), K filters of R x S, stride, symmetric padding, groups."""
@@ -39,10 +50,7 @@ class Layer:
     @classmethod
     def parse(cls, text):
         """From ``"N,C,H,W,K,R,S[,stride[,padding[,groups]]]"``."""
-        values = [int(v) for v in text.split(",")]
-        if not 7 <= len(values) <= 10:
-            raise argparse.ArgumentTypeError(f"a layer is N,C,H,W,K,R,S[,stride[,padding[,groups]]], got {text!r}")
-        return cls(*values)
+        return cls(*_layer_ints(text, "N,C,H,W,K,R,S[,stride[,padding[,groups]]]"))
 
     def __str__(self):
         extra = f" s{self.stride} p{self.padding}" + (f" g{self.groups}" if self.groups > 1 else "")
@@ -80,10 +88,7 @@ class TransposeLayer:
     @classmethod
     def parse(cls, text):
         """From ``"N,C,H,W,K,R,S[,stride[,padding[,output_padding]]]"``."""
-        values = [int(v) for v in text.split(",")]
-        if not 7 <= len(values) <= 10:
-            raise argparse.ArgumentTypeError(f"a layer is N,C,H,W,K,R,S[,stride[,padding[,output_padding]]]: {text!r}")
-        return cls(*values)
+        return cls(*_layer_ints(text, "N,C,H,W,K,R,S[,stride[,padding[,output_padding]]]"))
 
     def __str__(self):
         return f"{self.N}x{self.C}x{self.H}x{self.W} -> {self.K} {self.R}x{self.S} s{self.stride} p{self.padding}"
@@ -373,7 +378,10 @@ def main(argv=None):
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the speed-ups (needs matplotlib)")
     args = parser.parse_args(argv)
     defaults, parse, _, _ = OPS[args.op]
-    cases = [parse(text) for text in args.cases] if args.cases else defaults
+    try:
+        cases = [parse(text) for text in args.cases] if args.cases else defaults
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
     rows = run(args.op, cases, np.dtype(args.dtype), args.threads, args.repeat)
     print(f"{args.op}, {args.dtype}, {args.threads} threads, median of {args.repeat} alternating rounds")
     print(format_table(rows))

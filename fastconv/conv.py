@@ -69,25 +69,30 @@ def _choose_algorithm(algorithm, geometry):
     return algorithm
 
 
+def _run_direct(kernel, data, weight, bias, geometry, shape, dtype):
+    """Run a direct kernel (``_direct.py``), which writes its whole output, bias included, in one pass."""
+    out = np.empty(shape, dtype)
+    bias = np.zeros(shape[1], dtype) if bias is None else v.kernel_ready(bias, dtype)
+    if out.size:
+        run(
+            kernel,
+            v.kernel_ready(data, dtype),
+            v.kernel_ready(weight, dtype),
+            bias,
+            geometry.kernel_geometry,
+            geometry.groups,
+            out,
+        )
+    return out
+
+
 def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d"):
     """conv2d of 4-D ``x``: (N, C, H, W) -> (N, K, P, Q) as given by ``geometry``; ``purpose`` names it in errors."""
     direct = _choose_algorithm(algorithm, geometry) == "direct"
     workspace = _workspace_bytes(geometry, dtype, direct)
     v.check_memory(purpose, geometry.output_shape, dtype, (x, weight), workspace)
     if direct:
-        y = np.empty(geometry.output_shape, dtype)
-        bias = np.zeros(y.shape[1], dtype) if bias is None else v.kernel_ready(bias, dtype)
-        if y.size:
-            run(
-                _conv2d_direct,
-                v.kernel_ready(x, dtype),
-                v.kernel_ready(weight, dtype),
-                bias,
-                geometry.kernel_geometry,
-                geometry.groups,
-                y,
-            )
-        return y
+        return _run_direct(_conv2d_direct, x, weight, bias, geometry, geometry.output_shape, dtype)
     y = _initial(geometry.output_shape, dtype, bias)
     if y.size and x.size:
         run(
@@ -142,19 +147,7 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
     workspace = _workspace_bytes(geometry, dtype, direct)
     v.check_memory("the input gradient", geometry.input_shape, dtype, (grad_output, weight), workspace)
     if direct:
-        dx = np.empty(geometry.input_shape, dtype)
-        bias = np.zeros(dx.shape[1], dtype) if bias is None else v.kernel_ready(bias, dtype)
-        if dx.size:
-            run(
-                _conv2d_direct_input,
-                v.kernel_ready(grad_output, dtype),
-                v.kernel_ready(weight, dtype),
-                bias,
-                geometry.kernel_geometry,
-                geometry.groups,
-                dx,
-            )
-        return dx
+        return _run_direct(_conv2d_direct_input, grad_output, weight, bias, geometry, geometry.input_shape, dtype)
     dx = _initial(geometry.input_shape, dtype, bias)
     if dx.size and grad_output.size:
         run(
