@@ -61,8 +61,11 @@ def _column_buffer(crs, rows_per_chunk, n_rows, Q, dtype):
 
 
 @njit(cache=True)
-def _conv2d_forward(x, weight, geometry, groups, y):
-    """``y += conv2d(x, weight)``: x (N, C, H, W), weight (K, Cg, R, S), y (N, K, P, Q) holding the bias.
+def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
+    """``y (+)= conv2d(x, weight)``: x (N, C, H, W), weight (K, Cg, R, S), y (N, K, P, Q).
+
+    With ``accumulate`` the result is added to ``y`` (which holds the bias); without, ``y`` is overwritten and
+    need not be initialised (it must have C * R * S > 0 then).
 
     Implicit im2col: each KC x NC panel of the patch matrix is packed straight from ``x``, so the only scratch
     is one packed panel, whatever the image size.
@@ -88,7 +91,7 @@ def _conv2d_forward(x, weight, geometry, groups, y):
                     _pack_b(x_blocks, g * Cg, ZERO, pc, kc, jc, nc, bp)
                 else:
                     _pack_b_patches(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp)
-                _macro_kernel(ap[g], Kg, pc, kc, bp, nc, y_blocks, g * Kg, jc, TRUE)
+                _macro_kernel(ap[g], Kg, pc, kc, bp, nc, y_blocks, g * Kg, jc, accumulate or pc > 0)
 
 
 @njit(cache=True)

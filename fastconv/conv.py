@@ -93,7 +93,9 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d
     v.check_memory(purpose, geometry.output_shape, dtype, (x, weight), workspace)
     if direct:
         return _run_direct(_conv2d_direct, x, weight, bias, geometry, geometry.output_shape, dtype)
-    y = _initial(geometry.output_shape, dtype, bias)
+    # Without a bias the GEMM's first block overwrites the output: no pass to zero it first.
+    overwrite = bias is None and x.size and weight.size
+    y = np.empty(geometry.output_shape, dtype) if overwrite else _initial(geometry.output_shape, dtype, bias)
     if y.size and x.size:
         run(
             _conv2d_forward,
@@ -101,6 +103,7 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d
             v.kernel_ready(weight, dtype),
             geometry.kernel_geometry,
             geometry.groups,
+            np.bool_(not overwrite),
             y,
         )
     return y
