@@ -9,18 +9,22 @@ _SUPPORTED = ("float32", "float64")
 
 
 def _calls(dtype):
-    """One small call per compiled path (driver, algorithm, packing variant) of the public API."""
+    """One small call per compiled path (driver, algorithm, packing variant) of the public API: dense, 1x1 and
+    depthwise forward; dense stride-1 (forward path), strided (col2im) and depthwise (direct) gradients."""
     from .conv import conv2d, conv2d_backward, conv_transpose2d, conv_transpose2d_backward
     from .gemm import gemm
 
     x = np.ones((1, 2, 5, 5), dtype)
     w = np.ones((2, 2, 3, 3), dtype)
     dy = np.ones((1, 2, 3, 3), dtype)
+    dy_strided = np.ones((1, 2, 2, 2), dtype)
     return [
         ("conv2d", lambda: conv2d(x, w)),
         ("conv2d 1x1", lambda: conv2d(x, w[:, :, :1, :1])),
         ("conv2d depthwise", lambda: conv2d(x, w[:, :1], groups=2)),
         ("conv2d_backward", lambda: conv2d_backward(x, w, dy)),
+        ("conv2d_backward strided", lambda: conv2d_backward(x, w, dy_strided, stride=2)),
+        ("conv2d_backward depthwise", lambda: conv2d_backward(x, w[:, :1], dy_strided, stride=2, groups=2)),
         ("conv_transpose2d", lambda: conv_transpose2d(dy, w)),
         ("conv_transpose2d_backward", lambda: conv_transpose2d_backward(dy, w, x)),
         ("gemm", lambda: gemm(x[0, 0], x[0, 0])),
