@@ -1,6 +1,8 @@
-"""Convolution drivers: im2col / col2im around the blocked GEMM, per group and chunk of output rows.
+"""Convolution drivers: implicit im2col / col2im around the blocked GEMM, per group and block.
 
-Each driver is one compiled function, so a call costs one dispatch whatever the batch size and group count.
+The forward and input-gradient drivers are Python loops over groups and GEMM blocks (a few kernel calls per
+layer): a compiled driver would link and re-optimise every kernel it calls, seconds of compile time for no
+speed. The weight gradient's driver is compiled: it runs a parallel loop of serial GEMMs.
 Arrays are C-contiguous and of one dtype (float32 or float64); outputs are allocated and initialised by the
 caller. ``geometry`` is ``(sh, sw, pt, pl, dh, dw)``. Every GEMM runs over the output pixels of the whole
 batch (see ``_im2col.py``), so small images make one wide GEMM. The forward pass and the weight gradient pack
@@ -60,7 +62,6 @@ def _column_buffer(crs, rows_per_chunk, n_rows, Q, dtype):
     return np.empty((1, crs, rows * Q), dtype=dtype), rows
 
 
-@njit(cache=True)
 def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     """``y (+)= conv2d(x, weight)``: x (N, C, H, W), weight (K, Cg, R, S), y (N, K, P, Q).
 
@@ -91,10 +92,9 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
                     _pack_b(x_blocks, g * Cg, ZERO, pc, kc, jc, nc, bp)
                 else:
                     _pack_b_patches(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp)
-                _macro_kernel(ap[g], Kg, pc, kc, bp, nc, y_blocks, g * Kg, jc, accumulate or pc > 0)
+                _macro_kernel(ap[g], Kg, pc, kc, bp, nc, y_blocks, g * Kg, jc, bool(accumulate or pc > 0))
 
 
-@njit(cache=True)
 def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_input):
     """``grad_input += conv2d_input(grad_output, weight)``; grad_input (N, C, H, W) holds zeros on entry."""
     N, K, P, Q = grad_output.shape

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from fastconv import _cache, _conv_kernels, _direct, _gemm
+from fastconv import _cache, _conv_kernels, _direct, _gemm, _im2col
 
 WORKLOAD = """
 import numpy as np, threading, fastconv
@@ -92,10 +92,12 @@ def test_warm_cache_start_compiles_nothing():
 import time
 start = time.perf_counter()
 results()
-from fastconv import _conv_kernels
-drivers = [_conv_kernels._conv2d_forward, _conv_kernels._conv2d_input, _conv_kernels._conv2d_weight]
-print("misses", sum(sum(d.stats.cache_misses.values()) for d in drivers))
-print("hits", sum(sum(d.stats.cache_hits.values()) for d in drivers))
+from numba.core.registry import CPUDispatcher
+from fastconv import _conv_kernels, _direct, _gemm, _im2col
+modules = (_conv_kernels, _direct, _gemm, _im2col)
+kernels = [k for m in modules for k in vars(m).values() if isinstance(k, CPUDispatcher)]
+print("misses", sum(sum(k.stats.cache_misses.values()) for k in kernels))
+print("hits", sum(sum(k.stats.cache_hits.values()) for k in kernels))
 """
     )
     run_python(code)  # fills the cache if this test runs first
@@ -154,8 +156,8 @@ def test_layouts_compile_no_new_kernel_versions(rng):
 
     everything(x, w, dy)
     kernels = [
-        _conv_kernels._conv2d_forward,
-        _conv_kernels._conv2d_input,
+        _gemm._macro_kernel,
+        _im2col._pack_b_patches,
         _conv_kernels._conv2d_weight,
         _direct._conv2d_direct,
         _gemm._gemm,
