@@ -31,7 +31,16 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def threading_layer():
-    """The threading layer Numba uses, or ``None`` before the first parallel region has run."""
+    """The threading layer Numba uses, or ``None`` before the first parallel region has run.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastconv
+    >>> _ = fastconv.conv2d(np.ones((1, 1, 4, 4)), np.ones((1, 1, 3, 3)))
+    >>> fastconv.threading_layer() in ("tbb", "omp", "workqueue")
+    True
+    """
     try:
         return numba.threading_layer()
     except ValueError:
