@@ -171,20 +171,9 @@ def _weight_grad(x, grad_output, geometry, dtype):
     workspace = _workspace_bytes(geometry, dtype, direct)
     v.check_memory("the weight gradient", geometry.weight_shape, dtype, (x, grad_output), workspace)
     dw = np.zeros(geometry.weight_shape, dtype)
-    if direct:
-        if dw.size:
-            run(
-                _conv2d_direct_weight,
-                v.kernel_ready(x, dtype),
-                v.kernel_ready(grad_output, dtype),
-                geometry.kernel_geometry,
-                geometry.groups,
-                dw,
-            )
-        return dw
     if dw.size and grad_output.size:
         run(
-            _conv2d_weight,
+            _conv2d_direct_weight if direct else _conv2d_weight,
             v.kernel_ready(x, dtype),
             v.kernel_ready(grad_output, dtype),
             geometry.kernel_geometry,
