@@ -17,6 +17,7 @@ and every image's ``(K, P*Q)`` output side by side as one ``K x N*P*Q`` matrix, 
     # Weight gradient: [Kg, N*P*Q]  [N*P*Q, Cg*R*S] -> [Kg, Cg*R*S]       dW = dy @ col.T (col never built)
 """
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -28,34 +29,30 @@ from ._gemm import (
     _macro_kernel,
     _macro_kernel_serial,
     _n_tiles,
+    _pack_a,
     _pack_a_serial,
     _pack_b,
     _packed_a_size,
     _packed_b_size,
+    _round_up,
 )
-from ._im2col import _col2im, _pack_b_patches, _pack_b_patches_transposed, _pack_b_patches_transposed_serial
-from .config import KC, NC, WEIGHT_GRAD_CHUNKS
+from ._im2col import _col2im, _pack_b_patches, _pack_b_patches_transposed
+from .config import KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
 
-@njit(cache=True)
-def _pack_weights(weight, groups, transpose):
+def _pack_weights(weight, groups, transposed):
     """Pack each group's weight matrix ``[Kg, Cg*R*S]`` (or its transpose) as the GEMM's A, once per call."""
     K, Cg, R, S = weight.shape
     Kg = K // groups
     crs = Cg * R * S
     w_mat = weight.reshape(groups, Kg, crs)
-    m, k = (crs, Kg) if transpose else (Kg, crs)
+    m, k = (crs, Kg) if transposed else (Kg, crs)
     ap = np.empty((groups, _packed_a_size(m, k)), dtype=weight.dtype)
     for g in range(groups):
-        # Serial: weights are small next to the GEMM, and a parallel loop here costs seconds of compile time.
-        if transpose:
-            _pack_a_serial(w_mat[g : g + 1].transpose(0, 2, 1), ZERO, m, ZERO, k, ap[g])
-        else:
-            _pack_a_serial(w_mat[g : g + 1], ZERO, m, ZERO, k, ap[g])
+        _pack_a(w_mat[g : g + 1], ZERO, m, ZERO, k, np.bool_(transposed), ap[g])
     return ap
 
 
-@njit(cache=True)
 def _column_buffer(crs, rows_per_chunk, n_rows, Q, dtype):
     """The column buffer of a chunk, as a blocked matrix of one block, and the rows per chunk it allows."""
     rows = min(rows_per_chunk, n_rows)
@@ -76,7 +73,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     _, _, P, Q = y.shape
     Kg = K // groups
     crs = Cg * R * S
-    ap = _pack_weights(weight, groups, FALSE)
+    ap = _pack_weights(weight, groups, False)
     bp = np.empty(_packed_b_size(N * P * Q), dtype=y.dtype)
     y_blocks = y.reshape(N, K, P * Q)
     # A 1x1, stride-1, unpadded convolution's patch matrix is the input itself: pack it as a plain matrix.
@@ -101,7 +98,7 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     _, Cg, R, S = weight.shape
     Kg = K // groups
     crs = Cg * R * S
-    ap = _pack_weights(weight, groups, TRUE)
+    ap = _pack_weights(weight, groups, True)
     col, rows = _column_buffer(crs, rows_per_chunk, N * P, Q, grad_input.dtype)
     bp = np.empty(_packed_b_size(rows * Q), dtype=grad_input.dtype)
     dy_blocks = grad_output.reshape(N, K, P * Q)
@@ -113,59 +110,69 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
             _col2im(col[0], R, S, geometry, t0, t1, P, Q, grad_input, g * Cg)
 
 
-@njit(cache=True)
-def _weight_grad_chunks(Kg, crs, groups, pixels):
-    """How many pixel ranges the weight gradient is split into (1: parallel over its tiles instead).
+def _weight_grad_split(Kg, crs, groups, pixels):
+    """``(pixel_ranges, column_ranges)``: how the weight gradient's work is split into tasks.
 
-    A gradient with many (ic, jr) tiles keeps both cores busy in every GEMM; one with few (Kg = 64 filters of
-    Cg*R*S = 576 taps make 9) is split over the pixels instead, up to WEIGHT_GRAD_CHUNKS ranges of at least KC
-    pixels. Depends on the shape alone, so the result does not depend on the thread count.
+    The gradient ``dW = dy @ col.T`` is ``Kg x Cg*R*S`` per group, summed over every output pixel. A wide one
+    (Kg = 512 filters of Cg*R*S = 4608 taps) is split by its columns: each task owns a range of columns of
+    dW, summed over all pixels. A narrow one (Kg = 64 filters of 576 taps) has too few columns to share, so
+    the pixels are split into ranges of at least KC, each task summing its range into a partial gradient of
+    its own. Up to WEIGHT_GRAD_CHUNKS tasks either way; depends on the shape alone, so the result does not
+    depend on the thread count.
     """
     if groups * _n_tiles(Kg, min(crs, NC)) >= 4 * WEIGHT_GRAD_CHUNKS:
-        return 1
-    return max(1, min(WEIGHT_GRAD_CHUNKS, pixels // KC))
+        return 1, min(WEIGHT_GRAD_CHUNKS, -(-crs // NR))
+    return max(1, min(WEIGHT_GRAD_CHUNKS, pixels // KC)), 1
 
 
-@njit(parallel=True, cache=True)
 def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
-    """``grad_weight = conv2d_weight(x, grad_output)``: grad_weight (K, Cg, R, S) is overwritten.
+    """``grad_weight = conv2d_weight(x, grad_output)``; grad_weight (K, Cg, R, S) holds zeros on entry.
 
-    B, the transposed patch matrix, is packed straight from ``x``. With many tiles, each GEMM is parallel over
-    them. With few, the sum over output pixels is split into fixed, contiguous ranges, each one thread's
-    serial GEMM into a partial sum of its own, and the partial sums are added in order. Either way no two
-    threads add into one element and the order of every sum is fixed. Footprint: one partial weight gradient
-    and one packed panel of A and of B per range.
+    Split into tasks by ``_weight_grad_split``, one serial GEMM each, in parallel (``_weight_grad_tasks``).
+    Partial sums over pixel ranges are added in order at the end. No two threads add into one element and
+    the order of every sum is fixed.
     """
     N, K, P, Q = grad_output.shape
     _, Cg, R, S = grad_weight.shape
     Kg = K // groups
     crs = Cg * R * S
-    pixels = N * P * Q
-    chunks = _weight_grad_chunks(Kg, crs, groups, pixels)
-    partial = np.zeros((chunks, groups, Kg, crs), dtype=grad_weight.dtype)
-    ap = np.empty((chunks, _packed_a_size(Kg, KC)), dtype=grad_weight.dtype)
-    bp = np.empty((chunks, _packed_b_size(crs)), dtype=grad_weight.dtype)
+    pixel_ranges, column_ranges = _weight_grad_split(Kg, crs, groups, N * P * Q)
+    dw = grad_weight.reshape(1, groups, Kg, crs)
+    partial = dw if pixel_ranges == 1 else np.zeros((pixel_ranges, groups, Kg, crs), dtype=grad_weight.dtype)
+    # Packing scratch per thread (numba.get_thread_id() indexes it), not per task.
+    threads = numba.config.NUMBA_NUM_THREADS
+    ap = np.empty((threads, _packed_a_size(Kg, KC)), dtype=grad_weight.dtype)
+    bp = np.empty((threads, _packed_b_size(crs)), dtype=grad_weight.dtype)
     dy_blocks = grad_output.reshape(N, K, P * Q)
-    if chunks == 1:
+    _weight_grad_tasks(x, dy_blocks, geometry, R, S, P, Q, column_ranges, ap, bp, partial)
+    if pixel_ranges > 1:
+        dw[0] = partial[0]
+        for i in range(1, pixel_ranges):
+            dw[0] += partial[i]
+
+
+@njit(parallel=True, cache=True)
+def _weight_grad_tasks(x, dy_blocks, geometry, R, S, P, Q, column_ranges, ap, bp, partial):
+    """``partial[i][:, :, cols j] += dy · patches(x)ᵀ`` over pixel range ``i``, for every task ``(i, j)``.
+
+    ``dy_blocks`` is grad_output as (N, K, P*Q); ``partial`` is (pixel_ranges, groups, Kg, Cg*R*S), each a
+    blocked matrix whose column ``g * Cg*R*S + c`` is group g's column c; ``ap`` and ``bp`` hold one packed
+    panel of A and of B per thread. Column ranges start at multiples of NR, so B's micro-panels stay whole.
+    """
+    pixel_ranges, groups, Kg, crs = partial.shape
+    Cg = x.shape[1] // groups
+    pixels = dy_blocks.shape[0] * P * Q
+    for task in prange(pixel_ranges * column_ranges):
+        i, j = task // column_ranges, task % column_ranges
+        thread = numba.get_thread_id()
+        p0, p1 = i * pixels // pixel_ranges, (i + 1) * pixels // pixel_ranges
+        c0 = min(crs, _round_up(j * crs // column_ranges, NR))
+        c1 = min(crs, _round_up((j + 1) * crs // column_ranges, NR))
         for g in range(groups):
-            for pc in range(0, pixels, KC):
-                kc = min(KC, pixels - pc)
-                _pack_a_serial(dy_blocks, g * Kg, Kg, pc, kc, ap[0])  # Kg x KC: small next to the GEMM
-                for jc in range(0, crs, NC):
-                    nc = min(NC, crs - jc)
-                    _pack_b_patches_transposed(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp[0])
-                    _macro_kernel(ap[0], Kg, ZERO, kc, bp[0], nc, partial[0], ZERO, g * crs + jc, TRUE)
-    else:
-        for i in prange(chunks):
-            for g in range(groups):
-                for pc in range(i * pixels // chunks, (i + 1) * pixels // chunks, KC):
-                    kc = min(KC, (i + 1) * pixels // chunks - pc)
-                    _pack_a_serial(dy_blocks, g * Kg, Kg, pc, kc, ap[i])
-                    for jc in range(0, crs, NC):
-                        nc = min(NC, crs - jc)
-                        _pack_b_patches_transposed_serial(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp[i])
-                        _macro_kernel_serial(ap[i], Kg, ZERO, kc, bp[i], nc, partial[i], ZERO, g * crs + jc, TRUE)
-    dw = grad_weight.reshape(groups, Kg, crs)
-    dw[:] = partial[0]
-    for i in range(1, chunks):
-        dw += partial[i]
+            for pc in range(p0, p1, KC):
+                kc = min(KC, p1 - pc)
+                _pack_a_serial(dy_blocks, g * Kg, Kg, pc, kc, FALSE, ap[thread])
+                for jc in range(c0, c1, NC):
+                    nc = min(NC, c1 - jc)
+                    _pack_b_patches_transposed(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp[thread])
+                    _macro_kernel_serial(ap[thread], Kg, ZERO, kc, bp[thread], nc, partial[i], ZERO, g * crs + jc, TRUE)

@@ -130,9 +130,9 @@ def _conv2d_direct_input(grad_output, weight, bias, geometry, groups, grad_input
         dy = wide[thread]
         for k in range(g * Kg, (g + 1) * Kg):
             _widen(grad_output[n, k], Wq, dy)
-            taps = weight[k, c - g * Cg].reshape(R * S)
+            taps = weight[k, c - g * Cg]
             for t in range(R * S):
-                tap = taps[t]
+                tap = taps[t // S, t % S]
                 dst = acc[tap_start[t] : tap_start[t] + size]
                 for o in range(size):
                     dst[o] += tap * dy[o]
@@ -163,8 +163,7 @@ def _conv2d_direct_weight(x, grad_output, geometry, groups, grad_weight):
         c0 = k // Kg * Cg
         src = phases[thread]
         dy = wide[thread]
-        taps = grad_weight[k].reshape(Cg * R * S)
-        taps[:] = 0
+        taps = grad_weight[k]  # zeros on entry
         for n in range(N):
             _widen(grad_output[n, k], Wq, dy)
             for c in range(Cg):
@@ -174,7 +173,7 @@ def _conv2d_direct_weight(x, grad_output, geometry, groups, grad_weight):
                     total = zero
                     for o in range(size):
                         total += dy[o] * row[o]
-                    taps[c * R * S + t] += total
+                    taps[c, t // S, t % S] += total
 
 
 @njit(parallel=True, fastmath=_FASTMATH, cache=True)
@@ -204,19 +203,23 @@ def _conv2d_direct(x, weight, bias, geometry, groups, y):
         src = phases[thread]
         acc = wide[thread]
         acc[:] = 0
-        taps = weight[k].reshape(Cg * R * S)
+        taps = weight[k]
         for c in range(Cg):
             _split_phases(x[n, c0 + c], sh, sw, pt, pl, Hq, Wq, phase_size, src)
             # Three taps per pass over the plane: a third of the loads and stores of acc.
             for t in range(0, R * S - 2, 3):
-                w0, w1, w2 = taps[c * R * S + t], taps[c * R * S + t + 1], taps[c * R * S + t + 2]
+                w0, w1, w2 = (
+                    taps[c, t // S, t % S],
+                    taps[c, (t + 1) // S, (t + 1) % S],
+                    taps[c, (t + 2) // S, (t + 2) % S],
+                )
                 row0 = src[tap_start[t] : tap_start[t] + size]
                 row1 = src[tap_start[t + 1] : tap_start[t + 1] + size]
                 row2 = src[tap_start[t + 2] : tap_start[t + 2] + size]
                 for o in range(size):
                     acc[o] += w0 * row0[o] + w1 * row1[o] + w2 * row2[o]
             for t in range(R * S - R * S % 3, R * S):
-                w0 = taps[c * R * S + t]
+                w0 = taps[c, t // S, t % S]
                 row0 = src[tap_start[t] : tap_start[t] + size]
                 for o in range(size):
                     acc[o] += w0 * row0[o]

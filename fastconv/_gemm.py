@@ -76,7 +76,7 @@ def _segment(blocks, j):
 
 
 @njit(cache=True)
-def _pack_a_panel(a, row0, m, col0, k, ap, t):
+def _pack_a_panel(a, row0, m, col0, k, transposed, ap, t):
     """Micro-panel ``t`` of ``_pack_a``: rows ``ir:ir+MR`` of the KC-column block ``pc`` (zero-padded)."""
     m_pad = _round_up(m, MR)
     n_panels = m_pad // MR
@@ -86,16 +86,17 @@ def _pack_a_panel(a, row0, m, col0, k, ap, t):
     m_valid = min(MR, m - ir)
     start = pc * m_pad + ir * kc
     panel = ap[start : start + kc * MR]
-    # Read along whichever axis of ``a`` is contiguous: rows of a C-ordered operand, columns of a transposed
-    # one (the input gradient's W.T), so neither is packed with strided loads.
-    column_major = a.strides[1] < a.strides[2]
+    # Read along the contiguous axis of ``a``: its rows, or the columns of A when A is ``a`` transposed (the
+    # input gradient's W.T), so neither is packed with strided loads.
+    ncols = a.shape[1] if transposed else a.shape[2]
     p = 0
     while p < kc:
-        block, col, left = _segment(a, col0 + pc + p)
-        run = min(kc - p, left)
-        if column_major:
+        j = col0 + pc + p
+        block, col = j // ncols, j % ncols
+        run = min(kc - p, ncols - col)
+        if transposed:
             for q in range(run):
-                src = a[block, row0 + ir : row0 + ir + m_valid, col + q]
+                src = a[block, col + q, row0 + ir : row0 + ir + m_valid]
                 for i in range(m_valid):
                     panel[(p + q) * MR + i] = src[i]
         else:
@@ -115,7 +116,7 @@ def _n_a_panels(m, k):
 
 
 @njit(parallel=True, cache=True)
-def _pack_a(a, row0, m, col0, k, ap):
+def _pack_a(a, row0, m, col0, k, transposed, ap):
     """Pack the blocked matrix ``A = a[:, row0 : row0 + m, col0 : col0 + k]`` into MR-row micro-panels.
 
     Every GEMM operand is blocked: a 3-D array ``(blocks, rows, cols)`` standing for the matrix
@@ -126,16 +127,19 @@ def _pack_a(a, row0, m, col0, k, ap):
     The KC-column block starting at ``pc`` occupies ``ap[pc * m_pad :]``; in it, the micro-panel of rows
     ``ir:ir+MR`` starts at offset ``ir * kc`` and holds ``kc`` columns of MR values each, so the micro-kernel
     reads MR consecutive values per step. Rows past ``m`` are zeros. Footprint: ``m_pad * k`` values.
+
+    With ``transposed``, A is the transpose of ``a``'s blocks instead: ``A = a[:, col0 : col0 + k, row0 : row0
+    + m]`` transposed, its blocks side by side.
     """
     for t in prange(_n_a_panels(m, k)):
-        _pack_a_panel(a, row0, m, col0, k, ap, t)
+        _pack_a_panel(a, row0, m, col0, k, transposed, ap, t)
 
 
 @njit(cache=True)
-def _pack_a_serial(a, row0, m, col0, k, ap):
+def _pack_a_serial(a, row0, m, col0, k, transposed, ap):
     """``_pack_a`` on the calling thread, for use inside another parallel loop."""
     for t in range(_n_a_panels(m, k)):
-        _pack_a_panel(a, row0, m, col0, k, ap, t)
+        _pack_a_panel(a, row0, m, col0, k, transposed, ap, t)
 
 
 @njit(parallel=True, cache=True)
@@ -245,13 +249,15 @@ def _zero_columns(c, c_row0, m, c_col0, n):
         c[block, c_row0 : c_row0 + m, col] = 0
 
 
-@njit(cache=True)
 def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, bp):
     """``C (+)= A @ B`` on blocked matrices (see ``_pack_a``), with A (m x k) already packed by ``_pack_a``.
 
     ``B`` is ``b[:, b_row0 : b_row0 + k, b_col0 : b_col0 + n]``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 :
     c_col0 + n]``. ``bp`` is scratch of ``_packed_b_size(n)`` values. With ``accumulate`` false ``C`` is
     overwritten (BLAS beta = 0, applied on the first ``pc`` block only), otherwise added to (beta = 1).
+
+    A Python loop over compiled kernels, a few calls per block: compiled, it would link and re-optimise the
+    kernels it calls, seconds of compile time for no speed.
     """
     if k == 0 and not accumulate:
         _zero_columns(c, c_row0, m, c_col0, n)
@@ -260,10 +266,9 @@ def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, 
         for pc in range(0, k, KC):
             kc = min(KC, k - pc)
             _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp)
-            _macro_kernel(ap, m, pc, kc, bp, nc, c, c_row0, c_col0 + jc, accumulate or pc > 0)
+            _macro_kernel(ap, m, pc, kc, bp, nc, c, c_row0, c_col0 + jc, np.bool_(accumulate or pc > 0))
 
 
-@njit(cache=True)
 def _gemm(a, b, c):
     """``c = a @ b`` for C-contiguous 2-D arrays of one dtype."""
     m, k = a.shape
@@ -271,5 +276,5 @@ def _gemm(a, b, c):
     ap = np.empty(_packed_a_size(m, k), dtype=c.dtype)
     bp = np.empty(_packed_b_size(n), dtype=c.dtype)
     # As blocked matrices of one block each.
-    _pack_a(a.reshape(1, m, k), ZERO, m, ZERO, k, ap)
+    _pack_a(a.reshape(1, m, k), ZERO, m, ZERO, k, FALSE, ap)
     _gemm_packed(ap, m, k, b.reshape(1, k, n), ZERO, ZERO, n, c.reshape(1, m, n), ZERO, ZERO, FALSE, bp)

@@ -112,10 +112,15 @@ def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
             if hi > lo:
                 src = x[n, channel[row], h]
                 offset = w_offset[row]
-                if sw == 1:  # contiguous: a slice copy, which LLVM vectorises
-                    bp[base + lo : base + hi] = src[lo + offset : hi + offset]
+                # Element loops, not slice assignments: those compile a shape check and its error message.
+                if sw == 1:  # contiguous: LLVM vectorises the copy
+                    dst, run_src = bp[base + lo : base + hi], src[lo + offset : hi + offset]
+                    for q in range(hi - lo):
+                        dst[q] = run_src[q]
                 elif sw == 2:  # a constant stride LLVM can vectorise with shuffles, not gathers
-                    bp[base + lo : base + hi] = src[2 * lo + offset : 2 * hi + offset - 1 : 2]
+                    dst, run_src = bp[base + lo : base + hi], src[2 * lo + offset : 2 * hi + offset]
+                    for q in range(hi - lo):
+                        dst[q] = run_src[2 * q]
                 else:
                     for q in range(lo, hi):
                         bp[base + q] = src[q * sw + offset]
@@ -184,21 +189,15 @@ def _transposed_patch_panel(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp, pan
         panel[row * NR + n_valid : (row + 1) * NR] = 0
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _pack_b_patches_transposed(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
     """Pack the transposed patch matrix of ``x[:, c0:c0+Cg]`` into NR-column micro-panels: the weight
     gradient's B.
 
     Rows ``pc:pc+kc`` are output pixels of the whole batch, ``(n * P + p) * Q + q``; columns ``jc:jc+nc`` are
     taps ``(c, r, s)``: ``B[pixel, tap]`` is ``col[tap, pixel]`` of the column matrix above, read straight
-    from ``x``. Footprint: ``kc * round_up(nc, NR)`` values.
+    from ``x``. Footprint: ``kc * round_up(nc, NR)`` values. Serial: the weight gradient runs one per task,
+    inside its own parallel loop.
     """
-    for panel_index in prange(-(-nc // NR)):
-        _transposed_patch_panel(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp, panel_index)
-
-
-@njit(cache=True)
-def _pack_b_patches_transposed_serial(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
-    """``_pack_b_patches_transposed`` on the calling thread, for use inside another parallel loop."""
     for panel_index in range(-(-nc // NR)):
         _transposed_patch_panel(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp, panel_index)

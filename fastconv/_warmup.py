@@ -18,11 +18,14 @@ def _calls(dtype):
     w = np.ones((2, 2, 3, 3), dtype)
     dy = np.ones((1, 2, 3, 3), dtype)
     dy_strided = np.ones((1, 2, 2, 2), dtype)
+    # Enough output pixels for the weight gradient to split them into ranges (see _weight_grad_split).
+    x_wide = np.ones((1, 2, 34, 34), dtype)
+    dy_wide = np.ones((1, 2, 32, 32), dtype)
     return [
         ("conv2d", lambda: conv2d(x, w)),
         ("conv2d 1x1", lambda: conv2d(x, w[:, :, :1, :1])),
         ("conv2d depthwise", lambda: conv2d(x, w[:, :1], groups=2)),
-        ("conv2d_backward", lambda: conv2d_backward(x, w, dy)),
+        ("conv2d_backward", lambda: conv2d_backward(x_wide, w, dy_wide)),
         ("conv2d_backward strided", lambda: conv2d_backward(x, w, dy_strided, stride=2)),
         ("conv2d_backward depthwise", lambda: conv2d_backward(x, w[:, :1], dy_strided, stride=2, groups=2)),
         ("conv_transpose2d", lambda: conv_transpose2d(dy, w)),

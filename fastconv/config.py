@@ -38,8 +38,9 @@ COLUMN_BUFFER_BYTES = 32 * 2**20
 #: Depthwise convolutions (one output channel per group) always qualify.
 DIRECT_MAX_OUT_PER_GROUP = 4
 
-#: The weight gradient sums over every output pixel of the batch. The pixels are split into this many fixed,
-#: contiguous ranges, one serial GEMM each into its own partial sum, added in order at the end: parallel with
-#: no two threads adding into one element, and the same result whatever the thread count. A few per core
-#: balance the load; each costs one copy of the weight gradient.
+#: The weight gradient is split into at most this many tasks, one serial GEMM each: ranges of its columns
+#: when it is wide, else fixed, contiguous ranges of output pixels, each summed into a partial gradient of its
+#: own and added in order at the end (see ``_conv_kernels._weight_grad_split``). Parallel with no two threads
+#: adding into one element, and the same result whatever the thread count. A few per core balance the load;
+#: each pixel range costs one copy of the weight gradient.
 WEIGHT_GRAD_CHUNKS = 8
