@@ -38,6 +38,12 @@ COLUMN_BUFFER_BYTES = 32 * 2**20
 #: Depthwise convolutions (one output channel per group) always qualify.
 DIRECT_MAX_OUT_PER_GROUP = 4
 
+#: ``algorithm="auto"`` takes Winograd F(2x2, 3x3) for a 3x3 stride-1 layer with at least this many input and
+#: output channels per group and this many 2x2 output tiles in the batch; below, its transforms cost more than
+#: the multiplications they save (``_winograd.winograd_pays``).
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_TILES = 256
+
 #: The weight gradient is split into at most this many tasks, one serial GEMM each: ranges of its columns
 #: when it is wide, else fixed, contiguous ranges of output pixels, each summed into a partial gradient of its
 #: own and added in order at the end (see ``_conv_kernels._weight_grad_split``). Parallel with no two threads

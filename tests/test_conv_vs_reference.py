@@ -57,13 +57,21 @@ def _conv_case(rng, N, channels, sizes, dtype, bias=True):
     return x, w, b
 
 
+def _winograd_applies(w, stride=1, dilation=1, **_):
+    return w.shape[2:] == (3, 3) and stride in (1, (1, 1)) and dilation in (1, (1, 1))
+
+
 def _check_conv2d_family(x, w, b, **params):
     """conv2d and all its gradients against the reference, on one configuration."""
     y = fastconv.conv2d(x, w, b, **params)
     expected_y = reference.conv2d(x, w, b, **params)
     assert_close(y, expected_y)
     for algorithm in ALGORITHMS:
-        assert_close(fastconv.conv2d(x, w, b, **params, algorithm=algorithm), expected_y)
+        if algorithm == "winograd" and not _winograd_applies(w, **params):
+            with pytest.raises(ValueError, match="algorithm='winograd' needs 3x3 filters, stride 1 and dilation 1"):
+                fastconv.conv2d(x, w, b, **params, algorithm=algorithm)
+        else:
+            assert_close(fastconv.conv2d(x, w, b, **params, algorithm=algorithm), expected_y)
     dy = np.random.default_rng(1).standard_normal(y.shape).astype(y.dtype)
     expected = reference.conv2d_backward(x, w, dy, **params)
     for actual, want in zip(fastconv.conv2d_backward(x, w, dy, **params), expected):

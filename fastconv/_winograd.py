@@ -1,0 +1,321 @@
+"""Winograd F(2x2, 3x3): 3x3 stride-1 convolutions in 2.25 times fewer multiplications than the direct sum.
+
+Each 2x2 tile of output pixels is computed from the 4x4 tile of input pixels under it (Lavin & Gray, 2016)::
+
+    Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A        g: a 3x3 filter, d: a 4x4 input tile, Y: a 2x2 output tile
+
+    Bᵀ = [[1, 0, -1, 0],   G = [[1,    0,   0],    Aᵀ = [[1, 1,  1,  0],
+          [0, 1,  1, 0],        [1/2, 1/2, 1/2],         [0, 1, -1, -1]]
+          [0, -1, 1, 0],        [1/2, -1/2, 1/2],
+          [0, 1,  0, -1]]       [0,    0,   1]]
+
+Summed over input channels, the 16 element-wise products become 16 GEMMs, one per position ``xi`` of the 4x4
+transformed tile, each over the channels::
+
+    # [Kg, Cg] [Cg, tiles] -> [Kg, tiles]     M[xi] = U[xi] @ V[xi]      (U = G g Gᵀ, V = Bᵀ d B)
+
+16 products of 4 per output pixel and channel pair, where the direct sum takes 9. The transforms only add
+and halve, so the rounding error stays within about three times the direct sum's (measured: 8e-7 of the
+largest output for 512 channels in float32, against 2.5e-7 direct); F(4x4, 3x3) would save more but is
+60 times less accurate.
+
+The tiles of the whole batch are processed in chunks of NR (the GEMM micro-kernel's width), each by one
+thread: it transforms the chunk's input tiles straight into packed B panels (``V``, in cache), multiplies
+them by the packed transformed filters with the GEMM's micro-kernel into ``M``, and transforms ``M`` into
+output pixels. Nothing the size of the image is allocated. Every output is written by one thread and summed
+in a fixed order, so results do not depend on the thread count.
+"""
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ._gemm import _micro_kernel, _round_up
+from .config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
+
+_FASTMATH = {"contract"}
+
+#: Positions of the transformed 4x4 tile: one GEMM each.
+XI = 16
+
+#: NR as a plain int64, not a Numba literal, so that the micro-kernel is not compiled once more for it.
+WHOLE_PANEL = np.int64(NR)
+
+
+def winograd_applies(geometry):
+    """Whether Winograd F(2x2, 3x3) computes this convolution: 3x3 filters, stride 1, dilation 1."""
+    return geometry.weight_shape[2:] == (3, 3) and geometry.stride == (1, 1) and geometry.dilation == (1, 1)
+
+
+def winograd_pays(geometry):
+    """Whether ``algorithm="auto"`` should take Winograd over the GEMM path for this (applicable) layer.
+
+    The transforms cost about as much per pixel and channel as the multiplications they save when a group has
+    few channels, and the filters are transformed on every call: Winograd pays with at least
+    WINOGRAD_MIN_CHANNELS input and output channels per group and WINOGRAD_MIN_TILES 2x2 tiles per image
+    batch (measured on Zen 4, see ``config.py``).
+    """
+    N, C, _, _ = geometry.input_shape
+    K = geometry.weight_shape[0]
+    _, _, P, Q = geometry.output_shape
+    tiles = N * -(-P // 2) * -(-Q // 2)
+    per_group = min(C, K) // geometry.groups
+    return per_group >= WINOGRAD_MIN_CHANNELS and tiles >= WINOGRAD_MIN_TILES
+
+
+def winograd_workspace(geometry, dtype):
+    """Bytes of scratch ``_conv2d_winograd`` allocates: transformed filters and each thread's chunk buffers."""
+    K, Cg = geometry.weight_shape[:2]
+    groups = geometry.groups
+    filters = groups * XI * (_round_up(K // groups, MR) * Cg + 16)
+    per_thread = XI * (min(KC, Cg) * NR + 16) + XI * (128 + 1) * NR + 4 * 4 + XI * NR
+    return dtype.itemsize * (filters + numba.config.NUMBA_NUM_THREADS * per_thread)
+
+
+@njit(cache=True)
+def _g_times(h0, h1, h2):
+    """``G @ (h0, h1, h2)``: the filter transform along one axis, in float64 (rounded once, when stored)."""
+    a, b, c = np.float64(h0), np.float64(h1), np.float64(h2)
+    return a, 0.5 * (a + b + c), 0.5 * (a - b + c), c
+
+
+@njit(cache=True)
+def _transform_filters(weight, k, Kg, up):
+    """Row ``k % Kg`` of ``up[k // Kg, xi]``, the packed A of the group's ``[Kg, Cg]`` matrix ``(G g Gᵀ)[xi]``.
+
+    ``up`` (groups, 16, round_up(Kg, MR) * Cg + pad) is laid out as ``_gemm._pack_a`` lays out A: KC-column
+    blocks of MR-row micro-panels; rows past Kg stay as they are (zeros).
+    """
+    Cg = weight.shape[1]
+    m_pad = _round_up(Kg, MR)
+    g, kk = k // Kg, k % Kg
+    ir, i = kk // MR * MR, kk % MR
+    for c in range(Cg):
+        f = weight[k, c]
+        pc = c // KC * KC
+        offset = pc * m_pad + ir * min(KC, Cg - pc) + (c - pc) * MR + i
+        col0 = _g_times(f[0, 0], f[1, 0], f[2, 0])  # G g, column by column
+        col1 = _g_times(f[0, 1], f[1, 1], f[2, 1])
+        col2 = _g_times(f[0, 2], f[1, 2], f[2, 2])
+        for a in range(4):  # (G g) Gᵀ, row by row
+            u = _g_times(col0[a], col1[a], col2[a])
+            for b in range(4):
+                up[g, 4 * a + b, offset] = u[b]
+
+
+@njit(cache=True)
+def _transform_all_filters(weight, groups, up):
+    """``_transform_filters`` for every output channel."""
+    for k in range(weight.shape[0]):
+        _transform_filters(weight, k, weight.shape[0] // groups, up)
+
+
+@njit(cache=True)
+def _transform_tiles(r0, r1, r2, r3, count, v):
+    """``v[xi, u]`` = ``(Bᵀ d_u B)[xi]`` for ``u < count``, where the 4x4 tile ``d_u`` is columns ``2u`` to
+    ``2u + 3`` of the rows ``r0..r3``: one column of a packed B panel per tile.
+
+    One pass per tile with all 16 values in registers: runs of tiles (a row of them) are too short to gain
+    from vectorising across tiles. Every index starts from 0 (callers slice first), so LLVM knows none is
+    negative and adds no wraparound test.
+    """
+    for u in range(count):
+        j = 2 * u
+        # d B: each input row combined along its columns.
+        a0, a1, a2, a3 = r0[j] - r0[j + 2], r0[j + 1] + r0[j + 2], r0[j + 2] - r0[j + 1], r0[j + 1] - r0[j + 3]
+        b0, b1, b2, b3 = r1[j] - r1[j + 2], r1[j + 1] + r1[j + 2], r1[j + 2] - r1[j + 1], r1[j + 1] - r1[j + 3]
+        c0, c1, c2, c3 = r2[j] - r2[j + 2], r2[j + 1] + r2[j + 2], r2[j + 2] - r2[j + 1], r2[j + 1] - r2[j + 3]
+        d0, d1, d2, d3 = r3[j] - r3[j + 2], r3[j + 1] + r3[j + 2], r3[j + 2] - r3[j + 1], r3[j + 1] - r3[j + 3]
+        # Bᵀ (d B): the rows combined.
+        v[0, u], v[1, u], v[2, u], v[3, u] = a0 - c0, a1 - c1, a2 - c2, a3 - c3
+        v[4, u], v[5, u], v[6, u], v[7, u] = b0 + c0, b1 + c1, b2 + c2, b3 + c3
+        v[8, u], v[9, u], v[10, u], v[11, u] = c0 - b0, c1 - b1, c2 - b2, c3 - b3
+        v[12, u], v[13, u], v[14, u], v[15, u] = b0 - d0, b1 - d1, b2 - d2, b3 - d3
+
+
+@njit(cache=True)
+def _border_tile(plane, h0, w0, patch, v):
+    """``_transform_tiles`` for one tile overlapping the padding: its 4x4 pixels copied to ``patch`` first."""
+    H, W = plane.shape
+    for i in range(4):
+        for j in range(4):
+            h, w = h0 + i, w0 + j
+            patch[i, j] = plane[h, w] if 0 <= h < H and 0 <= w < W else 0
+    _transform_tiles(patch[0], patch[1], patch[2], patch[3], 1, v)
+
+
+@njit(cache=True)
+def _input_tiles(x, n, c, th, tw0, run, pt, pl, patch, v, v0):
+    """Transform the input tiles of tiles ``(n, th, tw0 + u)``, ``u < run``, of channel ``c`` into
+    ``v[:, v0 + u]``.
+
+    Tiles wholly inside the image are read straight from ``x``; the few overlapping the padding (the ends of
+    a row of tiles, the first and last rows) through a zero-padded 4x4 ``patch``.
+    """
+    _, _, H, W = x.shape
+    plane = x[n, c]
+    h0 = 2 * th - pt
+    w0 = 2 * tw0 - pl
+    u0, u1 = run, run  # the tiles wholly inside
+    if 0 <= h0 and h0 + 4 <= H and W - 4 - w0 >= 0:
+        u0 = min(run, max(0, -(w0 // 2)))
+        u1 = max(u0, min(run, (W - 4 - w0) // 2 + 1))
+    if u1 > u0:
+        start = w0 + 2 * u0
+        rows = plane[h0 : h0 + 4]
+        _transform_tiles(rows[0, start:], rows[1, start:], rows[2, start:], rows[3, start:], u1 - u0, v[:, v0 + u0 :])
+    for u in range(u0):
+        _border_tile(plane, h0, w0 + 2 * u, patch, v[:, v0 + u :])
+    for u in range(u1, run):
+        _border_tile(plane, h0, w0 + 2 * u, patch, v[:, v0 + u :])
+
+
+@njit(cache=True)
+def _inverse_transform(m, k, s, yt):
+    """``yt[2 * i + j, t]`` = ``(Aᵀ M_t A)[i, j]``: the 2x2 output tile of each tile ``t`` of the chunk.
+
+    ``m[xi, k, t]`` is the chunk's GEMM result for output channel ``k``; ``s`` (8 x NR) is scratch for the
+    first half, ``Aᵀ M``. One loop per output row, three loads and a store each, over the NR tiles.
+    """
+    for b in range(4):
+        m0, m1, m2, m3 = m[b, k], m[4 + b, k], m[8 + b, k], m[12 + b, k]
+        s0, s1 = s[b], s[4 + b]
+        for t in range(NR):
+            s0[t] = m0[t] + m1[t] + m2[t]
+        for t in range(NR):
+            s1[t] = m1[t] - m2[t] - m3[t]
+    for i in range(2):
+        s0, s1, s2, s3 = s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]
+        y0, y1 = yt[2 * i], yt[2 * i + 1]
+        for t in range(NR):
+            y0[t] = s0[t] + s1[t] + s2[t]
+        for t in range(NR):
+            y1[t] = s1[t] - s2[t] - s3[t]
+
+
+@njit(cache=True)
+def _output_tiles(yt, y, n, k, th, tw0, run, t0, accumulate):
+    """Write (or add) the 2x2 tiles ``yt[:, t0 + u]`` at tiles ``(n, th, tw0 + u)``, ``u < run``, of channel k.
+
+    Tiles overhanging an odd-sized output lose their last row or column.
+    """
+    _, _, P, Q = y.shape
+    q0 = 2 * tw0
+    full = min(run, (Q - q0) // 2)  # tiles whose two columns are both inside
+    for i in range(2):
+        p = 2 * th + i
+        if p >= P:
+            break
+        left, right = yt[2 * i, t0 : t0 + run], yt[2 * i + 1, t0 : t0 + run]
+        dst = y[n, k, p, q0:]
+        if accumulate:
+            for u in range(full):
+                dst[2 * u] += left[u]
+                dst[2 * u + 1] += right[u]
+        else:
+            for u in range(full):
+                dst[2 * u] = left[u]
+                dst[2 * u + 1] = right[u]
+        if full < run:
+            dst[2 * full] = dst[2 * full] + left[full] if accumulate else left[full]
+
+
+@njit(cache=True)
+def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, patch, e, y, task):
+    """Task ``(group, chunk of NR tiles, block of k_block output channels)`` of ``_winograd_tasks``.
+
+    Transforms the chunk's input tiles into ``v``, one KC block of channels at a time, multiplies them by the
+    transformed filters into ``m`` (one GEMM per position of the tile, with the GEMM's micro-kernel), and
+    transforms ``m`` into the chunk's output tiles of those channels.
+    """
+    N, C, _, _ = x.shape
+    _, K, P, Q = y.shape
+    Cg = C // groups
+    Kg = K // groups
+    m_pad = _round_up(Kg, MR)
+    TH, TW = -(-P // 2), -(-Q // 2)
+    tiles = N * TH * TW
+    chunks = -(-tiles // NR)
+    k_blocks = -(-Kg // k_block)
+    g = task // (chunks * k_blocks)
+    chunk = task // k_blocks % chunks
+    k0 = task % k_blocks * k_block
+    k1 = min(Kg, k0 + k_block)
+    first, last = chunk * NR, min(tiles, chunk * NR + NR)
+    for pc in range(0, Cg, KC):
+        kc = min(KC, Cg - pc)
+        for p in range(kc):
+            c = g * Cg + pc + p
+            base = p * NR
+            for t in range(last - first, NR):  # tiles past the last: zeros
+                for xi in range(XI):
+                    v[xi, base + t] = 0
+            t = first
+            while t < last:  # one run of tiles per tile row (n, th)
+                tw = t % TW
+                run = min(last - t, TW - tw)
+                _input_tiles(x, t // (TH * TW), c, t // TW % TH, tw, run, pt, pl, patch, v, base + t - first)
+                t += run
+        for xi in range(XI):
+            b_panel = v[xi, : kc * NR]
+            for ir in range(k0, k1, MR):
+                start = pc * m_pad + ir * kc
+                a_panel = up[g, xi, start : start + kc * MR]
+                _micro_kernel(kc, a_panel, b_panel, m, ir - k0, xi * NR, min(MR, k1 - ir), WHOLE_PANEL, pc > 0)
+    for k in range(k0, k1):
+        _inverse_transform(m, k - k0, e[:8], e[8:12])
+        t = first
+        while t < last:
+            tw = t % TW
+            run = min(last - t, TW - tw)
+            _output_tiles(e[8:12], y, t // (TH * TW), g * Kg + k, t // TW % TH, tw, run, t - first, accumulate)
+            t += run
+
+
+@njit(parallel=True, cache=True)
+def _winograd_tasks(x, pt, pl, groups, k_block, accumulate, up, v, m, patch, e, y):
+    """``y (+)= conv2d(x, weight)`` for a 3x3, stride-1, undilated convolution.
+
+    First the filters are transformed into ``up`` (zeros on entry), in parallel over output channels. Then
+    tasks ``(group, chunk of NR tiles, block of k_block output channels)`` (``_tile_task``) run in parallel,
+    each thread with its own scratch, indexed by ``numba.get_thread_id()``: ``v`` (threads, 16, min(KC, Cg) *
+    NR + pad) the chunk's transformed input as packed B panels, ``m`` (threads, 16, k_block + 1, NR) its GEMM
+    results, ``patch`` (threads, 4, 4) and ``e`` (threads, 16, NR) for the transforms. Footprint per thread:
+    ``16 * NR * (min(KC, Cg) + k_block)`` values, a few hundred KiB. The parallel loops only call serial
+    functions: a parallel loop's body is compiled twice over, so keeping it small saves compile time.
+    """
+    Kg = y.shape[1] // groups
+    TH, TW = -(-y.shape[2] // 2), -(-y.shape[3] // 2)
+    tasks = groups * -(-(x.shape[0] * TH * TW) // NR) * -(-Kg // k_block)
+    for task in prange(tasks):
+        t = numba.get_thread_id()
+        _tile_task(x, pt, pl, groups, k_block, accumulate, up, v[t], m[t], patch[t], e[t], y, task)
+
+
+def _conv2d_winograd(x, weight, geometry, groups, accumulate, y):
+    """``y (+)= conv2d(x, weight)`` by Winograd F(2x2, 3x3); 3x3 filters, stride 1, dilation 1.
+
+    Same contract as ``_conv_kernels._conv2d_forward``: with ``accumulate`` the result is added to ``y``
+    (which holds the bias), without, ``y`` is overwritten.
+    """
+    K, Cg = weight.shape[:2]
+    Kg = K // groups
+    dtype = y.dtype
+    # Output channels per task: all of the group's when there are chunks enough to share, else fewer, so that
+    # a small image with many channels still makes several tasks per thread.
+    tiles = x.shape[0] * -(-y.shape[2] // 2) * -(-y.shape[3] // 2)
+    threads = numba.config.NUMBA_NUM_THREADS
+    k_block = _round_up(min(Kg, 128), MR)
+    while k_block > 4 * MR and groups * -(-tiles // NR) * -(-Kg // k_block) < 4 * threads:
+        k_block = _round_up(k_block // 2, MR)
+    # The 16 rows of up, v and m are written (read) together, one value each per tile: rows a multiple of 4 KiB
+    # apart would share one set of the L1 cache and evict each other (8x slower, measured). One spare cache
+    # line, or one spare row of m, offsets them.
+    up = np.zeros((groups, XI, _round_up(Kg, MR) * Cg + 16), dtype)
+    v = np.empty((threads, XI, min(KC, Cg) * NR + 16), dtype)
+    m = np.empty((threads, XI, k_block + 1, NR), dtype)
+    patch = np.empty((threads, 4, 4), dtype)
+    e = np.empty((threads, XI, NR), dtype)
+    _, _, pt, pl, _, _ = geometry
+    _transform_all_filters(weight, groups, up)
+    _winograd_tasks(x, pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, patch, e, y)

@@ -1,0 +1,78 @@
+"""Winograd F(2x2, 3x3) against the reference, on shapes that exercise each of its blocking edges."""
+
+import numpy as np
+import pytest
+from conftest import assert_close, random_array, requires_torch
+
+import fastconv
+from fastconv import reference
+from fastconv._validate import parse_conv2d
+from fastconv.config import KC, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
+from fastconv.conv import _choose_algorithm
+
+CASES = [  # (N, C, H, W, K, padding, groups)
+    (1, 1, 3, 3, 1, 0, 1),  # one tile, no padding
+    (2, 3, 7, 6, 5, 1, 1),  # odd output height: the last tile row overhangs
+    (2, 3, 7, 6, 5, ((0, 2), (2, 0)), 1),  # asymmetric padding
+    (1, 4, 1, 1, 2, 1, 1),  # one pixel: every tile reads padding
+    (1, 4, 3, 200, 6, 1, 1),  # a tile row longer than a chunk of NR tiles
+    (3, 8, 9, 11, 6, 1, 2),  # groups
+    (2, 5, 30, 31, 9, "same", 1),  # many chunks, the last one partial
+    (1, KC + 88, 6, 5, 7, 1, 1),  # more channels than KC: two blocks of the shared dimension
+    (1, 6, 10, 10, 302, 1, 1),  # more output channels than one task's block, not a multiple of MR
+]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("N, C, H, W, K, padding, groups", CASES)
+def test_winograd_matches_the_reference(rng, N, C, H, W, K, padding, groups, dtype, bias):
+    x = random_array(rng, (N, C, H, W), dtype)
+    w = random_array(rng, (K, C // groups, 3, 3), dtype)
+    b = random_array(rng, (K,), dtype) if bias else None
+    expected = reference.conv2d(x, w, b, padding=padding, groups=groups)
+    assert_close(fastconv.conv2d(x, w, b, padding=padding, groups=groups, algorithm="winograd"), expected)
+
+
+def test_the_cases_cross_the_blocking_edges():
+    tiles = []
+    for N, C, H, W, K, padding, groups in CASES:
+        _, geometry, _ = parse_conv2d("conv2d", (N, C, H, W), np.ones((K, C // groups, 3, 3)), 1, padding, 1, groups)
+        _, _, P, Q = geometry.output_shape
+        tiles.append(N * -(-P // 2) * -(-Q // 2))
+    assert max(tiles) > NR and max(tiles) % NR  # several chunks, the last one partial
+    assert any(C > KC for _, C, *_ in CASES)
+    assert any(K > 128 and K % 4 for *_, K, _, _ in CASES)
+
+
+def test_auto_takes_winograd_for_wide_3x3_layers_and_the_input_gradient_follows(rng):
+    C = K = WINOGRAD_MIN_CHANNELS
+    side = 2 * int(np.ceil(np.sqrt(WINOGRAD_MIN_TILES)))  # enough 2x2 tiles in one image
+    x = random_array(rng, (1, C, side, side), "float32")
+    w = random_array(rng, (K, C, 3, 3), "float32")
+    _, geometry, _ = parse_conv2d("conv2d", x.shape, w, 1, 1, 1, 1)
+    assert _choose_algorithm("auto", geometry) == "winograd"
+    _, small, _ = parse_conv2d("conv2d", (1, C, 4, 4), w, 1, 1, 1, 1)
+    assert _choose_algorithm("auto", small) == "gemm"
+    y = fastconv.conv2d(x, w, padding=1)
+    assert_close(y, reference.conv2d(x.astype(np.float64), w, padding=1).astype(np.float32))
+    dy = random_array(rng, y.shape, "float32")
+    expected = reference.conv2d_input(x.shape, w.astype(np.float64), dy, padding=1).astype(np.float32)
+    assert_close(fastconv.conv2d_input(x.shape, w, dy, padding=1), expected)
+
+
+@requires_torch
+def test_winograd_error_in_float32_stays_near_the_direct_sum():
+    """The documented accuracy: within a few times the direct float32 sum's error, on 512 channels."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 512, 12, 12))
+    w = rng.standard_normal((8, 512, 3, 3))
+    exact = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), padding=1).numpy()
+    x32, w32 = x.astype(np.float32), w.astype(np.float32)
+    scale = np.abs(exact).max()
+    winograd = np.abs(fastconv.conv2d(x32, w32, padding=1, algorithm="winograd") - exact).max() / scale
+    gemm = np.abs(fastconv.conv2d(x32, w32, padding=1, algorithm="gemm") - exact).max() / scale
+    assert winograd < 1e-6
+    assert winograd < 5 * gemm
