@@ -37,6 +37,7 @@ from ._gemm import (
     _round_up,
 )
 from ._im2col import _col2im, _pack_b_patches, _pack_b_patches_transposed
+from ._parallel import PRANGE_ONLY
 from .config import KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
 
@@ -151,7 +152,7 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
             dw[0] += partial[i]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE_ONLY, cache=True)
 def _weight_grad_tasks(x, dy_blocks, geometry, R, S, P, Q, column_ranges, ap, bp, partial):
     """``partial[i][:, :, cols j] += dy · patches(x)ᵀ`` over pixel range ``i``, for every task ``(i, j)``.
 

@@ -13,11 +13,16 @@ so that every tap ``(r, s)`` reads one phase at stride 1::
 and accumulates into a scratch plane as wide as a phase row (``Wq`` columns; those past Q are computed and
 dropped), so a tap is one multiply-add over the whole flattened plane: a loop long enough for LLVM to
 vectorise well, with no zero multiplied and no bounds test inside.
+
+Kernels here: the forward pass and the weight gradient. The input gradient is a forward pass of the
+flipped filters over grad_output (``conv._input_grad_as_conv2d``).
 """
 
 import numba
 import numpy as np
 from numba import njit, prange
+
+from ._parallel import PRANGE_ONLY
 
 _FASTMATH = {"contract"}
 
@@ -67,30 +72,6 @@ def _phase_layout(R, S, P, Q, geometry):
 
 
 @njit(cache=True)
-def _merge_phases(phases, sh, sw, pt, pl, Hq, Wq, phase_size, image, bias):
-    """``image = bias + (the values of phases at the input's own pixels)``: the adjoint of ``_split_phases``.
-
-    Pixels that no output reads get ``bias`` alone. Same loop structure as ``_split_phases``, no division per
-    pixel.
-    """
-    H, W = image.shape
-    for h in range(H):
-        dst = image[h]
-        dst[:] = bias
-        a, i = (h + pt) % sh, (h + pt) // sh
-        if i >= Hq:
-            continue
-        for b in range(sw):
-            w0 = (b - pl) % sw
-            j0 = (w0 + pl) // sw
-            count = min(-(-(W - w0) // sw), Wq - j0)
-            start = (a * sw + b) * phase_size + i * Wq + j0
-            src = phases[start : start + max(count, 0)]
-            for j in range(count):
-                dst[w0 + j * sw] += src[j]
-
-
-@njit(cache=True)
 def _widen(plane, Wq, wide):
     """Copy a P x Q plane into the first Q columns of each Wq-wide row of ``wide`` (the rest stay zero)."""
     P, Q = plane.shape
@@ -101,45 +82,7 @@ def _widen(plane, Wq, wide):
             dst[q] = src[q]
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
-def _conv2d_direct_input(grad_output, weight, bias, geometry, groups, grad_input):
-    """``grad_input = bias + conv2d_input(grad_output, weight)`` by direct loops, in parallel over input planes.
-
-    The adjoint of ``_conv2d_direct``: each thread owns whole planes ``(n, c)`` of ``grad_input``; for every
-    output channel ``k`` of the group it scatters ``w[k, c, r, s] * dy[n, k]`` into the stride phases (the wide
-    plane's extra columns carry zeros), then reads the phases back at the input's pixels. Footprint per thread:
-    the phases of one plane and one wide output-gradient plane.
-    """
-    N, K, P, Q = grad_output.shape
-    _, Cg, R, S = weight.shape
-    C = grad_input.shape[1]
-    sh, sw, pt, pl, dh, dw = geometry
-    Kg = K // groups
-    Hq, Wq, phase_size, tap_start = _phase_layout(R, S, P, Q, geometry)
-    threads = numba.config.NUMBA_NUM_THREADS
-    phases = np.empty((threads, sh * sw * phase_size), dtype=grad_input.dtype)
-    wide = np.zeros((threads, P * Wq), dtype=grad_input.dtype)
-    size = P * Wq
-    for plane in prange(N * C):
-        thread = numba.get_thread_id()
-        n = plane // C
-        c = plane % C
-        g = c // Cg
-        acc = phases[thread]
-        acc[:] = 0
-        dy = wide[thread]
-        for k in range(g * Kg, (g + 1) * Kg):
-            _widen(grad_output[n, k], Wq, dy)
-            taps = weight[k, c - g * Cg]
-            for t in range(R * S):
-                tap = taps[t // S, t % S]
-                dst = acc[tap_start[t] : tap_start[t] + size]
-                for o in range(size):
-                    dst[o] += tap * dy[o]
-        _merge_phases(acc, sh, sw, pt, pl, Hq, Wq, phase_size, grad_input[n, c], bias[c])
-
-
-@njit(parallel=True, fastmath={"contract", "reassoc"}, cache=True)
+@njit(parallel=PRANGE_ONLY, fastmath={"contract", "reassoc"}, cache=True)
 def _conv2d_direct_weight(x, grad_output, geometry, groups, grad_weight):
     """``grad_weight = conv2d_weight(x, grad_output)`` by direct loops, in parallel over output channels.
 
@@ -176,7 +119,7 @@ def _conv2d_direct_weight(x, grad_output, geometry, groups, grad_weight):
                     taps[c, t // S, t % S] += total
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=PRANGE_ONLY, fastmath=_FASTMATH, cache=True)
 def _conv2d_direct(x, weight, bias, geometry, groups, y):
     """``y = conv2d(x, weight) + bias`` by direct loops, in parallel over output planes ``(n, k)``.
 

@@ -24,6 +24,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from ._parallel import PRANGE_ONLY
 from .config import KC, MC, MR, NC, NR
 
 # Arguments typed as plain int64 and bool, not as Numba literals: a literal argument (a bare 0 or True) would
@@ -115,7 +116,7 @@ def _n_a_panels(m, k):
     return (_round_up(m, MR) // MR) * -(-k // KC)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE_ONLY, cache=True)
 def _pack_a(a, row0, m, col0, k, transposed, ap):
     """Pack the blocked matrix ``A = a[:, row0 : row0 + m, col0 : col0 + k]`` into MR-row micro-panels.
 
@@ -142,7 +143,7 @@ def _pack_a_serial(a, row0, m, col0, k, transposed, ap):
         _pack_a_panel(a, row0, m, col0, k, transposed, ap, t)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE_ONLY, cache=True)
 def _pack_b(b, row0, col0, pc, kc, jc, nc, bp):
     """Pack rows ``pc:pc+kc`` of the blocked matrix ``B = b[:, row0:, col0 + jc : col0 + jc + nc]`` into
     NR-column micro-panels.
@@ -223,7 +224,7 @@ def _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, t):
         _micro_kernel(kc, a_panel, b_panel, c, c_row0 + ir, c_col0 + jr, min(MR, m - ir), n_valid, accumulate)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE_ONLY, cache=True)
 def _macro_kernel(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate):
     """``C[:, jc:jc+nc] (+)= A[:, pc:pc+kc] @ B~`` for one packed KC x NC panel ``bp`` of B.
 

@@ -17,6 +17,7 @@ with zeros where the index falls in the padding.
 import numpy as np
 from numba import njit, prange
 
+from ._parallel import PRANGE_ONLY
 from .config import NR
 
 
@@ -29,7 +30,7 @@ def _valid_q_range(s, Q, W, sw, pl, dw):
     return q_lo, max(q_lo, q_hi)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE_ONLY, cache=True)
 def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0):
     """Add the patches in ``col`` (output rows ``t0:t1``) back into ``x[:, c0:c0+Cg]``: the adjoint of im2col.
 
@@ -134,7 +135,7 @@ def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
             bp[jr * kc + row * NR + j] = 0
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=PRANGE_ONLY, cache=True)
 def _pack_b_patches(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
     """Pack a KC x NC panel of the patch matrix of ``x[:, c0:c0+Cg]`` straight into NR-column micro-panels.
 

@@ -18,6 +18,21 @@ import numba
 
 _THREAD_SAFE_LAYERS = ("tbb", "omp")
 
+#: The ``parallel=`` option of every parallel kernel: only explicit ``prange`` loops run in parallel. Numba
+#: would otherwise also turn array expressions and ``np.zeros`` in a kernel's own body into parallel loops of
+#: their own, each compiled as one more function: compile time for no speed, since the kernels parallelise
+#: their outer loop already.
+PRANGE_ONLY = dict(
+    prange=True,
+    comprehension=False,
+    reduction=False,
+    inplace_binop=False,
+    setitem=False,
+    numpy=False,
+    stencil=False,
+    fusion=False,
+)
+
 _lock = threading.Lock()
 _num_threads = None
 

@@ -31,6 +31,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._gemm import _micro_kernel, _round_up
+from ._parallel import PRANGE_ONLY
 from .config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
 
 _FASTMATH = {"contract"}
@@ -68,7 +69,7 @@ def winograd_workspace(geometry, dtype):
     K, Cg = geometry.weight_shape[:2]
     groups = geometry.groups
     filters = groups * XI * (_round_up(K // groups, MR) * Cg + 16)
-    per_thread = XI * (min(KC, Cg) * NR + 16) + XI * (128 + 1) * NR + 4 * 4 + XI * NR
+    per_thread = XI * (min(KC, Cg) * NR + 16) + XI * (128 + 1) * NR + 4 * 4
     return dtype.itemsize * (filters + numba.config.NUMBA_NUM_THREADS * per_thread)
 
 
@@ -171,57 +172,47 @@ def _input_tiles(x, n, c, th, tw0, run, pt, pl, patch, v, v0):
 
 
 @njit(cache=True)
-def _inverse_transform(m, k, s, yt):
-    """``yt[2 * i + j, t]`` = ``(Aᵀ M_t A)[i, j]``: the 2x2 output tile of each tile ``t`` of the chunk.
+def _output_tiles(m, y, n, k, th, tw0, run, accumulate):
+    """Write (or add) ``Aᵀ M_u A``, the 2x2 output tile of tile ``(n, th, tw0 + u)``, for ``u < run``, channel
+    ``k``; ``m[xi, u]`` holds ``M_u``, the tile's GEMM results.
 
-    ``m[xi, k, t]`` is the chunk's GEMM result for output channel ``k``; ``s`` (8 x NR) is scratch for the
-    first half, ``Aᵀ M``. One loop per output row, three loads and a store each, over the NR tiles.
-    """
-    for b in range(4):
-        m0, m1, m2, m3 = m[b, k], m[4 + b, k], m[8 + b, k], m[12 + b, k]
-        s0, s1 = s[b], s[4 + b]
-        for t in range(NR):
-            s0[t] = m0[t] + m1[t] + m2[t]
-        for t in range(NR):
-            s1[t] = m1[t] - m2[t] - m3[t]
-    for i in range(2):
-        s0, s1, s2, s3 = s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]
-        y0, y1 = yt[2 * i], yt[2 * i + 1]
-        for t in range(NR):
-            y0[t] = s0[t] + s1[t] + s2[t]
-        for t in range(NR):
-            y1[t] = s1[t] - s2[t] - s3[t]
-
-
-@njit(cache=True)
-def _output_tiles(yt, y, n, k, th, tw0, run, t0, accumulate):
-    """Write (or add) the 2x2 tiles ``yt[:, t0 + u]`` at tiles ``(n, th, tw0 + u)``, ``u < run``, of channel k.
-
-    Tiles overhanging an odd-sized output lose their last row or column.
+    One pass per tile, all 16 values in registers, as the input transform. Tiles overhanging an odd-sized
+    output lose their last row or column.
     """
     _, _, P, Q = y.shape
-    q0 = 2 * tw0
-    full = min(run, (Q - q0) // 2)  # tiles whose two columns are both inside
-    for i in range(2):
-        p = 2 * th + i
-        if p >= P:
-            break
-        left, right = yt[2 * i, t0 : t0 + run], yt[2 * i + 1, t0 : t0 + run]
-        dst = y[n, k, p, q0:]
+    p0, q0 = 2 * th, 2 * tw0
+    two_rows = p0 + 1 < P
+    top = y[n, k, p0, q0:]
+    bottom = y[n, k, p0 + 1 if two_rows else p0, q0:]
+    for u in range(run):
+        # Aᵀ M: the rows of M combined, then (Aᵀ M) A: the columns.
+        s0 = m[0, u] + m[4, u] + m[8, u]
+        s1 = m[1, u] + m[5, u] + m[9, u]
+        s2 = m[2, u] + m[6, u] + m[10, u]
+        s3 = m[3, u] + m[7, u] + m[11, u]
+        d0 = m[4, u] - m[8, u] - m[12, u]
+        d1 = m[5, u] - m[9, u] - m[13, u]
+        d2 = m[6, u] - m[10, u] - m[14, u]
+        d3 = m[7, u] - m[11, u] - m[15, u]
+        y00, y01 = s0 + s1 + s2, s1 - s2 - s3
+        y10, y11 = d0 + d1 + d2, d1 - d2 - d3
+        both = q0 + 2 * u + 1 < Q
         if accumulate:
-            for u in range(full):
-                dst[2 * u] += left[u]
-                dst[2 * u + 1] += right[u]
-        else:
-            for u in range(full):
-                dst[2 * u] = left[u]
-                dst[2 * u + 1] = right[u]
-        if full < run:
-            dst[2 * full] = dst[2 * full] + left[full] if accumulate else left[full]
+            y00 += top[2 * u]
+            y01 += top[2 * u + 1] if both else 0
+            y10 += bottom[2 * u] if two_rows else 0
+            y11 += bottom[2 * u + 1] if two_rows and both else 0
+        top[2 * u] = y00
+        if both:
+            top[2 * u + 1] = y01
+        if two_rows:
+            bottom[2 * u] = y10
+            if both:
+                bottom[2 * u + 1] = y11
 
 
-@njit(cache=True)
-def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, patch, e, y, task):
+@njit(cache=True, inline="always")
+def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, patch, y, task):
     """Task ``(group, chunk of NR tiles, block of k_block output channels)`` of ``_winograd_tasks``.
 
     Transforms the chunk's input tiles into ``v``, one KC block of channels at a time, multiplies them by the
@@ -263,24 +254,23 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, patch, e, y, ta
                 a_panel = up[g, xi, start : start + kc * MR]
                 _micro_kernel(kc, a_panel, b_panel, m, ir - k0, xi * NR, min(MR, k1 - ir), WHOLE_PANEL, pc > 0)
     for k in range(k0, k1):
-        _inverse_transform(m, k - k0, e[:8], e[8:12])
         t = first
         while t < last:
             tw = t % TW
             run = min(last - t, TW - tw)
-            _output_tiles(e[8:12], y, t // (TH * TW), g * Kg + k, t // TW % TH, tw, run, t - first, accumulate)
+            _output_tiles(m[:, k - k0, t - first :], y, t // (TH * TW), g * Kg + k, t // TW % TH, tw, run, accumulate)
             t += run
 
 
-@njit(parallel=True, cache=True)
-def _winograd_tasks(x, pt, pl, groups, k_block, accumulate, up, v, m, patch, e, y):
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _winograd_tasks(x, pt, pl, groups, k_block, accumulate, up, v, m, patch, y):
     """``y (+)= conv2d(x, weight)`` for a 3x3, stride-1, undilated convolution.
 
     First the filters are transformed into ``up`` (zeros on entry), in parallel over output channels. Then
     tasks ``(group, chunk of NR tiles, block of k_block output channels)`` (``_tile_task``) run in parallel,
     each thread with its own scratch, indexed by ``numba.get_thread_id()``: ``v`` (threads, 16, min(KC, Cg) *
     NR + pad) the chunk's transformed input as packed B panels, ``m`` (threads, 16, k_block + 1, NR) its GEMM
-    results, ``patch`` (threads, 4, 4) and ``e`` (threads, 16, NR) for the transforms. Footprint per thread:
+    results and ``patch`` (threads, 4, 4) for the transforms. Footprint per thread:
     ``16 * NR * (min(KC, Cg) + k_block)`` values, a few hundred KiB. The parallel loops only call serial
     functions: a parallel loop's body is compiled twice over, so keeping it small saves compile time.
     """
@@ -289,7 +279,7 @@ def _winograd_tasks(x, pt, pl, groups, k_block, accumulate, up, v, m, patch, e, 
     tasks = groups * -(-(x.shape[0] * TH * TW) // NR) * -(-Kg // k_block)
     for task in prange(tasks):
         t = numba.get_thread_id()
-        _tile_task(x, pt, pl, groups, k_block, accumulate, up, v[t], m[t], patch[t], e[t], y, task)
+        _tile_task(x, pt, pl, groups, k_block, accumulate, up, v[t], m[t], patch[t], y, task)
 
 
 def _conv2d_winograd(x, weight, geometry, groups, accumulate, y):
@@ -315,7 +305,6 @@ def _conv2d_winograd(x, weight, geometry, groups, accumulate, y):
     v = np.empty((threads, XI, min(KC, Cg) * NR + 16), dtype)
     m = np.empty((threads, XI, k_block + 1, NR), dtype)
     patch = np.empty((threads, 4, 4), dtype)
-    e = np.empty((threads, XI, NR), dtype)
     _, _, pt, pl, _, _ = geometry
     _transform_all_filters(weight, groups, up)
-    _winograd_tasks(x, pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, patch, e, y)
+    _winograd_tasks(x, pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, patch, y)

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _validate as v
 from ._conv_kernels import _conv2d_forward, _conv2d_input, _conv2d_weight
-from ._direct import _conv2d_direct, _conv2d_direct_input, _conv2d_direct_weight
+from ._direct import _conv2d_direct, _conv2d_direct_weight
 from ._parallel import run
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
 from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP, KC, NC
@@ -119,28 +119,46 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d
     return y
 
 
-def _input_grad_as_conv2d(geometry):
-    """The geometry of the conv2d that computes this input gradient, at stride 1; else None.
+def _input_grad_as_conv2d(grad_output, geometry, dtype):
+    """The input gradient as a stride-1 conv2d: ``(grad_output', geometry')``, or ``(None, None)`` when nothing
+    of grad_output reaches the input.
 
-    At stride 1 the input gradient is a full correlation of grad_output with the flipped filters, channels in
-    and out swapped: a forward convolution, padded by ``dilation * (R - 1) - pad_top`` before and what makes
-    the output H x W after, which runs on the forward path's implicit im2col (no column buffer, no col2im).
-    Padding wider than the dilated kernel would need negative padding: those keep the col2im path.
+    The input gradient is a full correlation of grad_output, with ``stride - 1`` zeros between its pixels, and
+    the flipped filters, channels in and out swapped: a forward convolution, padded by ``dilation * (R - 1) -
+    pad_top`` before and what makes the output H x W after, which runs on the forward kernels (implicit
+    im2col, Winograd or direct; no column buffer, no col2im). Negative padding (padding wider than the dilated
+    kernel) crops grad_output instead. At stride 1 grad_output is used as it is; at larger strides the zeros
+    are multiplied too, which only the direct kernel's memory-bound layers can afford.
     """
-    if geometry.stride != (1, 1):
-        return None
     N, C, H, W = geometry.input_shape
     K, Cg, R, S = geometry.weight_shape
-    _, _, P, Q = geometry.output_shape
+    sh, sw = geometry.stride
     (pt, _), (pl, _) = geometry.padding
     dh, dw = geometry.dilation
+    if min(grad_output.shape[2:]) == 0:
+        return None, None
+    if (sh, sw) != (1, 1):
+        P, Q = grad_output.shape[2:]
+        shape = (N, K, (P - 1) * sh + 1, (Q - 1) * sw + 1)
+        v.check_memory(
+            "the input gradient", geometry.input_shape, dtype, (grad_output,), dtype.itemsize * np.prod(shape)
+        )
+        spread = np.zeros(shape, dtype)
+        spread[:, :, ::sh, ::sw] = grad_output
+        grad_output = spread
+    P, Q = grad_output.shape[2:]
     before = (dh * (R - 1) - pt, dw * (S - 1) - pl)
     after = (H - P + pt, W - Q + pl)
-    if min(before + after) < 0:
-        return None
-    padding = ((before[0], after[0]), (before[1], after[1]))
-    weight_shape = (C, K // geometry.groups, R, S)
-    return v.Conv2dGeometry((N, K, P, Q), weight_shape, (N, C, H, W), (1, 1), padding, (dh, dw), geometry.groups)
+    grad_output = grad_output[
+        :, :, max(0, -before[0]) : P + min(0, after[0]), max(0, -before[1]) : Q + min(0, after[1])
+    ]
+    if grad_output.shape[2] < 1 or grad_output.shape[3] < 1:
+        return None, None
+    padding = ((max(0, before[0]), max(0, after[0])), (max(0, before[1]), max(0, after[1])))
+    geometry = v.Conv2dGeometry(
+        grad_output.shape, (C, K // geometry.groups, R, S), (N, C, H, W), (1, 1), padding, (dh, dw), geometry.groups
+    )
+    return grad_output, geometry
 
 
 def _flip_for_input_grad(weight, groups):
@@ -152,15 +170,15 @@ def _flip_for_input_grad(weight, groups):
 
 def _input_grad(grad_output, weight, bias, geometry, dtype):
     """conv2d's input gradient: (N, K, P, Q) -> (N, C, H, W), plus ``bias`` when given (conv_transpose2d)."""
-    as_conv2d = _input_grad_as_conv2d(geometry)
-    if as_conv2d is not None:
+    direct = _choose_algorithm("auto", geometry) == "direct"
+    if geometry.stride == (1, 1) or direct:
+        grad_output, as_conv2d = _input_grad_as_conv2d(grad_output, geometry, dtype)
+        if as_conv2d is None:
+            return _initial(geometry.input_shape, dtype, bias)
         flipped = _flip_for_input_grad(weight, geometry.groups)
         return _forward(grad_output, flipped, bias, as_conv2d, dtype, purpose="the input gradient")
-    direct = _choose_algorithm("auto", geometry) == "direct"
-    workspace = _workspace_bytes(geometry, dtype, direct)
+    workspace = _workspace_bytes(geometry, dtype)
     v.check_memory("the input gradient", geometry.input_shape, dtype, (grad_output, weight), workspace)
-    if direct:
-        return _run_direct(_conv2d_direct_input, grad_output, weight, bias, geometry, geometry.input_shape, dtype)
     dx = _initial(geometry.input_shape, dtype, bias)
     if dx.size and grad_output.size:
         run(
