@@ -69,7 +69,7 @@ def winograd_workspace(geometry, dtype):
     K, Cg = geometry.weight_shape[:2]
     groups = geometry.groups
     filters = groups * XI * (_round_up(K // groups, MR) * Cg + 16)
-    per_thread = XI * (min(KC, Cg) * NR + 16) + XI * (128 + 1) * NR + 4 * 4
+    per_thread = XI * (min(KC, Cg) * NR + 16) + XI * (128 + 1) * NR
     return dtype.itemsize * (filters + numba.config.NUMBA_NUM_THREADS * per_thread)
 
 
@@ -106,9 +106,36 @@ def _transform_filters(weight, k, Kg, up):
 
 @njit(cache=True)
 def _transform_all_filters(weight, groups, up):
-    """``_transform_filters`` for every output channel."""
+    """``_transform_filters`` for every output channel (serial: a small part of the call, and one parallel
+    loop less to compile)."""
     for k in range(weight.shape[0]):
         _transform_filters(weight, k, weight.shape[0] // groups, up)
+
+
+@njit(cache=True, inline="always")
+def _bt_d_b(d):
+    """``Bᵀ d B`` of one 4x4 tile ``d`` (a 16-tuple, row-major), as a 16-tuple; only additions."""
+    # d B: each row of the tile combined along its columns.
+    a0, a1, a2, a3 = d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]
+    b0, b1, b2, b3 = d[4] - d[6], d[5] + d[6], d[6] - d[5], d[5] - d[7]
+    c0, c1, c2, c3 = d[8] - d[10], d[9] + d[10], d[10] - d[9], d[9] - d[11]
+    e0, e1, e2, e3 = d[12] - d[14], d[13] + d[14], d[14] - d[13], d[13] - d[15]
+    # Bᵀ (d B): the rows combined.
+    return (
+        a0 - c0, a1 - c1, a2 - c2, a3 - c3,
+        b0 + c0, b1 + c1, b2 + c2, b3 + c3,
+        c0 - b0, c1 - b1, c2 - b2, c3 - b3,
+        b0 - e0, b1 - e1, b2 - e2, b3 - e3,
+    )  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _store_column(v, u, t):
+    """``v[xi, u] = t[xi]`` for the 16 positions of a transformed tile."""
+    v[0, u], v[1, u], v[2, u], v[3, u] = t[0], t[1], t[2], t[3]
+    v[4, u], v[5, u], v[6, u], v[7, u] = t[4], t[5], t[6], t[7]
+    v[8, u], v[9, u], v[10, u], v[11, u] = t[8], t[9], t[10], t[11]
+    v[12, u], v[13, u], v[14, u], v[15, u] = t[12], t[13], t[14], t[15]
 
 
 @njit(cache=True)
@@ -122,36 +149,43 @@ def _transform_tiles(r0, r1, r2, r3, count, v):
     """
     for u in range(count):
         j = 2 * u
-        # d B: each input row combined along its columns.
-        a0, a1, a2, a3 = r0[j] - r0[j + 2], r0[j + 1] + r0[j + 2], r0[j + 2] - r0[j + 1], r0[j + 1] - r0[j + 3]
-        b0, b1, b2, b3 = r1[j] - r1[j + 2], r1[j + 1] + r1[j + 2], r1[j + 2] - r1[j + 1], r1[j + 1] - r1[j + 3]
-        c0, c1, c2, c3 = r2[j] - r2[j + 2], r2[j + 1] + r2[j + 2], r2[j + 2] - r2[j + 1], r2[j + 1] - r2[j + 3]
-        d0, d1, d2, d3 = r3[j] - r3[j + 2], r3[j + 1] + r3[j + 2], r3[j + 2] - r3[j + 1], r3[j + 1] - r3[j + 3]
-        # Bᵀ (d B): the rows combined.
-        v[0, u], v[1, u], v[2, u], v[3, u] = a0 - c0, a1 - c1, a2 - c2, a3 - c3
-        v[4, u], v[5, u], v[6, u], v[7, u] = b0 + c0, b1 + c1, b2 + c2, b3 + c3
-        v[8, u], v[9, u], v[10, u], v[11, u] = c0 - b0, c1 - b1, c2 - b2, c3 - b3
-        v[12, u], v[13, u], v[14, u], v[15, u] = b0 - d0, b1 - d1, b2 - d2, b3 - d3
+        d = (
+            r0[j], r0[j + 1], r0[j + 2], r0[j + 3],
+            r1[j], r1[j + 1], r1[j + 2], r1[j + 3],
+            r2[j], r2[j + 1], r2[j + 2], r2[j + 3],
+            r3[j], r3[j + 1], r3[j + 2], r3[j + 3],
+        )  # fmt: skip
+        _store_column(v, u, _bt_d_b(d))
 
 
-@njit(cache=True)
-def _border_tile(plane, h0, w0, patch, v):
-    """``_transform_tiles`` for one tile overlapping the padding: its 4x4 pixels copied to ``patch`` first."""
+@njit(cache=True, inline="always")
+def _pixel(plane, h, w):
+    """``plane[h, w]``, or 0 in the padding around it."""
     H, W = plane.shape
-    for i in range(4):
-        for j in range(4):
-            h, w = h0 + i, w0 + j
-            patch[i, j] = plane[h, w] if 0 <= h < H and 0 <= w < W else 0
-    _transform_tiles(patch[0], patch[1], patch[2], patch[3], 1, v)
+    return plane[h, w] if 0 <= h < H and 0 <= w < W else plane.dtype.type(0)
 
 
 @njit(cache=True)
-def _input_tiles(x, n, c, th, tw0, run, pt, pl, patch, v, v0):
+def _border_tile(plane, h0, w0, v, u):
+    """``v[:, u]`` = ``Bᵀ d B`` for the tile ``d`` at ``(h0, w0)``, which overlaps the padding."""
+    p = plane
+    h1, h2, h3, w1, w2, w3 = h0 + 1, h0 + 2, h0 + 3, w0 + 1, w0 + 2, w0 + 3
+    d = (
+        _pixel(p, h0, w0), _pixel(p, h0, w1), _pixel(p, h0, w2), _pixel(p, h0, w3),
+        _pixel(p, h1, w0), _pixel(p, h1, w1), _pixel(p, h1, w2), _pixel(p, h1, w3),
+        _pixel(p, h2, w0), _pixel(p, h2, w1), _pixel(p, h2, w2), _pixel(p, h2, w3),
+        _pixel(p, h3, w0), _pixel(p, h3, w1), _pixel(p, h3, w2), _pixel(p, h3, w3),
+    )  # fmt: skip
+    _store_column(v, u, _bt_d_b(d))
+
+
+@njit(cache=True)
+def _input_tiles(x, n, c, th, tw0, run, pt, pl, v, v0):
     """Transform the input tiles of tiles ``(n, th, tw0 + u)``, ``u < run``, of channel ``c`` into
     ``v[:, v0 + u]``.
 
     Tiles wholly inside the image are read straight from ``x``; the few overlapping the padding (the ends of
-    a row of tiles, the first and last rows) through a zero-padded 4x4 ``patch``.
+    a row of tiles, the first and last rows) one pixel at a time, with bounds tests.
     """
     _, _, H, W = x.shape
     plane = x[n, c]
@@ -166,9 +200,9 @@ def _input_tiles(x, n, c, th, tw0, run, pt, pl, patch, v, v0):
         rows = plane[h0 : h0 + 4]
         _transform_tiles(rows[0, start:], rows[1, start:], rows[2, start:], rows[3, start:], u1 - u0, v[:, v0 + u0 :])
     for u in range(u0):
-        _border_tile(plane, h0, w0 + 2 * u, patch, v[:, v0 + u :])
+        _border_tile(plane, h0, w0 + 2 * u, v, v0 + u)
     for u in range(u1, run):
-        _border_tile(plane, h0, w0 + 2 * u, patch, v[:, v0 + u :])
+        _border_tile(plane, h0, w0 + 2 * u, v, v0 + u)
 
 
 @njit(cache=True)
@@ -212,7 +246,7 @@ def _output_tiles(m, y, n, k, th, tw0, run, accumulate):
 
 
 @njit(cache=True, inline="always")
-def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, patch, y, task):
+def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, y, task):
     """Task ``(group, chunk of NR tiles, block of k_block output channels)`` of ``_winograd_tasks``.
 
     Transforms the chunk's input tiles into ``v``, one KC block of channels at a time, multiplies them by the
@@ -245,7 +279,7 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, patch, y, task)
             while t < last:  # one run of tiles per tile row (n, th)
                 tw = t % TW
                 run = min(last - t, TW - tw)
-                _input_tiles(x, t // (TH * TW), c, t // TW % TH, tw, run, pt, pl, patch, v, base + t - first)
+                _input_tiles(x, t // (TH * TW), c, t // TW % TH, tw, run, pt, pl, v, base + t - first)
                 t += run
         for xi in range(XI):
             b_panel = v[xi, : kc * NR]
@@ -263,23 +297,22 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, patch, y, task)
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _winograd_tasks(x, pt, pl, groups, k_block, accumulate, up, v, m, patch, y):
-    """``y (+)= conv2d(x, weight)`` for a 3x3, stride-1, undilated convolution.
+def _winograd_tasks(x, pt, pl, groups, k_block, accumulate, up, v, m, y):
+    """``y (+)= conv2d(x, weight)`` for a 3x3, stride-1, undilated convolution; ``up`` holds the transformed
+    filters (``_transform_all_filters``).
 
-    First the filters are transformed into ``up`` (zeros on entry), in parallel over output channels. Then
-    tasks ``(group, chunk of NR tiles, block of k_block output channels)`` (``_tile_task``) run in parallel,
+    Tasks ``(group, chunk of NR tiles, block of k_block output channels)`` (``_tile_task``) run in parallel,
     each thread with its own scratch, indexed by ``numba.get_thread_id()``: ``v`` (threads, 16, min(KC, Cg) *
     NR + pad) the chunk's transformed input as packed B panels, ``m`` (threads, 16, k_block + 1, NR) its GEMM
-    results and ``patch`` (threads, 4, 4) for the transforms. Footprint per thread:
-    ``16 * NR * (min(KC, Cg) + k_block)`` values, a few hundred KiB. The parallel loops only call serial
-    functions: a parallel loop's body is compiled twice over, so keeping it small saves compile time.
+    results. Footprint per thread: ``16 * NR * (min(KC, Cg) + k_block)`` values, a few hundred KiB. The
+    parallel loop only calls serial functions.
     """
     Kg = y.shape[1] // groups
     TH, TW = -(-y.shape[2] // 2), -(-y.shape[3] // 2)
     tasks = groups * -(-(x.shape[0] * TH * TW) // NR) * -(-Kg // k_block)
     for task in prange(tasks):
         t = numba.get_thread_id()
-        _tile_task(x, pt, pl, groups, k_block, accumulate, up, v[t], m[t], patch[t], y, task)
+        _tile_task(x, pt, pl, groups, k_block, accumulate, up, v[t], m[t], y, task)
 
 
 def _conv2d_winograd(x, weight, geometry, groups, accumulate, y):
@@ -304,7 +337,6 @@ def _conv2d_winograd(x, weight, geometry, groups, accumulate, y):
     up = np.zeros((groups, XI, _round_up(Kg, MR) * Cg + 16), dtype)
     v = np.empty((threads, XI, min(KC, Cg) * NR + 16), dtype)
     m = np.empty((threads, XI, k_block + 1, NR), dtype)
-    patch = np.empty((threads, 4, 4), dtype)
     _, _, pt, pl, _, _ = geometry
     _transform_all_filters(weight, groups, up)
-    _winograd_tasks(x, pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, patch, y)
+    _winograd_tasks(x, pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, y)
