@@ -18,6 +18,8 @@ Kernels here: the forward pass and the weight gradient. The input gradient is a 
 flipped filters over grad_output (``conv._input_grad_as_conv2d``).
 """
 
+from typing import NamedTuple
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -51,24 +53,47 @@ def _split_phases(image, sh, sw, pt, pl, Hq, Wq, phase_size, phases):
                 dst[j] = src[w0 + j * sw]
 
 
-@njit(cache=True)
-def _phase_layout(R, S, P, Q, geometry):
-    """Sizes of the stride phases and where each tap ``t = r * S + s`` reads in them.
+class _PhaseLayout(NamedTuple):
+    """Sizes of the stride phases and where each tap ``t = r * S + s`` reads in them, with each thread's scratch.
 
-    Returns ``(Hq, Wq, phase_size, tap_start)``: a phase holds ``Hq`` rows of ``Wq`` values (plus a spare row:
-    the wide plane's last taps read past ``Hq`` rows), and tap ``t`` reads the wide plane's value ``o`` at
-    ``tap_start[t] + o``.
+    A phase holds ``Hq`` rows of ``Wq`` values (plus a spare row: the wide plane's last taps read past ``Hq``
+    rows), and tap ``t`` reads the wide plane's value ``o`` at ``tap_start[t] + o``. ``phases`` (threads, sh *
+    sw * phase_size) and ``wide`` (threads, P * Wq) are zeros, one row per thread: allocated here, at call time,
+    for the thread count of this process (a count read inside a kernel would be frozen into the cached
+    machine code, and a process with more threads would write past the end).
     """
+
+    Hq: int
+    Wq: int
+    phase_size: int
+    tap_start: np.ndarray
+    phases: np.ndarray
+    wide: np.ndarray
+
+
+def _phase_layout(R, S, P, Q, geometry, dtype):
     sh, sw, _, _, dh, dw = geometry
     Hq = P + (R - 1) * dh // sh
     Wq = Q + (S - 1) * dw // sw
     phase_size = (Hq + 1) * Wq
-    tap_start = np.empty(R * S, np.int64)
-    for t in range(R * S):
-        r, s = t // S, t % S
-        a, b = r * dh % sh, s * dw % sw
-        tap_start[t] = (a * sw + b) * phase_size + (r * dh // sh) * Wq + s * dw // sw
-    return Hq, Wq, phase_size, tap_start
+    r, s = np.divmod(np.arange(R * S), S)
+    tap_start = ((r * dh % sh) * sw + s * dw % sw) * phase_size + (r * dh // sh) * Wq + s * dw // sw
+    threads = numba.config.NUMBA_NUM_THREADS
+    phases = np.zeros((threads, sh * sw * phase_size), dtype)
+    wide = np.zeros((threads, P * Wq), dtype)
+    return _PhaseLayout(Hq, Wq, phase_size, tap_start.astype(np.int64), phases, wide)
+
+
+def conv2d_direct(x, weight, bias, geometry, groups, y):
+    """``y = conv2d(x, weight) + bias`` by ``_conv2d_direct``, with its scratch."""
+    layout = _phase_layout(*weight.shape[2:], *y.shape[2:], geometry, y.dtype)
+    _conv2d_direct(x, weight, bias, geometry, groups, *layout, y)
+
+
+def conv2d_direct_weight(x, grad_output, geometry, groups, grad_weight):
+    """``grad_weight = conv2d_weight(x, grad_output)`` by ``_conv2d_direct_weight``, with its scratch."""
+    layout = _phase_layout(*grad_weight.shape[2:], *grad_output.shape[2:], geometry, grad_weight.dtype)
+    _conv2d_direct_weight(x, grad_output, geometry, groups, *layout, grad_weight)
 
 
 @njit(cache=True)
@@ -83,7 +108,7 @@ def _widen(plane, Wq, wide):
 
 
 @njit(parallel=PRANGE_ONLY, fastmath={"contract", "reassoc"}, cache=True)
-def _conv2d_direct_weight(x, grad_output, geometry, groups, grad_weight):
+def _conv2d_direct_weight(x, grad_output, geometry, groups, Hq, Wq, phase_size, tap_start, phases, wide, grad_weight):
     """``grad_weight = conv2d_weight(x, grad_output)`` by direct loops, in parallel over output channels.
 
     Each thread owns the filters of whole output channels ``k`` and sums over the images in order: results do
@@ -95,12 +120,8 @@ def _conv2d_direct_weight(x, grad_output, geometry, groups, grad_weight):
     _, Cg, R, S = grad_weight.shape
     sh, sw, pt, pl, dh, dw = geometry
     Kg = K // groups
-    Hq, Wq, phase_size, tap_start = _phase_layout(R, S, P, Q, geometry)
-    threads = numba.config.NUMBA_NUM_THREADS
-    phases = np.zeros((threads, sh * sw * phase_size), dtype=grad_weight.dtype)
-    wide = np.zeros((threads, P * Wq), dtype=grad_weight.dtype)
     size = P * Wq
-    zero = np.zeros(1, grad_weight.dtype)[0]  # sums in the dtype of the result, as LLVM vectorises them
+    zero = grad_weight.dtype.type(0)  # sums in the dtype of the result, as LLVM vectorises them
     for k in prange(K):
         thread = numba.get_thread_id()
         c0 = k // Kg * Cg
@@ -120,7 +141,7 @@ def _conv2d_direct_weight(x, grad_output, geometry, groups, grad_weight):
 
 
 @njit(parallel=PRANGE_ONLY, fastmath=_FASTMATH, cache=True)
-def _conv2d_direct(x, weight, bias, geometry, groups, y):
+def _conv2d_direct(x, weight, bias, geometry, groups, Hq, Wq, phase_size, tap_start, phases, wide, y):
     """``y = conv2d(x, weight) + bias`` by direct loops, in parallel over output planes ``(n, k)``.
 
     ``y`` is written, never read: one pass over the output, the least memory traffic a memory-bound layer
@@ -133,10 +154,6 @@ def _conv2d_direct(x, weight, bias, geometry, groups, y):
     P, Q = y.shape[2], y.shape[3]
     sh, sw, pt, pl, dh, dw = geometry
     Kg = K // groups
-    Hq, Wq, phase_size, tap_start = _phase_layout(R, S, P, Q, geometry)
-    threads = numba.config.NUMBA_NUM_THREADS
-    phases = np.zeros((threads, sh * sw * phase_size), dtype=y.dtype)
-    wide = np.empty((threads, P * Wq), dtype=y.dtype)
     size = P * Wq
     for plane in prange(N * K):
         thread = numba.get_thread_id()
@@ -145,7 +162,8 @@ def _conv2d_direct(x, weight, bias, geometry, groups, y):
         c0 = k // Kg * Cg
         src = phases[thread]
         acc = wide[thread]
-        acc[:] = 0
+        for o in range(size):
+            acc[o] = 0
         taps = weight[k]
         for c in range(Cg):
             _split_phases(x[n, c0 + c], sh, sw, pt, pl, Hq, Wq, phase_size, src)

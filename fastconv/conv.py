@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _validate as v
 from ._conv_kernels import _conv2d_forward, _conv2d_input, _conv2d_weight
-from ._direct import _conv2d_direct, _conv2d_direct_weight
+from ._direct import conv2d_direct, conv2d_direct_weight
 from ._parallel import run
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
 from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP, KC, NC
@@ -102,7 +102,7 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d
     )
     v.check_memory(purpose, geometry.output_shape, dtype, (x, weight), workspace)
     if direct:
-        return _run_direct(_conv2d_direct, x, weight, bias, geometry, geometry.output_shape, dtype)
+        return _run_direct(conv2d_direct, x, weight, bias, geometry, geometry.output_shape, dtype)
     # Without a bias the first block overwrites the output: no pass to zero it first.
     overwrite = bias is None and x.size and weight.size
     y = np.empty(geometry.output_shape, dtype) if overwrite else _initial(geometry.output_shape, dtype, bias)
@@ -201,7 +201,7 @@ def _weight_grad(x, grad_output, geometry, dtype):
     dw = np.zeros(geometry.weight_shape, dtype)
     if dw.size and grad_output.size:
         run(
-            _conv2d_direct_weight if direct else _conv2d_weight,
+            conv2d_direct_weight if direct else _conv2d_weight,
             v.kernel_ready(x, dtype),
             v.kernel_ready(grad_output, dtype),
             geometry.kernel_geometry,

@@ -106,6 +106,37 @@ print("hits", sum(sum(k.stats.cache_hits.values()) for k in kernels))
     assert "misses 0" in done.stdout and "hits 0" not in done.stdout, done.stdout
 
 
+def test_kernels_cached_by_a_process_with_fewer_threads_run_with_more(tmp_path):
+    """Per-thread scratch is sized when called, never frozen into cached machine code.
+
+    A kernel that read the thread count at compile time, cached by a 1-thread process, wrote past its
+    per-thread buffers (a segfault) when loaded by a 2-thread one. A copy of the package gets a cache of its
+    own, compiled here by the 1-thread process.
+    """
+    import shutil
+
+    shutil.copytree(_cache.PACKAGE_DIR, tmp_path / "fastconv", ignore=shutil.ignore_patterns("__pycache__"))
+    code = f"""
+import sys
+sys.path.insert(0, {str(tmp_path)!r})
+import numpy as np, numba, fastconv
+from fastconv import reference
+assert fastconv.__file__.startswith({str(tmp_path)!r})
+rng = np.random.default_rng(0)
+x = rng.standard_normal((4, 16, 20, 20))
+w = rng.standard_normal((16, 1, 3, 3))
+y = fastconv.conv2d(x, w, padding=1, groups=16)
+dw = fastconv.conv2d_weight(x, w.shape, y, padding=1, groups=16)
+ok = np.allclose(y, reference.conv2d(x, w, padding=1, groups=16))
+ok &= np.allclose(dw, reference.conv2d_weight(x, w.shape, y, padding=1, groups=16))
+print("threads", numba.config.NUMBA_NUM_THREADS, "correct", ok)
+"""
+    for threads in ("1", "4"):
+        done = run_python(code, {"NUMBA_NUM_THREADS": threads})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"threads {threads} correct True" in done.stdout, done.stdout
+
+
 def test_cache_folder_falls_back_when_the_package_is_read_only(tmp_path, monkeypatch):
     read_only = tmp_path / "file"
     read_only.write_text("a file where a folder would be: mkdir under it fails, even as root")
