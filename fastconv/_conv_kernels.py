@@ -36,7 +36,7 @@ from ._gemm import (
     _packed_b_size,
     _round_up,
 )
-from ._im2col import _col2im, _pack_b_patches, _pack_b_patches_transposed
+from ._im2col import _col2im, _pack_b_patches, _pack_b_patches_transposed, _tap_table
 from ._parallel import PRANGE_ONLY
 from .config import KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
@@ -89,7 +89,8 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
                 if pointwise:
                     _pack_b(x_blocks, g * Cg, ZERO, pc, kc, jc, nc, bp)
                 else:
-                    _pack_b_patches(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp)
+                    taps = _tap_table(g * Cg, R, S, geometry, Q, x.shape[3], pc, kc)
+                    _pack_b_patches(x, taps, geometry, P, Q, kc, jc, nc, bp)
                 _macro_kernel(ap[g], Kg, pc, kc, bp, nc, y_blocks, g * Kg, jc, bool(accumulate or pc > 0))
 
 

@@ -136,15 +136,14 @@ def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _pack_b_patches(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
+def _pack_b_patches(x, taps, geometry, P, Q, kc, jc, nc, bp):
     """Pack a KC x NC panel of the patch matrix of ``x[:, c0:c0+Cg]`` straight into NR-column micro-panels.
 
     Implicit im2col: rows ``pc:pc+kc`` (taps ``(c, r, s)``) and columns ``jc:jc+nc`` (output pixels of the whole
     batch, ``(n * P + p) * Q + q``) of the column matrix above, in the layout ``_gemm._pack_b``
-    produces, so the full patch matrix never exists. Footprint: ``kc * round_up(nc, NR)`` values, and a table
-    of the ``kc`` taps.
+    produces, so the full patch matrix never exists. ``taps`` is ``_tap_table(c0, R, S, geometry, Q, W, pc,
+    kc)``, made by the caller: a kernel allocates nothing. Footprint: ``kc * round_up(nc, NR)`` values.
     """
-    taps = _tap_table(c0, R, S, geometry, Q, x.shape[3], pc, kc)
     for panel_index in prange(-(-nc // NR)):
         _patch_panel(x, taps, geometry[0], geometry[1], P, Q, kc, jc, nc, bp, panel_index)
 
