@@ -23,6 +23,20 @@ class Conv2d:
         fastconv.conv2d(self.x, self.w, **self.params)
 
 
+class Conv2dAlgorithms:
+    """Each kernel a 3x3 stride-1 layer can run on, whichever ``"auto"`` picks: a regression in either shows."""
+
+    params = [["3x3_64ch_56px", "3x3_256ch_14px"], ["gemm", "winograd"]]
+    param_names = ["layer", "algorithm"]
+
+    def setup(self, layer, algorithm):
+        self.x, self.w, self.params = conv_arrays(layer, "float32")
+        fastconv.conv2d(self.x, self.w, **self.params, algorithm=algorithm)  # compile before timing
+
+    def time_conv2d(self, layer, algorithm):
+        fastconv.conv2d(self.x, self.w, **self.params, algorithm=algorithm)
+
+
 class Conv2dGradients:
     params = [list(CONV_LAYERS), ["float32"]]
     param_names = ["layer", "dtype"]
