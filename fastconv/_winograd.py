@@ -104,14 +104,6 @@ def _transform_filters(weight, k, Kg, up):
                 up[g, 4 * a + b, offset] = u[b]
 
 
-@njit(cache=True)
-def _transform_all_filters(weight, groups, up):
-    """``_transform_filters`` for every output channel (serial: a small part of the call, and one parallel
-    loop less to compile)."""
-    for k in range(weight.shape[0]):
-        _transform_filters(weight, k, weight.shape[0] // groups, up)
-
-
 @njit(cache=True, inline="always")
 def _bt_d_b(d):
     """``Bᵀ d B`` of one 4x4 tile ``d`` (a 16-tuple, row-major), as a 16-tuple; only additions."""
@@ -297,17 +289,19 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, y, task):
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _winograd_tasks(x, pt, pl, groups, k_block, accumulate, up, v, m, y):
-    """``y (+)= conv2d(x, weight)`` for a 3x3, stride-1, undilated convolution; ``up`` holds the transformed
-    filters (``_transform_all_filters``).
+def _winograd_tasks(x, weight, pt, pl, groups, k_block, accumulate, up, v, m, y):
+    """``y (+)= conv2d(x, weight)`` for a 3x3, stride-1, undilated convolution.
 
-    Tasks ``(group, chunk of NR tiles, block of k_block output channels)`` (``_tile_task``) run in parallel,
-    each thread with its own scratch, indexed by ``numba.get_thread_id()``: ``v`` (threads, 16, min(KC, Cg) *
-    NR + pad) the chunk's transformed input as packed B panels, ``m`` (threads, 16, k_block + 1, NR) its GEMM
+    First the filters are transformed into ``up`` (zeros), in parallel over output channels. Then tasks
+    ``(group, chunk of NR tiles, block of k_block output channels)`` (``_tile_task``) run in parallel, each
+    thread with its own scratch, indexed by ``numba.get_thread_id()``: ``v`` (threads, 16, min(KC, Cg) * NR +
+    pad) the chunk's transformed input as packed B panels, ``m`` (threads, 16, k_block + 1, NR) its GEMM
     results. Footprint per thread: ``16 * NR * (min(KC, Cg) + k_block)`` values, a few hundred KiB. The
-    parallel loop only calls serial functions.
+    parallel loops only call serial functions.
     """
-    Kg = y.shape[1] // groups
+    K, Kg = y.shape[1], y.shape[1] // groups
+    for k in prange(K):
+        _transform_filters(weight, k, Kg, up)
     TH, TW = -(-y.shape[2] // 2), -(-y.shape[3] // 2)
     tasks = groups * -(-(x.shape[0] * TH * TW) // NR) * -(-Kg // k_block)
     for task in prange(tasks):
@@ -338,5 +332,4 @@ def _conv2d_winograd(x, weight, geometry, groups, accumulate, y):
     v = np.empty((threads, XI, min(KC, Cg) * NR + 16), dtype)
     m = np.empty((threads, XI, k_block + 1, NR), dtype)
     _, _, pt, pl, _, _ = geometry
-    _transform_all_filters(weight, groups, up)
-    _winograd_tasks(x, pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, y)
+    _winograd_tasks(x, weight, pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, y)
