@@ -49,8 +49,13 @@ def _split_phases(image, sh, sw, pt, pl, Hq, Wq, phase_size, phases):
             count = min(-(-(W - w0) // sw), Wq - j0)
             start = (a * sw + b) * phase_size + i * Wq + j0
             dst = phases[start : start + max(count, 0)]
-            for j in range(count):
-                dst[j] = src[w0 + j * sw]
+            row = src[w0:]  # sliced first: indices from 0, and at sw == 1 a copy LLVM vectorises
+            if sw == 1:
+                for j in range(count):
+                    dst[j] = row[j]
+            else:
+                for j in range(count):
+                    dst[j] = row[j * sw]
 
 
 class _PhaseLayout(NamedTuple):
