@@ -173,15 +173,22 @@ def _transposed_patch_panel(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp, pan
             if 0 <= h < H:
                 lo = min(max(q_lo, q0), q0 + run)
                 hi = max(min(q_hi, q0 + run), lo)
-            base = (row - q0) * NR + j  # panel[base + q * NR] holds pixel q of this run
-            for q in range(q0, lo):
-                panel[base + q * NR] = 0
+            # Sliced first, so that every index counts up from 0: no wraparound test, and at sw == 1 the loads
+            # are contiguous. dst[u * NR] holds pixel q0 + u of this run.
+            dst = panel[row * NR + j :]
+            for u in range(lo - q0):
+                dst[u * NR] = 0
             if hi > lo:
-                src = x[t // P, c, h]
-                for q in range(lo, hi):
-                    panel[base + q * NR] = src[q * sw + offset]
-            for q in range(hi, q0 + run):
-                panel[base + q * NR] = 0
+                src = x[t // P, c, h, lo * sw + offset :]
+                inside = dst[(lo - q0) * NR :]
+                if sw == 1:
+                    for u in range(hi - lo):
+                        inside[u * NR] = src[u]
+                else:
+                    for u in range(hi - lo):
+                        inside[u * NR] = src[u * sw]
+            for u in range(hi - q0, run):
+                dst[u * NR] = 0
             row += run
             t += 1
             q0 = 0
