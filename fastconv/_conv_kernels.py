@@ -36,7 +36,7 @@ from ._gemm import (
     _packed_b_size,
     _round_up,
 )
-from ._im2col import _col2im, _pack_b_patches, _pack_b_patches_transposed, _tap_table
+from ._im2col import _col2im, _pack_b_patches, _pack_b_patches_transposed, _tap_table, _valid_q_range
 from ._parallel import PRANGE_ONLY
 from .config import KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
@@ -104,12 +104,15 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     col, rows = _column_buffer(crs, rows_per_chunk, N * P, Q, grad_input.dtype)
     bp = np.empty(_packed_b_size(rows * Q), dtype=grad_input.dtype)
     dy_blocks = grad_output.reshape(N, K, P * Q)
+    sh, sw, pt, pl, dh, dw = geometry
+    W = grad_input.shape[3]
+    q_ranges = np.array([_valid_q_range(s, Q, W, sw, pl, dw) for s in range(S)], dtype=np.int64).reshape(S, 2)
     for g in range(groups):
         for t0 in range(0, N * P, rows):
             t1 = min(N * P, t0 + rows)
             n = (t1 - t0) * Q
             _gemm_packed(ap[g], crs, Kg, dy_blocks, g * Kg, t0 * Q, n, col, ZERO, ZERO, FALSE, bp)
-            _col2im(col[0], R, S, geometry, t0, t1, P, Q, grad_input, g * Cg)
+            _col2im(col[0], R, S, geometry, t0, t1, P, Q, grad_input, g * Cg, q_ranges)
 
 
 def _weight_grad_split(Kg, crs, groups, pixels):

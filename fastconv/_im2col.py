@@ -31,12 +31,13 @@ def _valid_q_range(s, Q, W, sw, pl, dw):
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0):
+def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, q_ranges):
     """Add the patches in ``col`` (output rows ``t0:t1``) back into ``x[:, c0:c0+Cg]``: the adjoint of im2col.
 
     Race-free by construction: each thread owns whole input rows ``(c, h)`` of one image and gathers into them
     every ``(r, s)`` contribution, in a fixed order, so results do not depend on the number of threads.
-    Footprint: none beyond ``x``.
+    ``q_ranges[s]`` is ``_valid_q_range`` of tap column ``s``, computed once by the caller rather than twice
+    per row and tap (two divisions, as much as a short row's additions). Footprint: none beyond ``x``.
     """
     Cg = col.shape[0] // (R * S)
     _, _, H, W = x.shape
@@ -63,7 +64,7 @@ def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0):
                     continue
                 column = (n * P + p - t0) * Q
                 for s in range(S):
-                    q_lo, q_hi = _valid_q_range(s, Q, W, sw, pl, dw)
+                    q_lo, q_hi = q_ranges[s, 0], q_ranges[s, 1]
                     src = col[(c * R + r) * S + s, column : column + Q]
                     for q in range(q_lo, q_hi):
                         dst[q * sw - pl + s * dw] += src[q]
