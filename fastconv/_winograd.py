@@ -238,7 +238,7 @@ def _output_tiles(m, y, n, k, th, tw0, run, accumulate):
 
 
 @njit(cache=True, inline="always")
-def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, y, task):
+def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
     """Task ``(group, chunk of NR tiles, block of k_block output channels)`` of ``_winograd_tasks``.
 
     Transforms the chunk's input tiles into ``v``, one KC block of channels at a time, multiplies them by the
@@ -259,6 +259,16 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, y, task):
     k0 = task % k_blocks * k_block
     k1 = min(Kg, k0 + k_block)
     first, last = chunk * NR, min(tiles, chunk * NR + NR)
+    # The chunk's runs of tiles, one per tile row (n, th) it covers, decoded once: the same for every channel,
+    # and the divisions cost as much as transforming a short run.
+    n_runs = 0
+    t = first
+    while t < last:
+        tw = t % TW
+        run = min(last - t, TW - tw)
+        runs[n_runs, 0], runs[n_runs, 1], runs[n_runs, 2], runs[n_runs, 3] = t // (TH * TW), t // TW % TH, tw, run
+        n_runs += 1
+        t += run
     for pc in range(0, Cg, KC):
         kc = min(KC, Cg - pc)
         for p in range(kc):
@@ -267,12 +277,9 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, y, task):
             for t in range(last - first, NR):  # tiles past the last: zeros
                 for xi in range(XI):
                     v[xi, base + t] = 0
-            t = first
-            while t < last:  # one run of tiles per tile row (n, th)
-                tw = t % TW
-                run = min(last - t, TW - tw)
-                _input_tiles(x, t // (TH * TW), c, t // TW % TH, tw, run, pt, pl, v, base + t - first)
-                t += run
+            for i in range(n_runs):
+                _input_tiles(x, runs[i, 0], c, runs[i, 1], runs[i, 2], runs[i, 3], pt, pl, v, base)
+                base += runs[i, 3]
         for xi in range(XI):
             b_panel = v[xi, : kc * NR]
             for ir in range(k0, k1, MR):
@@ -280,24 +287,23 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, y, task):
                 a_panel = up[g, xi, start : start + kc * MR]
                 _micro_kernel(kc, a_panel, b_panel, m, ir - k0, xi * NR, min(MR, k1 - ir), WHOLE_PANEL, pc > 0)
     for k in range(k0, k1):
-        t = first
-        while t < last:
-            tw = t % TW
-            run = min(last - t, TW - tw)
-            _output_tiles(m[:, k - k0, t - first :], y, t // (TH * TW), g * Kg + k, t // TW % TH, tw, run, accumulate)
-            t += run
+        offset = 0
+        for i in range(n_runs):
+            n, th, tw, run = runs[i, 0], runs[i, 1], runs[i, 2], runs[i, 3]
+            _output_tiles(m[:, k - k0, offset:], y, n, g * Kg + k, th, tw, run, accumulate)
+            offset += run
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _winograd_tasks(x, weight, pt, pl, groups, k_block, accumulate, up, v, m, y):
+def _winograd_tasks(x, weight, pt, pl, groups, k_block, accumulate, up, v, m, runs, y):
     """``y (+)= conv2d(x, weight)`` for a 3x3, stride-1, undilated convolution.
 
     First the filters are transformed into ``up`` (zeros), in parallel over output channels. Then tasks
     ``(group, chunk of NR tiles, block of k_block output channels)`` (``_tile_task``) run in parallel, each
     thread with its own scratch, indexed by ``numba.get_thread_id()``: ``v`` (threads, 16, min(KC, Cg) * NR +
     pad) the chunk's transformed input as packed B panels, ``m`` (threads, 16, k_block + 1, NR) its GEMM
-    results. Footprint per thread: ``16 * NR * (min(KC, Cg) + k_block)`` values, a few hundred KiB. The
-    parallel loops only call serial functions.
+    results, ``runs`` (threads, NR, 4) its runs of tiles. Footprint per thread: ``16 * NR * (min(KC, Cg) +
+    k_block)`` values, a few hundred KiB. The parallel loops only call serial functions.
     """
     K, Kg = y.shape[1], y.shape[1] // groups
     for k in prange(K):
@@ -306,7 +312,7 @@ def _winograd_tasks(x, weight, pt, pl, groups, k_block, accumulate, up, v, m, y)
     tasks = groups * -(-(x.shape[0] * TH * TW) // NR) * -(-Kg // k_block)
     for task in prange(tasks):
         t = numba.get_thread_id()
-        _tile_task(x, pt, pl, groups, k_block, accumulate, up, v[t], m[t], y, task)
+        _tile_task(x, pt, pl, groups, k_block, accumulate, up, v[t], m[t], runs[t], y, task)
 
 
 def _conv2d_winograd(x, weight, geometry, groups, accumulate, y):
@@ -332,4 +338,5 @@ def _conv2d_winograd(x, weight, geometry, groups, accumulate, y):
     v = np.empty((threads, XI, min(KC, Cg) * NR + 16), dtype)
     m = np.empty((threads, XI, k_block + 1, NR), dtype)
     _, _, pt, pl, _, _ = geometry
-    _winograd_tasks(x, weight, pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, y)
+    runs = np.empty((threads, NR, 4), np.int64)
+    _winograd_tasks(x, weight, pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, runs, y)
