@@ -165,11 +165,11 @@ def _transposed_patch_panel(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp, pan
         q_lo, q_hi = _valid_q_range(s, Q, W, sw, pl, dw)
         offset = s * dw - pl
         t = pc // Q
-        q0 = pc % Q
+        n, p, q0 = t // P, t % P, pc % Q  # counted on below, not divided again: small images have short runs
         row = 0
         while row < kc:  # one run of pixels per output row (n, p)
             run = min(kc - row, Q - q0)
-            h = t % P * sh - pt + r * dh
+            h = p * sh - pt + r * dh
             lo, hi = q0, q0
             if 0 <= h < H:
                 lo = min(max(q_lo, q0), q0 + run)
@@ -180,7 +180,7 @@ def _transposed_patch_panel(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp, pan
             for u in range(lo - q0):
                 dst[u * NR] = 0
             if hi > lo:
-                src = x[t // P, c, h, lo * sw + offset :]
+                src = x[n, c, h, lo * sw + offset :]
                 inside = dst[(lo - q0) * NR :]
                 if sw == 1:
                     for u in range(hi - lo):
@@ -191,7 +191,9 @@ def _transposed_patch_panel(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp, pan
             for u in range(hi - q0, run):
                 dst[u * NR] = 0
             row += run
-            t += 1
+            p += 1
+            if p == P:
+                n, p = n + 1, 0
             q0 = 0
     for row in range(kc):
         panel[row * NR + n_valid : (row + 1) * NR] = 0
