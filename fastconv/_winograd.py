@@ -14,16 +14,17 @@ transformed tile, each over the channels::
 
     # [Kg, Cg] [Cg, tiles] -> [Kg, tiles]     M[xi] = U[xi] @ V[xi]      (U = G g Gᵀ, V = Bᵀ d B)
 
-16 products of 4 per output pixel and channel pair, where the direct sum takes 9. The transforms only add
-and halve, so the rounding error stays within about three times the direct sum's (measured: 8e-7 of the
-largest output for 512 channels in float32, against 2.5e-7 direct); F(4x4, 3x3) would save more but is
-60 times less accurate.
+That is 16 multiplications per 2x2 tile, 4 per output pixel and channel pair, where the direct sum takes 9.
+The transforms only add and halve, so the rounding error stays within about three times the direct sum's
+(measured: 8e-7 of the largest output for 512 channels in float32, against 2.5e-7 direct); F(4x4, 3x3) would
+save more but is 60 times less accurate.
 
-The tiles of the whole batch are processed in chunks of NR (the GEMM micro-kernel's width), each by one
-thread: it transforms the chunk's input tiles straight into packed B panels (``V``, in cache), multiplies
-them by the packed transformed filters with the GEMM's micro-kernel into ``M``, and transforms ``M`` into
-output pixels. Nothing the size of the image is allocated. Every output is written by one thread and summed
-in a fixed order, so results do not depend on the thread count.
+The filters are transformed once per call, in parallel over output channels. The tiles of the whole batch
+are processed in chunks of NR (the GEMM micro-kernel's width), each by one thread: it transforms the chunk's
+input tiles straight into packed B panels (``V``, in cache), multiplies them by the packed transformed
+filters with the GEMM's micro-kernel into ``M``, and transforms ``M`` into output pixels. Nothing the size of
+the image is allocated. Every output is written by one thread and summed in a fixed order, so results do not
+depend on the thread count.
 """
 
 import numba
