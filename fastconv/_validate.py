@@ -7,6 +7,7 @@ PyTorch's where PyTorch has an equivalent check.
 
 import numbers
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -293,6 +294,23 @@ def available_memory():
         return None
 
 
+_last_reading = [-1e9, None]  # (time.monotonic(), bytes) of the last read of available_memory()
+
+
+def _recent_available_memory(needed):
+    """``available_memory()``, read at most once a second unless ``needed`` comes near the last reading.
+
+    Reading /proc/meminfo costs some 25 µs, a quarter of a small convolution's call: a request under a quarter of
+    what was available a moment ago is not worth a fresh reading.
+    """
+    when, available = _last_reading
+    now = time.monotonic()
+    if now - when > 1.0 or available is None or needed > available // 4:
+        available = available_memory()
+        _last_reading[:] = [now, available]
+    return available
+
+
 def _size(nbytes):
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if nbytes < 1024 or unit == "TiB":
@@ -313,7 +331,7 @@ def check_memory(function, output_shape, dtype, inputs, workspace):
         if a is not None and not (a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable)
     )
     needed = output + copies + workspace
-    available = available_memory()
+    available = _recent_available_memory(needed)
     if available is not None and needed > available:
         raise MemoryError(
             f"{function} needs {_size(needed)}: {_size(output)} for an output of shape {tuple(output_shape)} "
