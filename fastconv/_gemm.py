@@ -70,9 +70,9 @@ def _packed_b_size(n):
 
 
 @njit(cache=True)
-def _segment(blocks, j):
-    """Where logical column ``j`` of a blocked matrix lives: ``(block, column in it, columns left in it)``."""
-    ncols = blocks.shape[2]
+def _segment(ncols, j):
+    """Where logical column ``j`` of a blocked matrix with ``ncols`` columns per block lives:
+    ``(block, column in it, columns left in it)``."""
     return j // ncols, j % ncols, ncols - j % ncols
 
 
@@ -92,9 +92,8 @@ def _pack_a_panel(a, row0, m, col0, k, transposed, ap, t):
     ncols = a.shape[1] if transposed else a.shape[2]
     p = 0
     while p < kc:
-        j = col0 + pc + p
-        block, col = j // ncols, j % ncols
-        run = min(kc - p, ncols - col)
+        block, col, left = _segment(ncols, col0 + pc + p)
+        run = min(kc - p, left)
         if transposed:
             for q in range(run):
                 src = a[block, col + q, row0 + ir : row0 + ir + m_valid]
@@ -158,7 +157,7 @@ def _pack_b(b, row0, col0, pc, kc, jc, nc, bp):
         panel = bp[jr * kc : jr * kc + kc * NR]
         j = 0
         while j < n_valid:
-            block, col, left = _segment(b, col0 + jc + jr + j)
+            block, col, left = _segment(b.shape[2], col0 + jc + jr + j)
             run = min(n_valid - j, left)
             for p in range(kc):
                 src = b[block, row0 + pc + p, col : col + run]
@@ -191,7 +190,7 @@ def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate)
                 tile[i, j] += a_i * b[j]
     j = 0
     while j < n_valid:  # the tile's columns may span two blocks of c (two images)
-        block, col, left = _segment(c, j0 + j)
+        block, col, left = _segment(c.shape[2], j0 + j)
         run = min(n_valid - j, left)
         for i in range(m_valid):
             dst = c[block, i0 + i, col : col + run]
@@ -246,7 +245,7 @@ def _macro_kernel_serial(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate):
 def _zero_columns(c, c_row0, m, c_col0, n):
     """``C = 0`` on a blocked matrix: what ``C = A @ B`` is when the shared dimension is empty."""
     for j in range(n):
-        block, col, _ = _segment(c, c_col0 + j)
+        block, col, _ = _segment(c.shape[2], c_col0 + j)
         c[block, c_row0 : c_row0 + m, col] = 0
 
 
