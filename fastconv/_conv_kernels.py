@@ -37,7 +37,7 @@ from ._gemm import (
     _round_up,
 )
 from ._im2col import _col2im, _pack_b_patches, _pack_b_patches_transposed, _tap_table, _valid_q_range
-from ._parallel import PRANGE_ONLY
+from ._parallel import PRANGE_ONLY, per_thread
 from .config import KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
 
@@ -144,10 +144,9 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
     pixel_ranges, column_ranges = _weight_grad_split(Kg, crs, groups, N * P * Q)
     dw = grad_weight.reshape(1, groups, Kg, crs)
     partial = dw if pixel_ranges == 1 else np.zeros((pixel_ranges, groups, Kg, crs), dtype=grad_weight.dtype)
-    # Packing scratch per thread (numba.get_thread_id() indexes it), not per task.
-    threads = numba.config.NUMBA_NUM_THREADS
-    ap = np.empty((threads, _packed_a_size(Kg, KC)), dtype=grad_weight.dtype)
-    bp = np.empty((threads, _packed_b_size(crs)), dtype=grad_weight.dtype)
+    # Packing scratch per thread, not per task.
+    ap = per_thread((_packed_a_size(Kg, KC),), grad_weight.dtype)
+    bp = per_thread((_packed_b_size(crs),), grad_weight.dtype)
     dy_blocks = grad_output.reshape(N, K, P * Q)
     _weight_grad_tasks(x, dy_blocks, geometry, R, S, P, Q, column_ranges, ap, bp, partial)
     if pixel_ranges > 1:

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._parallel import PRANGE_ONLY
+from ._parallel import PRANGE_ONLY, per_thread
 
 _FASTMATH = {"contract"}
 
@@ -71,9 +71,7 @@ class _PhaseLayout(NamedTuple):
 
     A phase holds ``Hq`` rows of ``Wq`` values (plus a spare row: the wide plane's last taps read past ``Hq``
     rows), and tap ``t`` reads the wide plane's value ``o`` at ``tap_start[t] + o``. ``phases`` (threads, sh *
-    sw * phase_size) and ``wide`` (threads, P * Wq) are zeros, one row per thread: allocated here, at call time,
-    for the thread count of this process (a count read inside a kernel would be frozen into the cached
-    machine code, and a process with more threads would write past the end).
+    sw * phase_size) and ``wide`` (threads, P * Wq) are zeros, one row per thread (``_parallel.per_thread``).
     """
 
     Hq: int
@@ -91,9 +89,8 @@ def _phase_layout(R, S, P, Q, geometry, dtype):
     phase_size = (Hq + 1) * Wq
     r, s = np.divmod(np.arange(R * S), S)
     tap_start = ((r * dh % sh) * sw + s * dw % sw) * phase_size + (r * dh // sh) * Wq + s * dw // sw
-    threads = numba.config.NUMBA_NUM_THREADS
-    phases = np.zeros((threads, sh * sw * phase_size), dtype)
-    wide = np.zeros((threads, P * Wq), dtype)
+    phases = per_thread((sh * sw * phase_size,), dtype, zeros=True)
+    wide = per_thread((P * Wq,), dtype, zeros=True)
     return _PhaseLayout(Hq, Wq, phase_size, tap_start.astype(np.int64), phases, wide)
 
 

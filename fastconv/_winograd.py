@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._gemm import _micro_kernel, _round_up
-from ._parallel import PRANGE_ONLY
+from ._parallel import PRANGE_ONLY, per_thread
 from .config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
 
 _FASTMATH = {"contract"}
@@ -336,8 +336,8 @@ def _conv2d_winograd(x, weight, geometry, groups, accumulate, y):
     # apart would share one set of the L1 cache and evict each other (8x slower, measured). One spare cache
     # line, or one spare row of m, offsets them.
     up = np.zeros((groups, XI, _round_up(Kg, MR) * Cg + 16), dtype)
-    v = np.empty((threads, XI, min(KC, Cg) * NR + 16), dtype)
-    m = np.empty((threads, XI, k_block + 1, NR), dtype)
+    v = per_thread((XI, min(KC, Cg) * NR + 16), dtype)
+    m = per_thread((XI, k_block + 1, NR), dtype)
+    runs = per_thread((NR, 4), np.int64)
     _, _, pt, pl, _, _ = geometry
-    runs = np.empty((threads, NR, 4), np.int64)
     _winograd_tasks(x, weight, pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, runs, y)
