@@ -270,6 +270,22 @@ def _settle():
     time.sleep(0.2)
 
 
+#: Seconds of back-to-back untimed calls before each side is timed (at least one call).
+WARM_UP_SECONDS = 0.05
+
+
+def _warm_up(function):
+    # Time the steady state of a training loop, where calls follow each other. After the settle a peer's worker
+    # threads are asleep, and this machine's scheduler packs a thread that has been mostly asleep onto the
+    # vCPU of the thread that wakes it (kernel option sched_vcpu_pack): measured here, a 512^3 gemm right after
+    # 0.2 s idle took 1.2 ms (both threads on one vCPU) in about a third of the rounds, 0.62 ms otherwise; after
+    # 50 ms of calls, 0.62 ms in every round.
+    start = time.perf_counter()
+    function()
+    while time.perf_counter() - start < WARM_UP_SECONDS:
+        function()
+
+
 def _time_ms(function):
     start = time.perf_counter()
     function()
@@ -296,10 +312,7 @@ def run(op, cases, dtype, threads, repeat, progress=sys.stderr):
                 _settle()
                 calls = 1 if name == "reference" else 3
                 if calls > 1:
-                    # One untimed call first, as in a training loop where calls follow each other: after the
-                    # settle, a peer's sleeping worker threads can take milliseconds to wake (measured here: the
-                    # first call after 20 ms idle ran on one thread about half the time).
-                    function()
+                    _warm_up(function)
                 samples[name].append(statistics.median(_time_ms(function) for _ in range(calls)))
         row = {"case": str(case), **asdict(case), "gflop": work * case.flops / 1e9}
         row.update({f"{name}_ms": statistics.median(values) for name, values in samples.items()})
@@ -390,7 +403,7 @@ def main(argv=None):
     rows = run(args.op, cases, np.dtype(args.dtype), args.threads, args.repeat)
     print(
         f"{args.op}, {args.dtype}, {args.threads} threads, median of {args.repeat} alternating rounds"
-        " (each: one warm-up call, then the median of 3)"
+        f" (each: {WARM_UP_SECONDS * 1e3:.0f} ms of warm-up calls, then the median of 3)"
     )
     print(format_table(rows))
     if args.json:

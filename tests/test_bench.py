@@ -20,6 +20,7 @@ from fastconv.__main__ import main
 )
 def test_bench_runs_and_prints_the_table(monkeypatch, capsys, tmp_path, op, case):
     monkeypatch.setattr(bench, "_settle", lambda: None)  # no need to let thread pools idle for a smoke test
+    monkeypatch.setattr(bench, "WARM_UP_SECONDS", 0)  # one warm-up call is enough
     out = tmp_path / "result.json"
     assert main(["bench", "--op", op, "--layer", case, "--repeat", "1", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
