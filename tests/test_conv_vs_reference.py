@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from conftest import assert_close, random_array
 
 import fastconv
+from conftest import assert_close, random_array
 from fastconv import reference
 from fastconv.conv import ALGORITHMS
 from fastconv.shapes import conv_output_size, same_padding, transpose_output_size

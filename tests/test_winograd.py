@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from conftest import assert_close, random_array, requires_torch
 
 import fastconv
+from conftest import assert_close, random_array, requires_torch
 from fastconv import reference
 from fastconv._validate import parse_conv2d
 from fastconv.config import KC, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
