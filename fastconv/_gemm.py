@@ -99,6 +99,13 @@ def _pack_a_panel(a, row0, m, col0, k, transposed, ap, t):
                 src = a[block, col + q, row0 + ir : row0 + ir + m_valid]
                 for i in range(m_valid):
                     panel[(p + q) * MR + i] = src[i]
+        elif m_valid == MR:
+            # All MR rows at once, so each store of the panel is contiguous: LLVM interleaves MR row loads.
+            src = a[block, row0 + ir : row0 + ir + MR, col : col + run]
+            dst = panel[p * MR : (p + run) * MR]
+            for q in range(run):
+                for i in range(MR):
+                    dst[q * MR + i] = src[i, q]
         else:
             for i in range(m_valid):
                 src = a[block, row0 + ir + i, col : col + run]
