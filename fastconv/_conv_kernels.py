@@ -21,22 +21,21 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from ._fused import _fused_macro_kernel, fused_pays, fused_scratch, no_patches
 from ._gemm import (
     FALSE,
     TRUE,
     ZERO,
     _gemm_packed,
-    _macro_kernel,
     _macro_kernel_serial,
     _n_tiles,
     _pack_a,
     _pack_a_serial,
-    _pack_b,
     _packed_a_size,
     _packed_b_size,
     _round_up,
 )
-from ._im2col import _col2im, _pack_b_patches, _pack_b_patches_transposed, _tap_table, _valid_q_range
+from ._im2col import _col2im, _pack_b_patches_transposed, _tap_table, _valid_q_range
 from ._parallel import PRANGE_ONLY, per_thread
 from .config import KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
@@ -66,8 +65,8 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     With ``accumulate`` the result is added to ``y`` (which holds the bias); without, ``y`` is overwritten and
     need not be initialised (it must have C * R * S > 0 then).
 
-    Implicit im2col: each KC x NC panel of the patch matrix is packed straight from ``x``, so the only scratch
-    is one packed panel, whatever the image size.
+    Implicit im2col: the patch matrix is packed straight from ``x``, one micro-panel per task (``_fused.py``),
+    so the only scratch is one packed micro-panel per thread, whatever the image size.
     """
     N = x.shape[0]
     K, Cg, R, S = weight.shape
@@ -75,23 +74,43 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     Kg = K // groups
     crs = Cg * R * S
     ap = _pack_weights(weight, groups, False)
-    bp = np.empty(_packed_b_size(N * P * Q), dtype=y.dtype)
     y_blocks = y.reshape(N, K, P * Q)
     # A 1x1, stride-1, unpadded convolution's patch matrix is the input itself: pack it as a plain matrix.
     # (conv_transpose2d's input gradient can ask for fewer output rows than the input has: not then.)
     pointwise = R == 1 and S == 1 and geometry[:4] == (1, 1, 0, 0) and (P, Q) == x.shape[2:]
     x_blocks = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
+    if pointwise and not fused_pays(Kg, patches=False):
+        bp = np.empty(_packed_b_size(N * P * Q), dtype=y.dtype)
+        for g in range(groups):
+            _gemm_packed(ap[g], Kg, crs, x_blocks, g * Cg, ZERO, N * P * Q, y_blocks, g * Kg, ZERO, accumulate, bp)
+        return
+    scratch = fused_scratch(y.dtype)
+    no_x, no_taps = no_patches(y.dtype)
+    sh, sw = geometry[:2]
     for g in range(groups):
-        for jc in range(0, N * P * Q, NC):
-            nc = min(NC, N * P * Q - jc)
-            for pc in range(0, crs, KC):
-                kc = min(KC, crs - pc)
-                if pointwise:
-                    _pack_b(x_blocks, g * Cg, ZERO, pc, kc, jc, nc, bp)
-                else:
-                    taps = _tap_table(g * Cg, R, S, geometry, Q, x.shape[3], pc, kc)
-                    _pack_b_patches(x, taps, geometry, P, Q, kc, jc, nc, bp)
-                _macro_kernel(ap[g], Kg, pc, kc, bp, nc, y_blocks, g * Kg, jc, bool(accumulate or pc > 0))
+        for pc in range(0, crs, KC):
+            kc = min(KC, crs - pc)
+            taps = no_taps if pointwise else _tap_table(g * Cg, R, S, geometry, Q, x.shape[3], pc, kc)
+            _fused_macro_kernel(
+                ap[g],
+                Kg,
+                pc,
+                kc,
+                x_blocks,
+                g * Cg,
+                no_x if pointwise else x,
+                taps,
+                sh,
+                sw,
+                P,
+                Q,
+                not pointwise,
+                N * P * Q,
+                y_blocks,
+                g * Kg,
+                bool(accumulate or pc > 0),
+                scratch,
+            )
 
 
 def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_input):

@@ -149,6 +149,25 @@ def _pack_a_serial(a, row0, m, col0, k, transposed, ap):
         _pack_a_panel(a, row0, m, col0, k, transposed, ap, t)
 
 
+@njit(cache=True)
+def _pack_b_panel(b, row0, col0, pc, kc, j0, n_valid, panel):
+    """Rows ``pc:pc+kc`` and columns ``j0 : j0 + n_valid`` (at most NR) of the blocked matrix ``B = b[:, row0:,
+    col0:]`` into one NR-column micro-panel: ``kc`` rows of NR values, columns past ``n_valid`` zero."""
+    j = 0
+    while j < n_valid:
+        block, col, left = _segment(b.shape[2], col0 + j0 + j)
+        run = min(n_valid - j, left)
+        for p in range(kc):
+            src = b[block, row0 + pc + p, col : col + run]
+            dst = panel[p * NR + j : p * NR + j + run]
+            for q in range(run):
+                dst[q] = src[q]
+        j += run
+    for p in range(kc):
+        for q in range(n_valid, NR):
+            panel[p * NR + q] = 0
+
+
 @njit(parallel=PRANGE_ONLY, cache=True)
 def _pack_b(b, row0, col0, pc, kc, jc, nc, bp):
     """Pack rows ``pc:pc+kc`` of the blocked matrix ``B = b[:, row0:, col0 + jc : col0 + jc + nc]`` into
@@ -157,23 +176,9 @@ def _pack_b(b, row0, col0, pc, kc, jc, nc, bp):
     The micro-panel of columns ``jr:jr+NR`` starts at ``bp[jr * kc]`` and holds ``kc`` rows of NR values;
     columns past ``nc`` are zeros. Footprint: ``kc * round_up(nc, NR)`` values.
     """
-    n_panels = -(-nc // NR)
-    for t in prange(n_panels):
+    for t in prange(-(-nc // NR)):
         jr = t * NR
-        n_valid = min(NR, nc - jr)
-        panel = bp[jr * kc : jr * kc + kc * NR]
-        j = 0
-        while j < n_valid:
-            block, col, left = _segment(b.shape[2], col0 + jc + jr + j)
-            run = min(n_valid - j, left)
-            for p in range(kc):
-                src = b[block, row0 + pc + p, col : col + run]
-                dst = panel[p * NR + j : p * NR + j + run]
-                for q in range(run):
-                    dst[q] = src[q]
-            j += run
-        for p in range(kc):
-            panel[p * NR + n_valid : (p + 1) * NR] = 0
+        _pack_b_panel(b, row0, col0, pc, kc, jc + jr, min(NR, nc - jr), bp[jr * kc : jr * kc + kc * NR])
 
 
 @njit(fastmath=_FASTMATH, cache=True)

@@ -1,6 +1,6 @@
 """Patch extraction (im2col) and its adjoint, patch scatter-add (col2im), as Numba kernels.
 
-The patch matrix is never built whole: ``_pack_b_patches`` and ``_pack_b_patches_transposed`` extract the
+The patch matrix is never built whole: ``_patch_panel`` and ``_pack_b_patches_transposed`` extract the
 patches of one GEMM panel at a time, straight into the packed layout the micro-kernel reads (implicit im2col).
 ``_col2im`` adds a column buffer of patch gradients back into the image. They work on a range of output rows
 (or pixels) of the whole batch: output row ``t`` is row ``p = t % P`` of image
@@ -90,7 +90,14 @@ def _tap_table(c0, R, S, geometry, Q, W, pc, kc):
 
 @njit(cache=True)
 def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
-    """Micro-panel ``panel_index`` (output pixels ``jc+jr : jc+jr+NR``) of ``_pack_b_patches``."""
+    """Micro-panel ``panel_index`` of a KC x NC panel of the patch matrix of ``x[:, c0:c0+Cg]``, packed as
+    ``_gemm._pack_b`` packs B: implicit im2col.
+
+    Rows ``pc:pc+kc`` (taps ``(c, r, s)``) and columns ``jc+jr : jc+jr+NR`` (``jr = panel_index * NR``; output
+    pixels of the whole batch, ``(n * P + p) * Q + q``) of the column matrix above, written at
+    ``bp[jr * kc :]``, columns past ``nc`` zero. ``taps`` is ``_tap_table(c0, R, S, geometry, Q, W, pc, kc)``,
+    made by the caller: a kernel allocates nothing.
+    """
     channel, h_offset, w_offset, q_valid = taps
     H = x.shape[2]
     jr = panel_index * NR
@@ -134,19 +141,6 @@ def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
     for row in range(kc):
         for j in range(n_valid, NR):
             bp[jr * kc + row * NR + j] = 0
-
-
-@njit(parallel=PRANGE_ONLY, cache=True)
-def _pack_b_patches(x, taps, geometry, P, Q, kc, jc, nc, bp):
-    """Pack a KC x NC panel of the patch matrix of ``x[:, c0:c0+Cg]`` straight into NR-column micro-panels.
-
-    Implicit im2col: rows ``pc:pc+kc`` (taps ``(c, r, s)``) and columns ``jc:jc+nc`` (output pixels of the whole
-    batch, ``(n * P + p) * Q + q``) of the column matrix above, in the layout ``_gemm._pack_b``
-    produces, so the full patch matrix never exists. ``taps`` is ``_tap_table(c0, R, S, geometry, Q, W, pc,
-    kc)``, made by the caller: a kernel allocates nothing. Footprint: ``kc * round_up(nc, NR)`` values.
-    """
-    for panel_index in prange(-(-nc // NR)):
-        _patch_panel(x, taps, geometry[0], geometry[1], P, Q, kc, jc, nc, bp, panel_index)
 
 
 @njit(cache=True)

@@ -3,6 +3,7 @@
 import numpy as np
 
 from . import _validate as v
+from ._fused import _gemm_fused, fused_pays
 from ._gemm import _gemm
 from ._parallel import run
 
@@ -49,5 +50,6 @@ def gemm(a, b):
     dtype = v.result_dtype(a=a, b=b)
     c = np.empty((a.shape[0], b.shape[1]), dtype)
     if c.size:
-        run(_gemm, v.kernel_ready(a, dtype), v.kernel_ready(b, dtype), c)
+        driver = _gemm_fused if fused_pays(a.shape[0], patches=False) else _gemm
+        run(driver, v.kernel_ready(a, dtype), v.kernel_ready(b, dtype), c)
     return c

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import assert_close, random_array
 
+from conftest import assert_close, random_array
 from fastconv import config, gemm
 
 SHAPES = [
@@ -12,6 +12,7 @@ SHAPES = [
     (300, 301, 299),
     (config.MR + 1, config.NR + 1, config.KC + 1),
     (config.MC + 3, 2 * config.NR - 1, 2 * config.KC + 7),
+    (config.MC, config.NC + 5, config.KC + 3),  # the most rows the fused GEMM takes, more columns than NC
     (2, 5, 0),  # empty inner dimension: zeros
     (0, 4, 3),
     (3, 0, 4),
