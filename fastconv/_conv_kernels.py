@@ -21,12 +21,10 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._fused import _fused_macro_kernel, fused_pays, fused_scratch, no_patches
 from ._gemm import (
     FALSE,
     TRUE,
     ZERO,
-    _gemm_packed,
     _macro_kernel_serial,
     _n_tiles,
     _pack_a,
@@ -36,6 +34,7 @@ from ._gemm import (
     _round_up,
 )
 from ._im2col import _col2im, _pack_b_patches_transposed, _tap_table, _valid_q_range
+from ._macro import PATCHES, PLAIN, _gemm_packed, _macro_kernel, no_patches, packs_per_task, task_scratch
 from ._parallel import PRANGE_ONLY, per_thread
 from .config import KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
@@ -65,7 +64,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     With ``accumulate`` the result is added to ``y`` (which holds the bias); without, ``y`` is overwritten and
     need not be initialised (it must have C * R * S > 0 then).
 
-    Implicit im2col: the patch matrix is packed straight from ``x``, one micro-panel per task (``_fused.py``),
+    Implicit im2col: the patch matrix is packed straight from ``x``, one micro-panel per task (``_macro.py``),
     so the only scratch is one packed micro-panel per thread, whatever the image size.
     """
     N = x.shape[0]
@@ -79,38 +78,25 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     # (conv_transpose2d's input gradient can ask for fewer output rows than the input has: not then.)
     pointwise = R == 1 and S == 1 and geometry[:4] == (1, 1, 0, 0) and (P, Q) == x.shape[2:]
     x_blocks = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
-    if pointwise and not fused_pays(Kg, patches=False):
+    if pointwise and not packs_per_task(Kg, patches=False):
         bp = np.empty(_packed_b_size(N * P * Q), dtype=y.dtype)
         for g in range(groups):
             _gemm_packed(ap[g], Kg, crs, x_blocks, g * Cg, ZERO, N * P * Q, y_blocks, g * Kg, ZERO, accumulate, bp)
         return
-    scratch = fused_scratch(y.dtype)
+    panels = task_scratch(y.dtype)
     no_x, no_taps = no_patches(y.dtype)
     sh, sw = geometry[:2]
     for g in range(groups):
         for pc in range(0, crs, KC):
             kc = min(KC, crs - pc)
-            taps = no_taps if pointwise else _tap_table(g * Cg, R, S, geometry, Q, x.shape[3], pc, kc)
-            _fused_macro_kernel(
-                ap[g],
-                Kg,
-                pc,
-                kc,
-                x_blocks,
-                g * Cg,
-                no_x if pointwise else x,
-                taps,
-                sh,
-                sw,
-                P,
-                Q,
-                not pointwise,
-                N * P * Q,
-                y_blocks,
-                g * Kg,
-                bool(accumulate or pc > 0),
-                scratch,
-            )
+            if pointwise:
+                source, patch_x, taps = PLAIN, no_x, no_taps
+            else:
+                source, patch_x, taps = PATCHES, x, _tap_table(g * Cg, R, S, geometry, Q, x.shape[3], pc, kc)
+            _macro_kernel(
+                ap[g], Kg, pc, kc, source, x_blocks, g * Cg, patch_x, taps, sh, sw, P, Q, ZERO, N * P * Q,
+                y_blocks, g * Kg, ZERO, bool(accumulate or pc > 0), panels,
+            )  # fmt: skip
 
 
 def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_input):

@@ -1,6 +1,7 @@
-"""Blocked GEMM in the BLIS / Goto design, written in Numba.
+"""Blocked GEMM in the BLIS / Goto design, written in Numba: the micro-kernel and the packing of its operands.
 
-``C[m, n] (+)= A[m, k] @ B[k, n]``, computed by the five BLIS loops around a micro-kernel::
+``C[m, n] (+)= A[m, k] @ B[k, n]``, computed by the five BLIS loops around a micro-kernel (the parallel loop and
+the drivers are in ``_macro.py``)::
 
     for jc in range(0, n, NC):            # a KC x NC panel of B is packed, shared by all threads
         for pc in range(0, k, KC):
@@ -13,6 +14,8 @@ A is packed once, for every ``pc`` block, into MR-row micro-panels (``_pack_a``)
 into NR-column micro-panels (``_pack_b``). Packing zero-pads the edges, so one micro-kernel serves every tile
 and writes back only the part of its tile that lies inside C. The accumulators live in a stack-allocated
 MR x NR tile that LLVM keeps in vector registers.
+
+``_macro.py`` can also pack B per task, one micro-panel at a time, instead of per ``(jc, pc)``.
 
 Each element of C is summed by one thread, in an order fixed by the block sizes alone: results do not depend
 on the number of threads.
@@ -65,7 +68,7 @@ def _packed_a_size(m, k):
 
 @njit(cache=True)
 def _packed_b_size(n):
-    """Length of the scratch ``_gemm_packed`` needs for a B with ``n`` columns (any number of rows)."""
+    """Length of the scratch ``_macro._gemm_packed`` needs for a B with ``n`` columns (any number of rows)."""
     return KC * _round_up(min(n, NC), NR)
 
 
@@ -235,20 +238,13 @@ def _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, t):
         _micro_kernel(kc, a_panel, b_panel, c, c_row0 + ir, c_col0 + jr, min(MR, m - ir), n_valid, accumulate)
 
 
-@njit(parallel=PRANGE_ONLY, cache=True)
-def _macro_kernel(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate):
-    """``C[:, jc:jc+nc] (+)= A[:, pc:pc+kc] @ B~`` for one packed KC x NC panel ``bp`` of B.
-
-    ``ap`` is all of A packed by ``_pack_a``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 : c_col0 + nc]``.
-    The (ic, jr) tiles are split between threads; each owns its elements of C, so none is written twice.
-    """
-    for t in prange(_n_tiles(m, nc)):
-        _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, t)
-
-
 @njit(cache=True)
 def _macro_kernel_serial(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate):
-    """``_macro_kernel`` on the calling thread, for use inside another parallel loop."""
+    """``C[:, jc:jc+nc] (+)= A[:, pc:pc+kc] @ B~`` for one packed KC x NC panel ``bp`` of B, on the calling
+    thread: ``_macro._macro_kernel`` for use inside another parallel loop.
+
+    ``ap`` is all of A packed by ``_pack_a``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 : c_col0 + nc]``.
+    """
     for t in range(_n_tiles(m, nc)):
         _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, t)
 
@@ -259,34 +255,3 @@ def _zero_columns(c, c_row0, m, c_col0, n):
     for j in range(n):
         block, col, _ = _segment(c.shape[2], c_col0 + j)
         c[block, c_row0 : c_row0 + m, col] = 0
-
-
-def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, bp):
-    """``C (+)= A @ B`` on blocked matrices (see ``_pack_a``), with A (m x k) already packed by ``_pack_a``.
-
-    ``B`` is ``b[:, b_row0 : b_row0 + k, b_col0 : b_col0 + n]``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 :
-    c_col0 + n]``. ``bp`` is scratch of ``_packed_b_size(n)`` values. With ``accumulate`` false ``C`` is
-    overwritten (BLAS beta = 0, applied on the first ``pc`` block only), otherwise added to (beta = 1).
-
-    A Python loop over compiled kernels, a few calls per block: compiled, it would link and re-optimise the
-    kernels it calls, seconds of compile time for no speed.
-    """
-    if k == 0 and not accumulate:
-        _zero_columns(c, c_row0, m, c_col0, n)
-    for jc in range(0, n, NC):
-        nc = min(NC, n - jc)
-        for pc in range(0, k, KC):
-            kc = min(KC, k - pc)
-            _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp)
-            _macro_kernel(ap, m, pc, kc, bp, nc, c, c_row0, c_col0 + jc, np.bool_(accumulate or pc > 0))
-
-
-def _gemm(a, b, c):
-    """``c = a @ b`` for C-contiguous 2-D arrays of one dtype."""
-    m, k = a.shape
-    n = b.shape[1]
-    ap = np.empty(_packed_a_size(m, k), dtype=c.dtype)
-    bp = np.empty(_packed_b_size(n), dtype=c.dtype)
-    # As blocked matrices of one block each.
-    _pack_a(a.reshape(1, m, k), ZERO, m, ZERO, k, FALSE, ap)
-    _gemm_packed(ap, m, k, b.reshape(1, k, n), ZERO, ZERO, n, c.reshape(1, m, n), ZERO, ZERO, FALSE, bp)

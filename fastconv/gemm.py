@@ -3,8 +3,7 @@
 import numpy as np
 
 from . import _validate as v
-from ._fused import _gemm_fused, fused_pays
-from ._gemm import _gemm
+from ._macro import _gemm
 from ._parallel import run
 
 __all__ = ["gemm"]
@@ -50,6 +49,5 @@ def gemm(a, b):
     dtype = v.result_dtype(a=a, b=b)
     c = np.empty((a.shape[0], b.shape[1]), dtype)
     if c.size:
-        driver = _gemm_fused if fused_pays(a.shape[0], patches=False) else _gemm
-        run(driver, v.kernel_ready(a, dtype), v.kernel_ready(b, dtype), c)
+        run(_gemm, v.kernel_ready(a, dtype), v.kernel_ready(b, dtype), c)
     return c

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastconv
-from fastconv import _cache, _conv_kernels, _direct, _fused, _gemm
+from fastconv import _cache, _conv_kernels, _direct, _gemm, _macro
 
 WORKLOAD = """
 import numpy as np, threading, fastconv
@@ -93,8 +93,8 @@ import time
 start = time.perf_counter()
 results()
 from numba.core.registry import CPUDispatcher
-from fastconv import _conv_kernels, _direct, _fused, _gemm, _im2col, _winograd
-modules = (_conv_kernels, _direct, _fused, _gemm, _im2col, _winograd)
+from fastconv import _conv_kernels, _direct, _macro, _gemm, _im2col, _winograd
+modules = (_conv_kernels, _direct, _macro, _gemm, _im2col, _winograd)
 kernels = [k for m in modules for k in vars(m).values() if isinstance(k, CPUDispatcher)]
 print("misses", sum(sum(k.stats.cache_misses.values()) for k in kernels))
 print("hits", sum(sum(k.stats.cache_hits.values()) for k in kernels))
@@ -187,8 +187,7 @@ def test_layouts_compile_no_new_kernel_versions(rng):
 
     everything(x, w, dy)
     kernels = [
-        _gemm._macro_kernel,
-        _fused._fused_macro_kernel,
+        _macro._macro_kernel,
         _conv_kernels._weight_grad_tasks,
         _direct._conv2d_direct,
         _gemm._pack_a,
