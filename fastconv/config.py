@@ -39,12 +39,14 @@ COLUMN_BUFFER_BYTES = 32 * 2**20
 DIRECT_MAX_OUT_PER_GROUP = 4
 
 #: ``algorithm="auto"`` takes Winograd F(2x2, 3x3) for a 3x3 stride-1 layer with at least this many input and
-#: output channels per group and this many 2x2 output tiles in the batch; below, its transforms cost more than
-#: the multiplications they save (``_winograd.winograd_pays``). Measured, Winograd's speed-up over the GEMM path
-#: (float32, 2 threads): 256 channels on 14x14 images, 49 tiles 0.89x, 98 tiles 1.16x; 512 channels on 7x7,
-#: 64 tiles 1.02x, 128 tiles 1.10x; 64 channels on 56x56, 784 tiles 1.3x.
+#: output channels per group and this many 2x2 output tiles in the batch; below, its transforms (the filters'
+#: on every call) cost more than the multiplications they save (``_winograd.winograd_pays``). Measured,
+#: Winograd's speed-up over the GEMM path (float32, 2 threads): 512 channels on 7x7 images (16 tiles each),
+#: 32 tiles 0.79x, 48 tiles 1.15x, 64 tiles 1.33x; 256 channels, one 14x14 image (49 tiles) 1.52x, one 11x11
+#: image (36 tiles) 0.93x; 8 images of 28x28 (1568 tiles), 16 channels 1.18x, 32 channels 1.24x, but one 64x64
+#: image (1024 tiles) 0.88x with 16 channels and 0.99x with 32.
 WINOGRAD_MIN_CHANNELS = 64
-WINOGRAD_MIN_TILES = 64
+WINOGRAD_MIN_TILES = 48
 
 #: The weight gradient is split into at most this many tasks, one serial GEMM each: ranges of its columns
 #: when it is wide, else fixed, contiguous ranges of output pixels, each summed into a partial gradient of its
