@@ -82,23 +82,28 @@ def _g_times(h0, h1, h2):
 
 
 @njit(cache=True)
-def _transform_filters(weight, k, Kg, up):
+def _transform_filters(weight, k, Kg, Cg, swapped, up):
     """Row ``k % Kg`` of ``up[k // Kg, xi]``, the packed A of the group's ``[Kg, Cg]`` matrix ``(G g Gᵀ)[xi]``.
 
     ``up`` (groups, 16, round_up(Kg, MR) * Cg + pad) is laid out as ``_gemm._pack_a`` lays out A: KC-column
-    blocks of MR-row micro-panels; rows past Kg stay as they are (zeros).
+    blocks of MR-row micro-panels; rows past Kg stay as they are (zeros). The filter ``g`` of output channel
+    ``k`` and input channel ``c`` of the group is ``weight[k, c]``, or with ``swapped``, ``weight[g * Cg + c, k %
+    Kg]`` rotated by 180 degrees: the input gradient's filters, read from the forward pass's (``conv.py``).
     """
-    Cg = weight.shape[1]
     m_pad = _round_up(Kg, MR)
     g, kk = k // Kg, k % Kg
     ir, i = kk // MR * MR, kk % MR
+    o = 2 if swapped else 0  # f[|o - r|, |o - s|] is g[r, s]
     for c in range(Cg):
-        f = weight[k, c]
+        f = weight[g * Cg + c, kk] if swapped else weight[k, c]
         pc = c // KC * KC
         offset = pc * m_pad + ir * min(KC, Cg - pc) + (c - pc) * MR + i
-        col0 = _g_times(f[0, 0], f[1, 0], f[2, 0])  # G g, column by column
-        col1 = _g_times(f[0, 1], f[1, 1], f[2, 1])
-        col2 = _g_times(f[0, 2], f[1, 2], f[2, 2])
+        f00, f01, f02 = f[o, o], f[o, abs(o - 1)], f[o, abs(o - 2)]
+        f10, f11, f12 = f[1, o], f[1, 1], f[1, abs(o - 2)]
+        f20, f21, f22 = f[abs(o - 2), o], f[abs(o - 2), 1], f[abs(o - 2), abs(o - 2)]
+        col0 = _g_times(f00, f10, f20)  # G g, column by column
+        col1 = _g_times(f01, f11, f21)
+        col2 = _g_times(f02, f12, f22)
         for a in range(4):  # (G g) Gᵀ, row by row
             u = _g_times(col0[a], col1[a], col2[a])
             for b in range(4):
@@ -296,19 +301,20 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _winograd_tasks(x, weight, pt, pl, groups, k_block, accumulate, up, v, m, runs, y):
+def _winograd_tasks(x, weight, swapped, pt, pl, groups, k_block, accumulate, up, v, m, runs, y):
     """``y (+)= conv2d(x, weight)`` for a 3x3, stride-1, undilated convolution.
 
-    First the filters are transformed into ``up`` (zeros), in parallel over output channels. Then tasks
+    First the filters are transformed into ``up`` (zeros), in parallel over output channels (``swapped``: see
+    ``_transform_filters``). Then tasks
     ``(group, chunk of NR tiles, block of k_block output channels)`` (``_tile_task``) run in parallel, each
     thread with its own scratch, indexed by ``numba.get_thread_id()``: ``v`` (threads, 16, min(KC, Cg) * NR +
     pad) the chunk's transformed input as packed B panels, ``m`` (threads, 16, k_block + 1, NR) its GEMM
     results, ``runs`` (threads, NR, 4) its runs of tiles. Footprint per thread: ``16 * NR * (min(KC, Cg) +
     k_block)`` values, a few hundred KiB. The parallel loops only call serial functions.
     """
-    K, Kg = y.shape[1], y.shape[1] // groups
+    K, Kg, Cg = y.shape[1], y.shape[1] // groups, x.shape[1] // groups
     for k in prange(K):
-        _transform_filters(weight, k, Kg, up)
+        _transform_filters(weight, k, Kg, Cg, swapped, up)
     TH, TW = -(-y.shape[2] // 2), -(-y.shape[3] // 2)
     tasks = groups * -(-(x.shape[0] * TH * TW) // NR) * -(-Kg // k_block)
     for task in prange(tasks):
@@ -336,13 +342,15 @@ def _winograd_k_block(Kg, chunks, threads):
     return k_block
 
 
-def _conv2d_winograd(x, weight, geometry, groups, accumulate, y):
+def _conv2d_winograd(x, weight, geometry, groups, accumulate, y, swapped=False):
     """``y (+)= conv2d(x, weight)`` by Winograd F(2x2, 3x3); 3x3 filters, stride 1, dilation 1.
 
     Same contract as ``_conv_kernels._conv2d_forward``: with ``accumulate`` the result is added to ``y``
-    (which holds the bias), without, ``y`` is overwritten.
+    (which holds the bias), without, ``y`` is overwritten. With ``swapped``, ``weight`` holds the filters of
+    the convolution whose input gradient this is: ``(C, K/groups, 3, 3)``, read with channels in and out
+    swapped and rotated by 180 degrees (``_transform_filters``), so they need not be copied so.
     """
-    K, Cg = weight.shape[:2]
+    K, Cg = y.shape[1], x.shape[1] // groups
     Kg = K // groups
     dtype = y.dtype
     tiles = x.shape[0] * -(-y.shape[2] // 2) * -(-y.shape[3] // 2)
@@ -355,4 +363,4 @@ def _conv2d_winograd(x, weight, geometry, groups, accumulate, y):
     m = per_thread((XI, k_block + 1, NR), dtype)
     runs = per_thread((NR, 4), np.int64)
     _, _, pt, pl, _, _ = geometry
-    _winograd_tasks(x, weight, pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, runs, y)
+    _winograd_tasks(x, weight, np.bool_(swapped), pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, runs, y)

@@ -9,7 +9,7 @@ from fastconv import reference
 from fastconv._validate import parse_conv2d
 from fastconv._winograd import _winograd_k_block
 from fastconv.config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
-from fastconv.conv import _choose_algorithm
+from fastconv.conv import _choose_algorithm, _input_grad_as_conv2d
 
 CASES = [  # (N, C, H, W, K, padding, groups)
     (1, 1, 3, 3, 1, 0, 1),  # one tile, no padding
@@ -62,6 +62,20 @@ def test_auto_takes_winograd_for_wide_3x3_layers_and_the_input_gradient_follows(
     dy = random_array(rng, y.shape, "float32")
     expected = reference.conv2d_input(x.shape, w.astype(np.float64), dy, padding=1).astype(np.float32)
     assert_close(fastconv.conv2d_input(x.shape, w, dy, padding=1), expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_input_gradient_by_winograd_reads_the_filters_swapped_and_rotated(rng, dtype):
+    """The input gradient's Winograd reads the forward filters rotated, channels in and out swapped, per group."""
+    N, C, K, groups, H, W = 1, 2 * WINOGRAD_MIN_CHANNELS, 3 * WINOGRAD_MIN_CHANNELS, 2, 16, 14
+    padding = ((1, 0), (0, 1))
+    x_shape, w = (N, C, H, W), random_array(rng, (K, C // groups, 3, 3), dtype)
+    _, geometry, _ = parse_conv2d("conv2d", x_shape, w, 1, padding, 1, groups)
+    dy = random_array(rng, geometry.output_shape, dtype)
+    _, as_conv2d = _input_grad_as_conv2d(dy, geometry, np.dtype(dtype))
+    assert _choose_algorithm("auto", as_conv2d) == "winograd"
+    expected = reference.conv2d_input(x_shape, w, dy, padding=padding, groups=groups)
+    assert_close(fastconv.conv2d_input(x_shape, w, dy, padding=padding, groups=groups), expected)
 
 
 @requires_torch
