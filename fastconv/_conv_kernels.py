@@ -153,7 +153,8 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
     ap = per_thread((_packed_a_size(Kg, KC),), grad_weight.dtype)
     bp = per_thread((_packed_b_size(crs),), grad_weight.dtype)
     dy_blocks = grad_output.reshape(N, K, P * Q)
-    _weight_grad_tasks(x, dy_blocks, geometry, R, S, P, Q, column_ranges, ap, bp, partial)
+    taps = _tap_table(0, R, S, geometry, Q, x.shape[3], 0, crs)
+    _weight_grad_tasks(x, dy_blocks, taps, geometry[0], geometry[1], P, Q, column_ranges, ap, bp, partial)
     if pixel_ranges > 1:
         dw[0] = partial[0]
         for i in range(1, pixel_ranges):
@@ -161,12 +162,13 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _weight_grad_tasks(x, dy_blocks, geometry, R, S, P, Q, column_ranges, ap, bp, partial):
+def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, ap, bp, partial):
     """``partial[i][:, :, cols j] += dy · patches(x)ᵀ`` over pixel range ``i``, for every task ``(i, j)``.
 
     ``dy_blocks`` is grad_output as (N, K, P*Q); ``partial`` is (pixel_ranges, groups, Kg, Cg*R*S), each a
-    blocked matrix whose column ``g * Cg*R*S + c`` is group g's column c; ``ap`` and ``bp`` hold one packed
-    panel of A and of B per thread. Column ranges start at multiples of NR, so B's micro-panels stay whole.
+    blocked matrix whose column ``g * Cg*R*S + c`` is group g's column c; ``taps`` is ``_tap_table`` of one
+    group's taps; ``ap`` and ``bp`` hold one packed panel of A and of B per thread. Column ranges start at
+    multiples of NR, so B's micro-panels stay whole.
     """
     pixel_ranges, groups, Kg, crs = partial.shape
     Cg = x.shape[1] // groups
@@ -183,5 +185,5 @@ def _weight_grad_tasks(x, dy_blocks, geometry, R, S, P, Q, column_ranges, ap, bp
                 _pack_a_serial(dy_blocks, g * Kg, Kg, pc, kc, FALSE, ap[thread])
                 for jc in range(c0, c1, NC):
                     nc = min(NC, c1 - jc)
-                    _pack_b_patches_transposed(x, g * Cg, R, S, geometry, P, Q, pc, kc, jc, nc, bp[thread])
+                    _pack_b_patches_transposed(x, g * Cg, taps, sh, sw, P, Q, pc, kc, jc, nc, bp[thread])
                     _macro_kernel_serial(ap[thread], Kg, ZERO, kc, bp[thread], nc, partial[i], ZERO, g * crs + jc, TRUE)

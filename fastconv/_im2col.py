@@ -143,65 +143,97 @@ def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
             bp[jr * kc + row * NR + j] = 0
 
 
+#: Taps the transposed packer copies together: TAP_GROUP values of one pixel are contiguous in the panel.
+TAP_GROUP = 4
+
+
 @njit(cache=True)
-def _transposed_patch_panel(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp, panel_index):
-    """Micro-panel ``panel_index`` (taps ``jr:jr+NR``) of ``_pack_b_patches_transposed``."""
-    _, _, H, W = x.shape
-    sh, sw, pt, pl, dh, dw = geometry
+def _tap_group_inside(taps, tap, width, h_base, H, q0, run):
+    """The pixels ``lo:hi`` (counted from ``q0``) of a run that lie inside the image for all ``width`` taps
+    from ``tap`` on; ``hi <= lo`` when there are none."""
+    _, h_offset, _, q_valid = taps
+    lo, hi = 0, run
+    for i in range(width):
+        h = h_base + h_offset[tap + i]
+        if h < 0 or h >= H:
+            return 0, 0
+        lo = max(lo, q_valid[tap + i, 0] - q0)
+        hi = min(hi, q_valid[tap + i, 1] - q0)
+    return lo, hi
+
+
+@njit(cache=True)
+def _transposed_patch_panel(x, c0, taps, sh, sw, P, Q, pc, kc, jc, nc, bp, panel_index):
+    """Micro-panel ``panel_index`` (taps ``jr:jr+NR``) of ``_pack_b_patches_transposed``.
+
+    The panel holds NR taps per pixel, so a tap's values lie NR apart. Where TAP_GROUP consecutive taps are all
+    inside the image, a pixel's TAP_GROUP values are copied together (LLVM interleaves the TAP_GROUP source
+    rows into short vector stores); the rest, the image's borders, one value at a time.
+    """
+    channel, h_offset, w_offset, q_valid = taps
+    H = x.shape[2]
     jr = panel_index * NR
     n_valid = min(NR, nc - jr)
     panel = bp[jr * kc : jr * kc + kc * NR]
-    for j in range(n_valid):
-        tap = jc + jr + j
-        c = c0 + tap // (R * S)
-        r = tap // S % R
-        s = tap % S
-        q_lo, q_hi = _valid_q_range(s, Q, W, sw, pl, dw)
-        offset = s * dw - pl
-        t = pc // Q
-        n, p, q0 = t // P, t % P, pc % Q  # counted on below, not divided again: small images have short runs
-        row = 0
-        while row < kc:  # one run of pixels per output row (n, p)
-            run = min(kc - row, Q - q0)
-            h = p * sh - pt + r * dh
-            lo, hi = q0, q0
-            if 0 <= h < H:
-                lo = min(max(q_lo, q0), q0 + run)
-                hi = max(min(q_hi, q0 + run), lo)
-            # Sliced first, so that every index counts up from 0: no wraparound test, and at sw == 1 the loads
-            # are contiguous. dst[u * NR] holds pixel q0 + u of this run.
-            dst = panel[row * NR + j :]
-            for u in range(lo - q0):
-                dst[u * NR] = 0
-            if hi > lo:
-                src = x[n, c, h, lo * sw + offset :]
-                inside = dst[(lo - q0) * NR :]
+    t = pc // Q
+    n, p, q0 = t // P, t % P, pc % Q  # counted on below, not divided again: small images have short runs
+    row = 0
+    while row < kc:  # one run of pixels per output row (n, p)
+        run = min(kc - row, Q - q0)
+        block = panel[row * NR : (row + run) * NR]  # block[u * NR + j]: pixel q0 + u, tap jc + jr + j
+        j = 0
+        while j < n_valid:
+            tap = jc + jr + j
+            width = TAP_GROUP if j + TAP_GROUP <= n_valid else 1
+            lo, hi = _tap_group_inside(taps, tap, width, p * sh, H, q0, run)
+            if width == 1 or hi - lo < TAP_GROUP:
+                width, lo, hi = 1, 0, 0
+            else:  # Sliced first, so that every index counts up from 0: no wraparound test.
+                s0 = x[n, c0 + channel[tap], p * sh + h_offset[tap], (q0 + lo) * sw + w_offset[tap] :]
+                s1 = x[n, c0 + channel[tap + 1], p * sh + h_offset[tap + 1], (q0 + lo) * sw + w_offset[tap + 1] :]
+                s2 = x[n, c0 + channel[tap + 2], p * sh + h_offset[tap + 2], (q0 + lo) * sw + w_offset[tap + 2] :]
+                s3 = x[n, c0 + channel[tap + 3], p * sh + h_offset[tap + 3], (q0 + lo) * sw + w_offset[tap + 3] :]
+                dst = block[lo * NR + j :]
                 if sw == 1:
                     for u in range(hi - lo):
-                        inside[u * NR] = src[u]
+                        dst[u * NR], dst[u * NR + 1], dst[u * NR + 2], dst[u * NR + 3] = s0[u], s1[u], s2[u], s3[u]
                 else:
                     for u in range(hi - lo):
-                        inside[u * NR] = src[u * sw]
-            for u in range(hi - q0, run):
-                dst[u * NR] = 0
-            row += run
-            p += 1
-            if p == P:
-                n, p = n + 1, 0
-            q0 = 0
+                        dst[u * NR], dst[u * NR + 1] = s0[u * sw], s1[u * sw]
+                        dst[u * NR + 2], dst[u * NR + 3] = s2[u * sw], s3[u * sw]
+            for i in range(width):  # what is left of each tap: pixels before lo and from hi on
+                h = p * sh + h_offset[tap + i]
+                inside = 0 <= h < H
+                v_lo = min(max(q_valid[tap + i, 0] - q0, 0), run) if inside else 0
+                v_hi = max(min(q_valid[tap + i, 1] - q0, run), v_lo) if inside else 0
+                src = x[n, c0 + channel[tap + i], min(max(h, 0), H - 1)]
+                offset = q0 * sw + w_offset[tap + i]  # src[u * sw + offset]: pixel q0 + u, read where inside
+                column = block[j + i :]
+                for u in range(lo):
+                    column[u * NR] = src[u * sw + offset] if v_lo <= u < v_hi else 0
+                for u in range(hi, run):
+                    column[u * NR] = src[u * sw + offset] if v_lo <= u < v_hi else 0
+            j += width
+        row += run
+        p += 1
+        if p == P:
+            n, p = n + 1, 0
+        q0 = 0
     for row in range(kc):
-        panel[row * NR + n_valid : (row + 1) * NR] = 0
+        for j in range(n_valid, NR):
+            panel[row * NR + j] = 0
 
 
 @njit(cache=True)
-def _pack_b_patches_transposed(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp):
+def _pack_b_patches_transposed(x, c0, taps, sh, sw, P, Q, pc, kc, jc, nc, bp):
     """Pack the transposed patch matrix of ``x[:, c0:c0+Cg]`` into NR-column micro-panels: the weight
     gradient's B.
 
     Rows ``pc:pc+kc`` are output pixels of the whole batch, ``(n * P + p) * Q + q``; columns ``jc:jc+nc`` are
     taps ``(c, r, s)``: ``B[pixel, tap]`` is ``col[tap, pixel]`` of the column matrix above, read straight
-    from ``x``. Footprint: ``kc * round_up(nc, NR)`` values. Serial: the weight gradient runs one per task,
-    inside its own parallel loop.
+    from ``x``. ``taps`` is ``_tap_table(0, R, S, geometry, Q, W, 0, Cg * R * S)``, made by the caller, for all
+    of a group's taps. Footprint: ``kc * round_up(nc, NR)`` values. Serial: the weight gradient runs one per
+    task, inside its own parallel loop.
     """
     for panel_index in range(-(-nc // NR)):
-        _transposed_patch_panel(x, c0, R, S, geometry, P, Q, pc, kc, jc, nc, bp, panel_index)
+        _transposed_patch_panel(x, c0, taps, sh, sw, P, Q, pc, kc, jc, nc, bp, panel_index)
