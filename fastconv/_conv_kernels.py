@@ -70,6 +70,12 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     N = x.shape[0]
     K, Cg, R, S = weight.shape
     _, _, P, Q = y.shape
+    if R == S == 1 and geometry[2:4] == (0, 0) and geometry[:2] != (1, 1):
+        # A strided, unpadded 1x1 convolution reads every sh-th row and sw-th column only: those pixels, copied
+        # together (at most a quarter of x at stride 2), make it a stride-1 one, a plain GEMM with no gather.
+        sh, sw = geometry[:2]
+        x = np.ascontiguousarray(x[:, :, : (P - 1) * sh + 1 : sh, : (Q - 1) * sw + 1 : sw])
+        geometry = (1, 1, 0, 0, 1, 1)  # a 1x1 kernel has no dilation to speak of
     Kg = K // groups
     crs = Cg * R * S
     ap = _pack_weights(weight, groups, False)

@@ -57,7 +57,8 @@ def _workspace_bytes(geometry, dtype, direct=False):
         per_thread = 2 * padded_plane + P * (Q + geometry.dilation[1] * S)
         return dtype.itemsize * numba.config.NUMBA_NUM_THREADS * per_thread
     weights = 2 * int(np.prod(geometry.weight_shape)) + KC * NC
-    return 2 * COLUMN_BUFFER_BYTES + dtype.itemsize * weights
+    subsampled = int(np.prod(geometry.output_shape[2:])) * np.prod(geometry.input_shape[:2])  # strided 1x1 input
+    return 2 * COLUMN_BUFFER_BYTES + dtype.itemsize * (weights + subsampled)
 
 
 def _choose_algorithm(algorithm, geometry):
