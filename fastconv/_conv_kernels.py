@@ -34,9 +34,9 @@ from ._gemm import (
     _round_up,
 )
 from ._im2col import _col2im, _pack_b_patches_transposed, _tap_table, _valid_q_range
-from ._macro import PATCHES, PLAIN, _gemm_packed, _macro_kernel, no_patches, packs_per_task, task_scratch
+from ._macro import GATHERED, PATCHES, PLAIN, _gemm_packed, _macro_kernel, no_patches, packs_per_task, task_scratch
 from ._parallel import PRANGE_ONLY, per_thread
-from .config import KC, NC, NR, WEIGHT_GRAD_CHUNKS
+from .config import GATHER_MAX_WIDTH, KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
 
 def _pack_weights(weight, groups, transposed):
@@ -89,7 +89,8 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
         for g in range(groups):
             _gemm_packed(ap[g], Kg, crs, x_blocks, g * Cg, ZERO, N * P * Q, y_blocks, g * Kg, ZERO, accumulate, bp)
         return
-    panels = task_scratch(y.dtype)
+    panels, pixel_tables = task_scratch(y.dtype)
+    patches = GATHERED if Q <= GATHER_MAX_WIDTH else PATCHES
     no_x, no_taps = no_patches(y.dtype)
     sh, sw = geometry[:2]
     for g in range(groups):
@@ -98,10 +99,10 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
             if pointwise:
                 source, patch_x, taps = PLAIN, no_x, no_taps
             else:
-                source, patch_x, taps = PATCHES, x, _tap_table(g * Cg, R, S, geometry, Q, x.shape[3], pc, kc)
+                source, patch_x, taps = patches, x, _tap_table(g * Cg, R, S, geometry, Q, x.shape[3], pc, kc)
             _macro_kernel(
                 ap[g], Kg, pc, kc, source, x_blocks, g * Cg, patch_x, taps, sh, sw, P, Q, ZERO, N * P * Q,
-                y_blocks, g * Kg, ZERO, bool(accumulate or pc > 0), panels,
+                y_blocks, g * Kg, ZERO, bool(accumulate or pc > 0), panels, pixel_tables,
             )  # fmt: skip
 
 

@@ -163,6 +163,42 @@ def _tap_group_inside(taps, tap, width, h_base, H, q0, run):
 
 
 @njit(cache=True)
+def _gathered_patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, panel, pixel_table):
+    """``_patch_panel`` of one panel (output pixels ``jc : jc + nc``, at most NR, written from ``panel[0]``),
+    gathered value by value: for small images (``config.GATHER_MAX_WIDTH``).
+
+    ``_patch_panel`` copies one run of pixels per output row and tap, and a short run costs more in bounds than in
+    copying: at 7 pixels per row, packing alone takes 4.6 times as long as this (one thread). Here each pixel's
+    ``(n, p * sh, q * sw)`` is decoded once per panel into ``pixel_table`` (3 x NR, scratch), and every tap is one
+    loop over the panel's NR pixels that LLVM turns into masked vector gathers.
+    """
+    channel, h_offset, w_offset, _ = taps
+    _, _, H, W = x.shape
+    t, q = jc // Q, jc % Q
+    n, p = t // P, t % P
+    image, top, left = pixel_table[0], pixel_table[1], pixel_table[2]
+    for j in range(NR):
+        if j < nc:
+            image[j], top[j], left[j] = n, p * sh, q * sw
+            q += 1
+            if q == Q:
+                q, p = 0, p + 1
+                if p == P:
+                    p, n = 0, n + 1
+        else:  # past the last pixel: a row no tap reaches, so zeros
+            image[j], top[j], left[j] = 0, -(1 << 40), 0
+    for row in range(kc):
+        c, dh, dw = channel[row], h_offset[row], w_offset[row]
+        dst = panel[row * NR : (row + 1) * NR]
+        for j in range(NR):
+            h = top[j] + dh
+            w = left[j] + dw
+            inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            # Written so that LLVM vectorises the loop into masked gathers (measured fastest of four forms).
+            dst[j] = x[image[j], c, h if inside else 0, w if inside else 0] if inside else 0
+
+
+@njit(cache=True)
 def _transposed_patch_panel(x, c0, taps, sh, sw, P, Q, pc, kc, jc, nc, bp, panel_index):
     """Micro-panel ``panel_index`` (taps ``jr:jr+NR``) of ``_pack_b_patches_transposed``.
 

@@ -40,13 +40,13 @@ from ._gemm import (
     _round_up,
     _zero_columns,
 )
-from ._im2col import _patch_panel
+from ._im2col import _gathered_patch_panel, _patch_panel
 from ._parallel import PRANGE_ONLY, per_thread
 from .config import KC, MC, MR, NC, NR
 
 #: Where the macro-kernel's micro-panels of B come from (module docstring). Numpy scalars, not Python ints:
 #: a literal argument would compile the kernel once more.
-SHARED, PLAIN, PATCHES = np.int64(0), np.int64(1), np.int64(2)
+SHARED, PLAIN, PATCHES, GATHERED = np.int64(0), np.int64(1), np.int64(2), np.int64(3)
 
 
 def packs_per_task(m, patches):
@@ -55,9 +55,9 @@ def packs_per_task(m, patches):
 
 
 def task_scratch(dtype):
-    """The ``panels`` argument of :func:`_macro_kernel` for ``PLAIN`` and ``PATCHES``: one KC x NR
-    micro-panel per thread."""
-    return per_thread((KC * NR,), dtype)
+    """The ``panels`` and ``pixel_tables`` arguments of :func:`_macro_kernel` for ``PLAIN``, ``PATCHES`` and
+    ``GATHERED``: one KC x NR micro-panel and one 3 x NR pixel table per thread."""
+    return per_thread((KC * NR,), dtype), per_thread((3, NR), np.int64)
 
 
 def no_patches(dtype):
@@ -68,15 +68,16 @@ def no_patches(dtype):
 
 @njit(parallel=PRANGE_ONLY, cache=True)
 def _macro_kernel(
-    ap, m, pc, kc, source, b, b_row0, x, taps, sh, sw, P, Q, jc, nc, c, c_row0, c_col0, accumulate, panels
+    ap, m, pc, kc, source, b, b_row0, x, taps, sh, sw, P, Q, jc, nc, c, c_row0, c_col0, accumulate, panels, pixel_tables
 ):
     """``C[:, jc:jc+nc] (+)= A[:, pc:pc+kc] @ B[pc:pc+kc, jc:jc+nc]`` for one KC block.
 
-    ``ap`` is all of A packed by ``_pack_a``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0:]``, blocked. B is,
-    by ``source``: ``SHARED``, already packed by ``_pack_b`` into ``panels[0]``; ``PLAIN``, the blocked matrix
-    ``b[:, b_row0:]``; ``PATCHES``, the patch matrix of ``x`` for strides ``sh, sw`` and a ``P x Q`` output
-    (``_im2col``; ``taps`` is ``_tap_table`` of this block, made by the caller: a kernel allocates nothing).
-    The last two are packed by each task into its thread's row of ``panels`` (:func:`task_scratch`).
+    ``ap`` is all of A packed by ``_pack_a``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0:]``, blocked. B is, by
+    ``source``: ``SHARED``, already packed by ``_pack_b`` into ``panels[0]``; ``PLAIN``, the blocked matrix ``b[:,
+    b_row0:]``; ``PATCHES``, the patch matrix of ``x`` for strides ``sh, sw`` and a ``P x Q`` output (``_im2col``;
+    ``taps`` is ``_tap_table`` of this block, made by the caller: a kernel allocates nothing); ``GATHERED``, the
+    same patches, gathered value by value (``_gathered_patch_panel``: small images). The last three are packed by
+    each task into its thread's row of ``panels`` (:func:`task_scratch`).
     """
     m_pad = _round_up(m, MR)
     n_jr = -(-nc // NR)
@@ -87,9 +88,12 @@ def _macro_kernel(
         if source == SHARED:
             panel = panels[0, jr * kc : jr * kc + kc * NR]
         else:
-            panel = panels[numba.get_thread_id()]
+            thread = numba.get_thread_id()
+            panel = panels[thread]
             if source == PATCHES:
                 _patch_panel(x, taps, sh, sw, P, Q, kc, jc + jr, n_valid, panel, 0)
+            elif source == GATHERED:
+                _gathered_patch_panel(x, taps, sh, sw, P, Q, kc, jc + jr, n_valid, panel, pixel_tables[thread])
             else:
                 _pack_b_panel(b, b_row0, 0, pc, kc, jc + jr, n_valid, panel)
         for ir in range(ic, min(ic + MC, m), MR):
@@ -109,7 +113,7 @@ def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, 
     if k == 0 and not accumulate:
         _zero_columns(c, c_row0, m, c_col0, n)
     no_x, no_taps = no_patches(c.dtype)
-    panels = bp.reshape(1, -1)
+    panels, no_pixels = bp.reshape(1, -1), np.empty((1, 3, NR), np.int64)
     for jc in range(0, n, NC):
         nc = min(NC, n - jc)
         for pc in range(0, k, KC):
@@ -117,7 +121,7 @@ def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, 
             _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp)
             _macro_kernel(
                 ap, m, pc, kc, SHARED, b, b_row0, no_x, no_taps, 1, 1, 1, 1, ZERO, nc, c, c_row0, c_col0 + jc,
-                np.bool_(accumulate or pc > 0), panels,
+                np.bool_(accumulate or pc > 0), panels, no_pixels,
             )  # fmt: skip
 
 
@@ -126,12 +130,12 @@ def _gemm_per_task(ap, m, k, b, b_row0, n, c, c_row0, accumulate):
     if k == 0 and not accumulate:
         _zero_columns(c, c_row0, m, ZERO, n)
     no_x, no_taps = no_patches(c.dtype)
-    panels = task_scratch(c.dtype)
+    panels, pixel_tables = task_scratch(c.dtype)
     for pc in range(0, k, KC):
         kc = min(KC, k - pc)
         _macro_kernel(
             ap, m, pc, kc, PLAIN, b, b_row0, no_x, no_taps, 1, 1, 1, 1, ZERO, n, c, c_row0, ZERO,
-            np.bool_(accumulate or pc > 0), panels,
+            np.bool_(accumulate or pc > 0), panels, pixel_tables,
         )  # fmt: skip
 
 

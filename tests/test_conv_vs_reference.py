@@ -6,7 +6,7 @@ import pytest
 import fastconv
 from conftest import assert_close, random_array
 from fastconv import reference
-from fastconv.config import KC, MC
+from fastconv.config import KC, MC, NR
 from fastconv.conv import ALGORITHMS
 from fastconv.shapes import conv_output_size, same_padding, transpose_output_size
 
@@ -97,20 +97,21 @@ def test_conv2d_and_gradients(rng, channels, sizes, stride, dilation, padding, d
                 lib.conv2d(x, w, b, **params)
 
 
-BLOCKING = [  # (N, C, H, W, K, R, S, padding): layers that cross the GEMM's MC, KC and NC block edges
-    (1, KC + 3, 48, 48, MC + 5, 1, 1, 0),  # 1x1, more than MC filters: B packed once and shared (classic)
-    (1, KC + 3, 48, 48, 9, 1, 1, 0),  # 1x1, few filters: B packed per task (fused), more than NC pixels
-    (2, 60, 6, 7, MC + 5, 3, 3, 1),  # patches: two MC blocks of filters, two KC blocks of taps
+BLOCKING = [  # (N, C, H, W, K, R, S, stride, padding): layers that cross the GEMM's block edges and its packers
+    (1, KC + 3, 48, 48, MC + 5, 1, 1, 1, 0),  # 1x1, more than MC filters: B packed once and shared (classic)
+    (1, KC + 3, 48, 48, 9, 1, 1, 1, 0),  # 1x1, few filters: B packed per task, more than NC pixels
+    (2, 60, 6, 7, MC + 5, 3, 3, 1, 1),  # patches gathered (short rows): two MC blocks, two KC blocks of taps
+    (1, 3, 5, NR + 9, 6, 3, 3, 1, 1),  # patches copied in runs (rows longer than a panel)
+    (2, 2, 7, 2 * NR + 11, 5, 3, 2, 2, 1),  # the same at stride 2
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N, C, H, W, K, R, S, padding", BLOCKING)
-def test_conv2d_across_gemm_block_edges(rng, N, C, H, W, K, R, S, padding, dtype):
+@pytest.mark.parametrize("N, C, H, W, K, R, S, stride, padding", BLOCKING)
+def test_conv2d_across_gemm_block_edges(rng, N, C, H, W, K, R, S, stride, padding, dtype):
     x, w, b = _conv_case(rng, N, (C, K, 1), ((H, W), (R, S)), dtype)
-    assert_close(
-        fastconv.conv2d(x, w, b, padding=padding, algorithm="gemm"), reference.conv2d(x, w, b, padding=padding)
-    )
+    params = dict(stride=stride, padding=padding)
+    assert_close(fastconv.conv2d(x, w, b, **params, algorithm="gemm"), reference.conv2d(x, w, b, **params))
 
 
 @pytest.mark.parametrize("N", [0, 1, 2, 3])
