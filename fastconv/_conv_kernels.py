@@ -118,7 +118,7 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     dy_blocks = grad_output.reshape(N, K, P * Q)
     sh, sw, pt, pl, dh, dw = geometry
     W = grad_input.shape[3]
-    q_ranges = np.array([_valid_q_range(s, Q, W, sw, pl, dw) for s in range(S)], dtype=np.int64).reshape(S, 2)
+    q_ranges = np.stack(_valid_q_range(np.arange(S, dtype=np.int64), Q, W, sw, pl, dw), axis=1)
     for g in range(groups):
         for t0 in range(0, N * P, rows):
             t1 = min(N * P, t0 + rows)

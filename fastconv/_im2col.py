@@ -14,6 +14,8 @@ per output pixel ``(t - t0, q)``::
 with zeros where the index falls in the padding.
 """
 
+import functools
+
 import numpy as np
 from numba import njit, prange
 
@@ -21,13 +23,13 @@ from ._parallel import PRANGE_ONLY
 from .config import NR
 
 
-@njit(cache=True)
 def _valid_q_range(s, Q, W, sw, pl, dw):
-    """The output columns ``q_lo:q_hi`` whose input column ``q * sw - pl + s * dw`` lies inside ``0:W``."""
+    """The output columns ``q_lo:q_hi`` whose input column ``q * sw - pl + s * dw`` lies inside ``0:W``, for an
+    array ``s`` of tap columns (NumPy: called once per call, outside the kernels)."""
     offset = s * dw - pl
-    q_lo = max(0, -(offset // sw))
-    q_hi = min(Q, -((offset - W) // sw))
-    return q_lo, max(q_lo, q_hi)
+    q_lo = np.maximum(0, -(offset // sw))
+    q_hi = np.minimum(Q, -((offset - W) // sw))
+    return q_lo, np.maximum(q_lo, q_hi)
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
@@ -70,22 +72,18 @@ def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, q_ranges):
                         dst[q * sw - pl + s * dw] += src[q]
 
 
-@njit(cache=True)
+@functools.lru_cache(maxsize=32)
 def _tap_table(c0, R, S, geometry, Q, W, pc, kc):
     """Taps ``pc:pc+kc`` decoded once (integer division costs more than the copy it indexes):
-    ``(channel, h_offset, w_offset, q_valid)`` per tap."""
-    sh, sw, pt, pl, dh, dw = geometry
-    channel = np.empty(kc, np.int64)
-    h_offset = np.empty(kc, np.int64)
-    w_offset = np.empty(kc, np.int64)
-    q_valid = np.empty((kc, 2), np.int64)
-    for row in range(kc):
-        tap = pc + row
-        channel[row] = c0 + tap // (R * S)
-        h_offset[row] = tap // S % R * dh - pt
-        w_offset[row] = tap % S * dw - pl
-        q_valid[row, 0], q_valid[row, 1] = _valid_q_range(tap % S, Q, W, sw, pl, dw)
-    return channel, h_offset, w_offset, q_valid
+    ``(channel, h_offset, w_offset, q_valid)`` per tap.
+
+    NumPy, not a kernel (half a second less to compile), and cached: a training loop asks for the same tables
+    on every call. The arrays are shared between calls and never written to.
+    """
+    _, sw, pt, pl, dh, dw = geometry
+    tap = np.arange(pc, pc + kc, dtype=np.int64)
+    q_lo, q_hi = _valid_q_range(tap % S, Q, W, sw, pl, dw)
+    return c0 + tap // (R * S), tap // S % R * dh - pt, tap % S * dw - pl, np.stack([q_lo, q_hi], axis=1)
 
 
 @njit(cache=True)
@@ -230,13 +228,9 @@ def _transposed_patch_panel(x, c0, taps, sh, sw, P, Q, pc, kc, jc, nc, bp, panel
                 s2 = x[n, c0 + channel[tap + 2], p * sh + h_offset[tap + 2], (q0 + lo) * sw + w_offset[tap + 2] :]
                 s3 = x[n, c0 + channel[tap + 3], p * sh + h_offset[tap + 3], (q0 + lo) * sw + w_offset[tap + 3] :]
                 dst = block[lo * NR + j :]
-                if sw == 1:
-                    for u in range(hi - lo):
-                        dst[u * NR], dst[u * NR + 1], dst[u * NR + 2], dst[u * NR + 3] = s0[u], s1[u], s2[u], s3[u]
-                else:
-                    for u in range(hi - lo):
-                        dst[u * NR], dst[u * NR + 1] = s0[u * sw], s1[u * sw]
-                        dst[u * NR + 2], dst[u * NR + 3] = s2[u * sw], s3[u * sw]
+                for u in range(hi - lo):
+                    dst[u * NR], dst[u * NR + 1] = s0[u * sw], s1[u * sw]
+                    dst[u * NR + 2], dst[u * NR + 3] = s2[u * sw], s3[u * sw]
             for i in range(width):  # what is left of each tap: pixels before lo and from hi on
                 h = p * sh + h_offset[tap + i]
                 inside = 0 <= h < H
