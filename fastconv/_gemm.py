@@ -11,7 +11,7 @@ the drivers are in ``_macro.py``)::
                         micro-kernel: C[ir:ir+MR, jr:jr+NR] += A~[ir, pc] @ B~[pc, jr]
 
 A is packed once, for every ``pc`` block, into MR-row micro-panels (``_pack_a``); B is packed per ``(jc, pc)``
-into NR-column micro-panels (``_pack_b``). Packing zero-pads the edges, so one micro-kernel serves every tile
+into NR-column micro-panels (``_macro._pack_b``). Packing zero-pads the edges, so one micro-kernel serves every tile
 and writes back only the part of its tile that lies inside C. The accumulators live in a stack-allocated
 MR x NR tile that LLVM keeps in vector registers.
 
@@ -169,19 +169,6 @@ def _pack_b_panel(b, row0, col0, pc, kc, j0, n_valid, panel):
     for p in range(kc):
         for q in range(n_valid, NR):
             panel[p * NR + q] = 0
-
-
-@njit(parallel=PRANGE_ONLY, cache=True)
-def _pack_b(b, row0, col0, pc, kc, jc, nc, bp):
-    """Pack rows ``pc:pc+kc`` of the blocked matrix ``B = b[:, row0:, col0 + jc : col0 + jc + nc]`` into
-    NR-column micro-panels.
-
-    The micro-panel of columns ``jr:jr+NR`` starts at ``bp[jr * kc]`` and holds ``kc`` rows of NR values;
-    columns past ``nc`` are zeros. Footprint: ``kc * round_up(nc, NR)`` values.
-    """
-    for t in prange(-(-nc // NR)):
-        jr = t * NR
-        _pack_b_panel(b, row0, col0, pc, kc, jc + jr, min(NR, nc - jr), bp[jr * kc : jr * kc + kc * NR])
 
 
 @njit(fastmath=_FASTMATH, cache=True)

@@ -89,7 +89,7 @@ def _tap_table(c0, R, S, geometry, Q, W, pc, kc):
 @njit(cache=True)
 def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
     """Micro-panel ``panel_index`` of a KC x NC panel of the patch matrix of ``x[:, c0:c0+Cg]``, packed as
-    ``_gemm._pack_b`` packs B: implicit im2col.
+    ``_macro._pack_b`` packs B: implicit im2col.
 
     Rows ``pc:pc+kc`` (taps ``(c, r, s)``) and columns ``jc+jr : jc+jr+NR`` (``jr = panel_index * NR``; output
     pixels of the whole batch, ``(n * P + p) * Q + q``) of the column matrix above, written at

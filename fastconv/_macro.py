@@ -33,7 +33,6 @@ from ._gemm import (
     ZERO,
     _micro_kernel,
     _pack_a,
-    _pack_b,
     _pack_b_panel,
     _packed_a_size,
     _packed_b_size,
@@ -46,7 +45,7 @@ from .config import KC, MC, MR, NC, NR
 
 #: Where the macro-kernel's micro-panels of B come from (module docstring). Numpy scalars, not Python ints:
 #: a literal argument would compile the kernel once more.
-SHARED, PLAIN, PATCHES, GATHERED = np.int64(0), np.int64(1), np.int64(2), np.int64(3)
+SHARED, PLAIN, PATCHES, GATHERED, PACK_SHARED = np.int64(0), np.int64(1), np.int64(2), np.int64(3), np.int64(4)
 
 
 def packs_per_task(m, patches):
@@ -77,7 +76,8 @@ def _macro_kernel(
     b_row0:]``; ``PATCHES``, the patch matrix of ``x`` for strides ``sh, sw`` and a ``P x Q`` output (``_im2col``;
     ``taps`` is ``_tap_table`` of this block, made by the caller: a kernel allocates nothing); ``GATHERED``, the
     same patches, gathered value by value (``_gathered_patch_panel``: small images). The last three are packed by
-    each task into its thread's row of ``panels`` (:func:`task_scratch`).
+    each task into its thread's row of ``panels`` (:func:`task_scratch`). ``PACK_SHARED`` only packs the shared
+    panel of B (``_pack_b``): one kernel for both steps, so one parallel kernel less to compile.
     """
     m_pad = _round_up(m, MR)
     n_jr = -(-nc // NR)
@@ -85,8 +85,11 @@ def _macro_kernel(
         ic = task // n_jr * MC
         jr = task % n_jr * NR
         n_valid = min(NR, nc - jr)
-        if source == SHARED:
+        if source == SHARED or source == PACK_SHARED:
             panel = panels[0, jr * kc : jr * kc + kc * NR]
+            if source == PACK_SHARED:
+                _pack_b_panel(b, b_row0, 0, pc, kc, jc + jr, n_valid, panel)
+                continue
         else:
             thread = numba.get_thread_id()
             panel = panels[thread]
@@ -100,6 +103,21 @@ def _macro_kernel(
             start = pc * m_pad + ir * kc
             a_panel = ap[start : start + kc * MR]
             _micro_kernel(kc, a_panel, panel, c, c_row0 + ir, c_col0 + jc + jr, min(MR, m - ir), n_valid, accumulate)
+
+
+def _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp):
+    """Pack rows ``pc:pc+kc`` of the blocked matrix ``B = b[:, b_row0:, b_col0 + jc : b_col0 + jc + nc]`` into
+    NR-column micro-panels, in parallel: the shared panel ``bp`` of ``SHARED``.
+
+    The micro-panel of columns ``jr:jr+NR`` starts at ``bp[jr * kc]`` and holds ``kc`` rows of NR values;
+    columns past ``nc`` are zeros. Footprint: ``kc * round_up(nc, NR)`` values.
+    """
+    no_x, no_taps = no_patches(bp.dtype)
+    one_row = np.empty((1, 1, 1), bp.dtype)  # C, untouched: one task per micro-panel of B
+    _macro_kernel(
+        bp, np.int64(1), pc, kc, PACK_SHARED, b, b_row0, no_x, no_taps, 1, 1, 1, 1, b_col0 + jc, nc, one_row,
+        ZERO, ZERO, FALSE, bp.reshape(1, -1), np.empty((1, 3, NR), np.int64),
+    )  # fmt: skip
 
 
 def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, bp):
