@@ -9,6 +9,11 @@ CONV_LAYERS = {
     "1x1_256to64_56px": (8, 256, 56, 56, 64, 1, 1, 1, 0, 1),
     "7x7_s2_224px": (8, 3, 224, 224, 64, 7, 7, 2, 3, 1),
     "depthwise_3x3_28px": (8, 256, 28, 28, 256, 3, 3, 1, 1, 256),
+    # Each on a path of its own: patches gathered value by value (7-pixel output rows), a strided 1x1 as a plain
+    # GEMM of the subsampled input, and one image through a wide layer (too few tiles for Winograd).
+    "3x3_s2_256to512_14px": (8, 256, 14, 14, 512, 3, 3, 2, 1, 1),
+    "1x1_s2_256to512_56px": (8, 256, 56, 56, 512, 1, 1, 2, 0, 1),
+    "3x3_512ch_7px_batch1": (1, 512, 7, 7, 512, 3, 3, 1, 1, 1),
 }
 
 
