@@ -1,13 +1,13 @@
 """Patch extraction (im2col) and its adjoint, patch scatter-add (col2im), as Numba kernels.
 
-The patch matrix is never built whole: ``_patch_panel`` and ``_pack_b_patches_transposed`` extract the
-patches of one GEMM panel at a time, straight into the packed layout the micro-kernel reads (implicit im2col).
-``_col2im`` adds a column buffer of patch gradients back into the image. They work on a range of output rows
-(or pixels) of the whole batch: output row ``t`` is row ``p = t % P`` of image
-``n = t // P``, so a chunk may span several small images (one wide GEMM instead of many narrow ones) or part of
-one large image (a bounded column buffer). ``geometry`` is ``(sh, sw, pt, pl, dh, dw)``: strides, top and left
-padding, dilations. The column matrix of channels ``c0:c0+Cg`` has one row per ``(c, r, s)`` and one column
-per output pixel ``(t - t0, q)``::
+The patch matrix is never built whole: ``_patch_panel`` (or, on small images, ``_gathered_patch_panel``) and
+``_pack_b_patches_transposed`` extract the patches of one GEMM panel at a time, straight into the packed
+layout the micro-kernel reads (implicit im2col). ``_col2im`` adds a column buffer of patch gradients back into
+the image. They work on a range of output rows (or pixels) of the whole batch: output row ``t`` is row
+``p = t % P`` of image ``n = t // P``, so a chunk may span several small images (one wide GEMM instead of many
+narrow ones) or part of one large image (a bounded column buffer). ``geometry`` is ``(sh, sw, pt, pl, dh, dw)``:
+strides, top and left padding, dilations. The column matrix of channels ``c0:c0+Cg`` has one row per
+``(c, r, s)`` and one column per output pixel ``(t - t0, q)``::
 
     col[(c * R + r) * S + s, (t - t0) * Q + q] = x[n, c0 + c, p * sh - pt + r * dh, q * sw - pl + s * dw]
 

@@ -8,12 +8,15 @@ block (see ``_gemm.py`` for the packed layouts and the micro-kernel). Where B's 
     The BLIS way: ``_pack_b`` first packs a KC x NC panel of B into a buffer every thread reads; the tiles
     then use its micro-panels. A plain B with more than MC rows of A takes it: each micro-panel is packed once
     and used by every MC block of rows.
-``PLAIN`` / ``PATCHES``
+``PLAIN`` / ``PATCHES`` / ``GATHERED``
     Each task packs the one KC x NR micro-panel it needs into its thread's scratch, from a plain matrix or
-    straight from image patches (implicit im2col), and multiplies it while it is still in L1/L2: one launch
-    per KC block instead of two per (jc, pc), no 4 MiB buffer written to and read back from L3. A micro-panel
-    is packed once per MC block of rows, which pays for patches (a gather either way) but not for a plain
-    matrix with more than MC rows of A: ``packs_per_task``.
+    straight from image patches (implicit im2col: copied in runs of output pixels, or on small images
+    gathered value by value), and multiplies it while it is still in L1/L2: one launch per KC block instead
+    of two per (jc, pc), no 4 MiB buffer written to and read back from L3. A micro-panel is packed once per
+    MC block of rows, which pays for patches (a gather either way) but not for a plain matrix with more than
+    MC rows of A: ``packs_per_task``.
+``PACK_SHARED``
+    Packs the shared panel for ``SHARED`` (``_pack_b``), one task per micro-panel, and multiplies nothing.
 
 Measured (float32, 2 threads), packing per task against a shared panel: 7x7 stride-2 conv 9.8 -> 8.0 ms, 3x3
 convs by GEMM 6-19 % faster, small layers 1.5-1.8x (fewer launches), gemm 64x25088x256 5 % faster; a 1x1 conv
