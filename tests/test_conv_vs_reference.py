@@ -6,7 +6,7 @@ import pytest
 import fastconv
 from conftest import assert_close, random_array
 from fastconv import reference
-from fastconv.config import KC, MC, NR
+from fastconv.config import GATHER_MAX_WIDTH, KC, MC, NR
 from fastconv.conv import ALGORITHMS
 from fastconv.shapes import conv_output_size, same_padding, transpose_output_size
 
@@ -112,6 +112,19 @@ def test_conv2d_across_gemm_block_edges(rng, N, C, H, W, K, R, S, stride, paddin
     x, w, b = _conv_case(rng, N, (C, K, 1), ((H, W), (R, S)), dtype)
     params = dict(stride=stride, padding=padding)
     assert_close(fastconv.conv2d(x, w, b, **params, algorithm="gemm"), reference.conv2d(x, w, b, **params))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("padding", PADDING)
+@pytest.mark.parametrize("stride, dilation", STRIDE_DILATION)
+@pytest.mark.parametrize("channels", [(4, 6, 1), (4, 6, 2)])
+def test_wide_images_pack_patches_in_runs(rng, channels, stride, dilation, padding, dtype):
+    """Output rows wider than GATHER_MAX_WIDTH: the forward pass copies its patches in runs, not gathered."""
+    x, w, b = _conv_case(rng, 2, channels, ((5, 3 * GATHER_MAX_WIDTH + 7), (3, 3)), dtype)
+    params = dict(stride=stride, padding=padding, dilation=dilation, groups=channels[2])
+    y = fastconv.conv2d(x, w, b, **params, algorithm="gemm")
+    assert y.shape[3] > GATHER_MAX_WIDTH
+    assert_close(y, reference.conv2d(x, w, b, **params))
 
 
 @pytest.mark.parametrize("N", [0, 1, 2, 3])
