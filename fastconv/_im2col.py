@@ -204,7 +204,7 @@ def _transposed_patch_panel(x, c0, taps, sh, sw, P, Q, pc, kc, jc, nc, bp, panel
     inside the image, a pixel's TAP_GROUP values are copied together (LLVM interleaves the TAP_GROUP source
     rows into short vector stores); the rest, the image's borders, one value at a time.
     """
-    channel, h_offset, w_offset, q_valid = taps
+    channel, h_offset, w_offset, _ = taps
     H = x.shape[2]
     jr = panel_index * NR
     n_valid = min(NR, nc - jr)
@@ -233,9 +233,7 @@ def _transposed_patch_panel(x, c0, taps, sh, sw, P, Q, pc, kc, jc, nc, bp, panel
                     dst[u * NR + 2], dst[u * NR + 3] = s2[u * sw], s3[u * sw]
             for i in range(width):  # what is left of each tap: pixels before lo and from hi on
                 h = p * sh + h_offset[tap + i]
-                inside = 0 <= h < H
-                v_lo = min(max(q_valid[tap + i, 0] - q0, 0), run) if inside else 0
-                v_hi = max(min(q_valid[tap + i, 1] - q0, run), v_lo) if inside else 0
+                v_lo, v_hi = _tap_group_inside(taps, tap + i, 1, p * sh, H, q0, run)  # this tap's inside pixels
                 src = x[n, c0 + channel[tap + i], min(max(h, 0), H - 1)]
                 offset = q0 * sw + w_offset[tap + i]  # src[u * sw + offset]: pixel q0 + u, read where inside
                 column = block[j + i :]
