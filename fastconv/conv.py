@@ -94,13 +94,12 @@ def _run_direct(kernel, data, weight, bias, geometry, shape, dtype):
     return out
 
 
-def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d"):
+def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d", swapped=False):
     """conv2d of 4-D ``x``: (N, C, H, W) -> (N, K, P, Q) as given by ``geometry``; ``purpose`` names it in errors.
 
-    ``weight`` may also be ``(filters, "swapped")``: the filters of the convolution whose input gradient this
-    is, for Winograd to read rotated and with channels in and out swapped (see ``_input_grad``).
+    With ``swapped``, ``weight`` holds the filters of the convolution whose input gradient this is, for
+    Winograd (the only algorithm that takes them so) to read rotated and with channels in and out swapped.
     """
-    weight, swapped = weight if isinstance(weight, tuple) else (weight, False)
     algorithm = _choose_algorithm(algorithm, geometry)
     direct = algorithm == "direct"
     workspace = (
@@ -177,11 +176,11 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
         grad_output, as_conv2d = _input_grad_as_conv2d(grad_output, geometry, dtype)
         if as_conv2d is None:
             return _initial(geometry.input_shape, dtype, bias)
-        if _choose_algorithm("auto", as_conv2d) == "winograd":
-            filters = (weight, "swapped")  # its filter transform reads them so: no flipped copy (1-2 ms at 512x512)
-        else:
-            filters = _flip_for_input_grad(weight, geometry.groups)
-        return _forward(grad_output, filters, bias, as_conv2d, dtype, purpose="the input gradient")
+        # Winograd's filter transform reads the filters rotated and swapped itself: no flipped copy (1-2 ms at
+        # 512x512 filters).
+        swapped = _choose_algorithm("auto", as_conv2d) == "winograd"
+        filters = weight if swapped else _flip_for_input_grad(weight, geometry.groups)
+        return _forward(grad_output, filters, bias, as_conv2d, dtype, purpose="the input gradient", swapped=swapped)
     workspace = _workspace_bytes(geometry, dtype)
     v.check_memory("the input gradient", geometry.input_shape, dtype, (grad_output, weight), workspace)
     dx = _initial(geometry.input_shape, dtype, bias)
