@@ -23,12 +23,11 @@ from ._parallel import PRANGE_ONLY
 from .config import NR
 
 
-def _valid_q_range(s, Q, W, sw, pl, dw):
-    """The output columns ``q_lo:q_hi`` whose input column ``q * sw - pl + s * dw`` lies inside ``0:W``, for an
-    array ``s`` of tap columns (NumPy: called once per call, outside the kernels)."""
-    offset = s * dw - pl
-    q_lo = np.maximum(0, -(offset // sw))
-    q_hi = np.minimum(Q, -((offset - W) // sw))
+def _valid_q_range(w_offset, Q, W, sw):
+    """The output columns ``q_lo:q_hi`` whose input column ``q * sw + w_offset`` lies inside ``0:W``, for an
+    array of tap offsets ``w_offset`` (NumPy: called once per call, outside the kernels)."""
+    q_lo = np.maximum(0, -(w_offset // sw))
+    q_hi = np.minimum(Q, -((w_offset - W) // sw))
     return q_lo, np.maximum(q_lo, q_hi)
 
 
@@ -73,17 +72,67 @@ def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, q_ranges):
 
 
 @functools.lru_cache(maxsize=32)
-def _tap_table(c0, R, S, geometry, Q, W, pc, kc):
+def _tap_table(c0, R, S, geometry, Q, W, pc, kc, phases=False):
     """Taps ``pc:pc+kc`` decoded once (integer division costs more than the copy it indexes):
     ``(channel, h_offset, w_offset, q_valid)`` per tap.
+
+    With ``phases``, the taps of the same convolution read the input split into stride phases by
+    ``_split_phases`` (``W`` is then a phase's width): as a stride-1 convolution, each tap in one phase.
 
     NumPy, not a kernel (half a second less to compile), and cached: a training loop asks for the same tables
     on every call. The arrays are shared between calls and never written to.
     """
-    _, sw, pt, pl, dh, dw = geometry
+    sh, sw, pt, pl, dh, dw = geometry
     tap = np.arange(pc, pc + kc, dtype=np.int64)
-    q_lo, q_hi = _valid_q_range(tap % S, Q, W, sw, pl, dw)
-    return c0 + tap // (R * S), tap // S % R * dh - pt, tap % S * dw - pl, np.stack([q_lo, q_hi], axis=1)
+    channel, h_offset, w_offset = c0 + tap // (R * S), tap // S % R * dh - pt, tap % S * dw - pl
+    if phases:  # input row h_offset + p * sh is row h_offset // sh + p of phase h_offset % sh; columns alike
+        channel = (channel * sh + h_offset % sh) * sw + w_offset % sw
+        h_offset, w_offset, sw = h_offset // sh, w_offset // sw, 1
+    q_lo, q_hi = _valid_q_range(w_offset, Q, W, sw)
+    return channel, h_offset, w_offset, np.stack([q_lo, q_hi], axis=1)
+
+
+def phase_shape(shape, sh, sw):
+    """Shape of ``_split_phases``'s output for an input of ``shape`` (N, C, H, W)."""
+    N, C, H, W = shape
+    return N, C * sh * sw, -(-H // sh), -(-W // sw)
+
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _split_phases(x, sh, sw, phases):
+    """Split ``x`` (N, C, H, W) into its ``sh * sw`` stride phases (space-to-depth), zero-padded to one size:
+    ``phases[n, (c * sh + a) * sw + b, i, j] = x[n, c, i * sh + a, j * sw + b]``, 0 past the edge.
+
+    A convolution of stride ``(sh, sw)`` reads every tap from one phase at stride 1 (``_tap_table`` with
+    ``phases``): its patches are then copied in contiguous runs, not gathered at a stride, and each input value
+    is read once here rather than once per tap.
+    """
+    N, C, H, W = x.shape
+    _, _, H2, W2 = phases.shape
+    for task in prange(N * C):
+        n, c = task // C, task % C
+        for a in range(sh):
+            for i in range(H2):
+                h = i * sh + a
+                plane = (c * sh + a) * sw
+                if h >= H:
+                    for b in range(sw):
+                        phases[n, plane + b, i, :] = 0
+                elif sw == 2:  # deinterleave pairs: LLVM vectorises this with shuffles
+                    src, even, odd = x[n, c, h], phases[n, plane, i], phases[n, plane + 1, i]
+                    for j in range(W // 2):
+                        even[j], odd[j] = src[2 * j], src[2 * j + 1]
+                    if W % 2:
+                        even[W2 - 1], odd[W2 - 1] = src[W - 1], 0
+                else:
+                    src = x[n, c, h]
+                    for b in range(sw):
+                        dst = phases[n, plane + b, i]
+                        inside = (W - b + sw - 1) // sw
+                        for j in range(inside):
+                            dst[j] = src[j * sw + b]
+                        for j in range(inside, W2):
+                            dst[j] = 0
 
 
 @njit(cache=True)

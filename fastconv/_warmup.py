@@ -10,7 +10,8 @@ _SUPPORTED = ("float32", "float64")
 
 def _calls(dtype):
     """One small call per compiled path (driver, algorithm, packing variant) of the public API: dense, 1x1,
-    Winograd and depthwise forward; dense stride-1 (forward path), strided (col2im) and depthwise (direct) gradients."""
+    strided, Winograd and depthwise forward; dense stride-1 (forward path), strided (col2im) and depthwise
+    (direct) gradients."""
     from .conv import conv2d, conv2d_backward, conv_transpose2d, conv_transpose2d_backward
     from .gemm import gemm
 
@@ -24,6 +25,7 @@ def _calls(dtype):
     return [
         ("conv2d", lambda: conv2d(x, w)),
         ("conv2d 1x1", lambda: conv2d(x, w[:, :, :1, :1])),
+        ("conv2d strided", lambda: conv2d(x_wide, w, stride=2)),  # wide rows: from the stride phases
         ("conv2d winograd", lambda: conv2d(x, w, algorithm="winograd")),
         ("conv2d depthwise", lambda: conv2d(x, w[:, :1], groups=2)),
         ("conv2d_backward", lambda: conv2d_backward(x_wide, w, dy_wide)),

@@ -5,7 +5,7 @@ import pytest
 
 import fastconv
 from conftest import assert_close, random_array
-from fastconv import reference
+from fastconv import _conv_kernels, _im2col, reference
 from fastconv.config import GATHER_MAX_WIDTH, KC, MC, NR
 from fastconv.conv import ALGORITHMS
 from fastconv.shapes import conv_output_size, same_padding, transpose_output_size
@@ -125,6 +125,22 @@ def test_wide_images_pack_patches_in_runs(rng, channels, stride, dilation, paddi
     y = fastconv.conv2d(x, w, b, **params, algorithm="gemm")
     assert y.shape[3] > GATHER_MAX_WIDTH
     assert_close(y, reference.conv2d(x, w, b, **params))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("images_per_block", [0, 1, 2])
+def test_strided_patches_read_from_stride_phases_in_blocks_of_images(rng, monkeypatch, images_per_block, dtype):
+    """A strided layer's patches come from the input's stride phases, split for as many images as the column
+    buffer holds: here 2, 1 or none (too large: patches read at the stride instead) of 3."""
+    x, w, b = _conv_case(rng, 3, (4, 6, 1), ((9, 2 * GATHER_MAX_WIDTH + 9), (3, 3)), dtype)
+    image_bytes = np.prod(_im2col.phase_shape((1, *x.shape[1:]), 2, 2)) * x.itemsize
+    monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", max(1, images_per_block * image_bytes))
+    splits = []
+    split = _conv_kernels._split_phases
+    monkeypatch.setattr(_conv_kernels, "_split_phases", lambda x, *args: splits.append(len(x)) or split(x, *args))
+    params = dict(stride=2, padding=1)
+    assert_close(fastconv.conv2d(x, w, b, **params, algorithm="gemm"), reference.conv2d(x, w, b, **params))
+    assert splits == {0: [], 1: [1, 1, 1], 2: [2, 1]}[images_per_block]
 
 
 @pytest.mark.parametrize("N", [0, 1, 2, 3])
