@@ -33,7 +33,14 @@ from ._gemm import (
     _packed_b_size,
     _round_up,
 )
-from ._im2col import _col2im, _pack_b_patches_transposed, _split_phases, _tap_table, _valid_q_range, phase_shape
+from ._im2col import (
+    _col2im,
+    _pack_b_patches_transposed,
+    _split_phases,
+    _tap_table,
+    col2im_taps,
+    phase_shape,
+)
 from ._macro import GATHERED, PATCHES, PLAIN, _gemm_packed, _macro_kernel, no_patches, packs_per_task, task_scratch
 from ._parallel import PRANGE_ONLY, per_thread
 from .config import COLUMN_BUFFER_BYTES, GATHER_MAX_WIDTH, KC, NC, NR, WEIGHT_GRAD_CHUNKS
@@ -136,13 +143,15 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     dy_blocks = grad_output.reshape(N, K, P * Q)
     sh, sw, pt, pl, dh, dw = geometry
     W = grad_input.shape[3]
-    q_ranges = np.stack(_valid_q_range(np.arange(S, dtype=np.int64) * dw - pl, Q, W, sw), axis=1)
+    taps = col2im_taps(S, Q, W, sw, pl, dw)
+    # Each phase row padded by a cache line at least: two threads never write into one line.
+    phase_rows = per_thread((sw, _round_up(-(-W // sw), 16) + 16), grad_input.dtype)
     for g in range(groups):
         for t0 in range(0, N * P, rows):
             t1 = min(N * P, t0 + rows)
             n = (t1 - t0) * Q
             _gemm_packed(ap[g], crs, Kg, dy_blocks, g * Kg, t0 * Q, n, col, ZERO, ZERO, FALSE, bp)
-            _col2im(col[0], R, S, geometry, t0, t1, P, Q, grad_input, g * Cg, q_ranges)
+            _col2im(col[0], R, S, geometry, t0, t1, P, Q, grad_input, g * Cg, taps, phase_rows)
 
 
 def _weight_grad_split(Kg, crs, groups, pixels):

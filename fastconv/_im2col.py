@@ -16,6 +16,7 @@ with zeros where the index falls in the padding.
 
 import functools
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -31,18 +32,32 @@ def _valid_q_range(w_offset, Q, W, sw):
     return q_lo, np.maximum(q_lo, q_hi)
 
 
+def col2im_taps(S, Q, W, sw, pl, dw):
+    """``_col2im``'s table of tap columns: per ``s``, ``(q_lo, q_hi, phase, start)``: the output columns
+    ``q_lo:q_hi`` that reach the input, and where the first lands, input column ``start * sw + phase``.
+    NumPy, once per call: two divisions per row and tap in the kernel would cost as much as a short row's adds.
+    """
+    first = np.arange(S, dtype=np.int64) * dw - pl
+    q_lo, q_hi = _valid_q_range(first, Q, W, sw)
+    first += q_lo * sw
+    return np.stack([q_lo, q_hi, first % sw, first // sw], axis=1)
+
+
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, q_ranges):
+def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, taps, phase_rows):
     """Add the patches in ``col`` (output rows ``t0:t1``) back into ``x[:, c0:c0+Cg]``: the adjoint of im2col.
 
     Race-free by construction: each thread owns whole input rows ``(c, h)`` of one image and gathers into them
     every ``(r, s)`` contribution, in a fixed order, so results do not depend on the number of threads.
-    ``q_ranges[s]`` is ``_valid_q_range`` of tap column ``s``, computed once by the caller rather than twice
-    per row and tap (two divisions, as much as a short row's additions). Footprint: none beyond ``x``.
+    ``taps`` is ``col2im_taps``. At a column stride ``sw > 1`` a tap adds to every ``sw``-th value of a row,
+    which no vector instruction does: the row is summed split into its ``sw`` phases, in the calling thread's
+    ``phase_rows`` (scratch, ``(threads, sw, >= ceil(W / sw))``), where every tap adds a contiguous run, then
+    interleaved back once. Footprint: none beyond ``x`` and ``phase_rows``.
     """
     Cg = col.shape[0] // (R * S)
     _, _, H, W = x.shape
     sh, sw, pt, pl, dh, dw = geometry
+    W2 = -(-W // sw)
     for n in range(t0 // P, (t1 - 1) // P + 1):
         p0 = max(t0 - n * P, 0)
         p1 = min(t1 - n * P, P)
@@ -56,6 +71,11 @@ def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, q_ranges):
             c = task // n_rows
             h = h_lo + task % n_rows
             dst = x[n, c0 + c, h]
+            rows = phase_rows[numba.get_thread_id()]
+            if sw > 1:
+                for b in range(sw):
+                    for j in range(W2):
+                        rows[b, j] = 0
             for r in range(R):
                 hp = h + pt - r * dh  # = p * sh for the output row p this tap comes from
                 if hp < 0 or hp % sh != 0:
@@ -65,10 +85,23 @@ def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, q_ranges):
                     continue
                 column = (n * P + p - t0) * Q
                 for s in range(S):
-                    q_lo, q_hi = q_ranges[s, 0], q_ranges[s, 1]
-                    src = col[(c * R + r) * S + s, column : column + Q]
-                    for q in range(q_lo, q_hi):
-                        dst[q * sw - pl + s * dw] += src[q]
+                    q_lo, q_hi, phase, start = taps[s, 0], taps[s, 1], taps[s, 2], taps[s, 3]
+                    src = col[(c * R + r) * S + s, column + q_lo : column + q_hi]
+                    out = dst[start:] if sw == 1 else rows[phase, start:]
+                    for q in range(q_hi - q_lo):
+                        out[q] += src[q]
+            if sw == 2:  # interleave the two phases: LLVM vectorises this with shuffles
+                even, odd = rows[0], rows[1]
+                for j in range(W // 2):
+                    dst[2 * j] += even[j]
+                    dst[2 * j + 1] += odd[j]
+                if W % 2:
+                    dst[W - 1] += even[W2 - 1]
+            elif sw > 2:
+                for b in range(sw):
+                    row = rows[b]
+                    for j in range((W - b + sw - 1) // sw):
+                        dst[j * sw + b] += row[j]
 
 
 @functools.lru_cache(maxsize=32)
