@@ -10,6 +10,7 @@ _cache.install()  # before any module that defines a kernel is imported
 
 from . import reference, shapes  # noqa: E402
 from ._parallel import get_num_threads, set_num_threads, threading_layer  # noqa: E402
+from ._scratch import release_scratch  # noqa: E402
 from ._warmup import precompile  # noqa: E402
 from .conv import (  # noqa: E402
     conv2d,
@@ -33,6 +34,7 @@ __all__ = [
     "gemm",
     "get_num_threads",
     "precompile",
+    "release_scratch",
     "set_num_threads",
     "threading_layer",
     "reference",

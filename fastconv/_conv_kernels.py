@@ -42,7 +42,8 @@ from ._im2col import (
     phase_shape,
 )
 from ._macro import GATHERED, PATCHES, PLAIN, _gemm_packed, _macro_kernel, no_patches, packs_per_task, task_scratch
-from ._parallel import PRANGE_ONLY, per_thread
+from ._parallel import PRANGE_ONLY
+from ._scratch import per_thread, scratch
 from .config import COLUMN_BUFFER_BYTES, GATHER_MAX_WIDTH, KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
 
@@ -53,7 +54,7 @@ def _pack_weights(weight, groups, transposed):
     crs = Cg * R * S
     w_mat = weight.reshape(groups, Kg, crs)
     m, k = (crs, Kg) if transposed else (Kg, crs)
-    ap = np.empty((groups, _packed_a_size(m, k)), dtype=weight.dtype)
+    ap = scratch("packed weights", (groups, _packed_a_size(m, k)), weight.dtype)
     for g in range(groups):
         _pack_a(w_mat[g : g + 1], ZERO, m, ZERO, k, np.bool_(transposed), ap[g])
     return ap
@@ -62,7 +63,7 @@ def _pack_weights(weight, groups, transposed):
 def _column_buffer(crs, rows_per_chunk, n_rows, Q, dtype):
     """The column buffer of a chunk, as a blocked matrix of one block, and the rows per chunk it allows."""
     rows = min(rows_per_chunk, n_rows)
-    return np.empty((1, crs, rows * Q), dtype=dtype), rows
+    return scratch("column buffer", (1, crs, rows * Q), dtype), rows
 
 
 def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
@@ -96,7 +97,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     pointwise = R == 1 and S == 1 and geometry[:4] == (1, 1, 0, 0) and (P, Q) == x.shape[2:]
     x_blocks = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
     if pointwise and not packs_per_task(Kg, patches=False):
-        bp = np.empty(_packed_b_size(N * P * Q), dtype=y.dtype)
+        bp = scratch("shared panel", _packed_b_size(N * P * Q), y.dtype)
         for g in range(groups):
             _gemm_packed(ap[g], Kg, crs, x_blocks, g * Cg, ZERO, N * P * Q, y_blocks, g * Kg, ZERO, accumulate, bp)
         return
@@ -114,7 +115,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
         n1 = min(N, n0 + images)
         block_x = x[n0:n1]
         if split:
-            block_x = np.empty(phase_shape(block_x.shape, sh, sw), y.dtype)
+            block_x = scratch("stride phases", phase_shape(block_x.shape, sh, sw), y.dtype)
             _split_phases(x[n0:n1], np.int64(sh), np.int64(sw), block_x)
         for g in range(groups):
             for pc in range(0, crs, KC):
@@ -139,13 +140,13 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     crs = Cg * R * S
     ap = _pack_weights(weight, groups, True)
     col, rows = _column_buffer(crs, rows_per_chunk, N * P, Q, grad_input.dtype)
-    bp = np.empty(_packed_b_size(rows * Q), dtype=grad_input.dtype)
+    bp = scratch("shared panel", _packed_b_size(rows * Q), grad_input.dtype)
     dy_blocks = grad_output.reshape(N, K, P * Q)
     sh, sw, pt, pl, dh, dw = geometry
     W = grad_input.shape[3]
     taps = col2im_taps(S, Q, W, sw, pl, dw)
     # Each phase row padded by a cache line at least: two threads never write into one line.
-    phase_rows = per_thread((sw, _round_up(-(-W // sw), 16) + 16), grad_input.dtype)
+    phase_rows = per_thread((sw, _round_up(-(-W // sw), 16) + 16), grad_input.dtype, name="phase rows")
     for g in range(groups):
         for t0 in range(0, N * P, rows):
             t1 = min(N * P, t0 + rows)
@@ -182,10 +183,12 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
     crs = Cg * R * S
     pixel_ranges, column_ranges = _weight_grad_split(Kg, crs, groups, N * P * Q)
     dw = grad_weight.reshape(1, groups, Kg, crs)
-    partial = dw if pixel_ranges == 1 else np.zeros((pixel_ranges, groups, Kg, crs), dtype=grad_weight.dtype)
+    partial = (
+        dw if pixel_ranges == 1 else scratch("partial sums", (pixel_ranges, groups, Kg, crs), dw.dtype, zeros=True)
+    )
     # Packing scratch per thread, not per task.
-    ap = per_thread((_packed_a_size(Kg, KC),), grad_weight.dtype)
-    bp = per_thread((_packed_b_size(crs),), grad_weight.dtype)
+    ap = per_thread((_packed_a_size(Kg, KC),), grad_weight.dtype, name="packed A")
+    bp = per_thread((_packed_b_size(crs),), grad_weight.dtype, name="packed B")
     dy_blocks = grad_output.reshape(N, K, P * Q)
     taps = _tap_table(0, R, S, geometry, Q, x.shape[3], 0, crs)
     _weight_grad_tasks(x, dy_blocks, taps, geometry[0], geometry[1], P, Q, column_ranges, ap, bp, partial)

@@ -24,7 +24,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._parallel import PRANGE_ONLY, per_thread
+from ._parallel import PRANGE_ONLY
+from ._scratch import per_thread
 
 _FASTMATH = {"contract"}
 
@@ -89,8 +90,8 @@ def _phase_layout(R, S, P, Q, geometry, dtype):
     phase_size = (Hq + 1) * Wq
     r, s = np.divmod(np.arange(R * S), S)
     tap_start = ((r * dh % sh) * sw + s * dw % sw) * phase_size + (r * dh // sh) * Wq + s * dw // sw
-    phases = per_thread((sh * sw * phase_size,), dtype, zeros=True)
-    wide = per_thread((P * Wq,), dtype, zeros=True)
+    phases = per_thread((sh * sw * phase_size,), dtype, zeros=True, name="direct phases")
+    wide = per_thread((P * Wq,), dtype, zeros=True, name="direct rows")
     return _PhaseLayout(Hq, Wq, phase_size, tap_start.astype(np.int64), phases, wide)
 
 

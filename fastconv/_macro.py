@@ -43,7 +43,8 @@ from ._gemm import (
     _zero_columns,
 )
 from ._im2col import _gathered_patch_panel, _patch_panel
-from ._parallel import PRANGE_ONLY, per_thread
+from ._parallel import PRANGE_ONLY
+from ._scratch import per_thread, scratch
 from .config import KC, MC, MR, NC, NR
 
 #: Where the macro-kernel's micro-panels of B come from (module docstring). Numpy scalars, not Python ints:
@@ -59,7 +60,7 @@ def packs_per_task(m, patches):
 def task_scratch(dtype):
     """The ``panels`` and ``pixel_tables`` arguments of :func:`_macro_kernel` for ``PLAIN``, ``PATCHES`` and
     ``GATHERED``: one KC x NR micro-panel and one 3 x NR pixel table per thread."""
-    return per_thread((KC * NR,), dtype), per_thread((3, NR), np.int64)
+    return per_thread((KC * NR,), dtype, name="task panels"), per_thread((3, NR), np.int64, name="pixel tables")
 
 
 def no_patches(dtype):
@@ -164,11 +165,11 @@ def _gemm(a, b, c):
     """``c = a @ b`` for C-contiguous 2-D arrays of one dtype."""
     m, k = a.shape
     n = b.shape[1]
-    ap = np.empty(_packed_a_size(m, k), dtype=c.dtype)
+    ap = scratch("packed A", _packed_a_size(m, k), c.dtype)
     _pack_a(a.reshape(1, m, k), ZERO, m, ZERO, k, FALSE, ap)
     b_blocks, c_blocks = b.reshape(1, k, n), c.reshape(1, m, n)  # blocked matrices of one block each
     if packs_per_task(m, patches=False):
         _gemm_per_task(ap, m, k, b_blocks, ZERO, n, c_blocks, ZERO, FALSE)
     else:
-        bp = np.empty(_packed_b_size(n), dtype=c.dtype)
+        bp = scratch("shared panel", _packed_b_size(n), c.dtype)
         _gemm_packed(ap, m, k, b_blocks, ZERO, ZERO, n, c_blocks, ZERO, ZERO, FALSE, bp)

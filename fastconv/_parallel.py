@@ -15,7 +15,6 @@ import threading
 from contextlib import contextmanager
 
 import numba
-import numpy as np
 
 _THREAD_SAFE_LAYERS = ("tbb", "omp")
 
@@ -36,16 +35,6 @@ PRANGE_ONLY = dict(
 
 _lock = threading.Lock()
 _num_threads = None
-
-
-def per_thread(shape, dtype, zeros=False):
-    """Scratch with one row of ``shape`` per Numba thread, indexed in a kernel by ``numba.get_thread_id()``.
-
-    Sized here, when called, for this process's threads: a count read inside a kernel would be frozen into the
-    cached machine code, and a process started with more threads would write past the end.
-    """
-    shape = (numba.config.NUMBA_NUM_THREADS, *shape)
-    return np.zeros(shape, dtype) if zeros else np.empty(shape, dtype)
 
 
 def _reset_after_fork():

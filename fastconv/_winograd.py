@@ -32,7 +32,8 @@ import numpy as np
 from numba import njit, prange
 
 from ._gemm import _micro_kernel, _round_up
-from ._parallel import PRANGE_ONLY, per_thread
+from ._parallel import PRANGE_ONLY
+from ._scratch import per_thread, scratch
 from .config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
 
 _FASTMATH = {"contract"}
@@ -358,9 +359,10 @@ def _conv2d_winograd(x, weight, geometry, groups, accumulate, y, swapped=False):
     # The 16 rows of up, v and m are written (read) together, one value each per tile: rows a multiple of 4 KiB
     # apart would share one set of the L1 cache and evict each other (8x slower, measured). One spare cache
     # line, or one spare row of m, offsets them.
-    up = np.zeros((groups, XI, _round_up(Kg, MR) * Cg + 16), dtype)
-    v = per_thread((XI, min(KC, Cg) * NR + 16), dtype)
-    m = per_thread((XI, k_block + 1, NR), dtype)
-    runs = per_thread((NR, 4), np.int64)
+    # Every row of the filters below Kg is written: only rows past it, padding the last micro-panel, need zeros.
+    up = scratch("winograd filters", (groups, XI, _round_up(Kg, MR) * Cg + 16), dtype, zeros=Kg % MR != 0)
+    v = per_thread((XI, min(KC, Cg) * NR + 16), dtype, name="winograd inputs")
+    m = per_thread((XI, k_block + 1, NR), dtype, name="winograd products")
+    runs = per_thread((NR, 4), np.int64, name="winograd runs")
     _, _, pt, pl, _, _ = geometry
     _winograd_tasks(x, weight, np.bool_(swapped), pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, runs, y)

@@ -33,6 +33,11 @@ NC = 2048
 #: chunks of output rows, so memory stays bounded whatever the image size.
 COLUMN_BUFFER_BYTES = 32 * 2**20
 
+#: Bytes of scratch each thread keeps from one call to the next (``_scratch.py``): packed weights and panels,
+#: column buffers, stride phases. Beyond it, scratch is allocated for the call alone. Enough for the column
+#: buffer and the stride phases (COLUMN_BUFFER_BYTES each) and the packed weights of a 512x512 3x3 layer.
+SCRATCH_CACHE_BYTES = 96 * 2**20
+
 #: ``algorithm="auto"`` computes a grouped convolution by direct loops (``_direct.py``) when each group has at
 #: most this many output channels: the GEMM of such a group is too thin to fill the MR x NR register tile.
 #: Depthwise convolutions (one output channel per group) always qualify.
