@@ -10,9 +10,9 @@ _SUPPORTED = ("float32", "float64")
 
 def _calls(dtype):
     """One small call per compiled path (driver, algorithm, packing variant) of the public API: dense, 1x1,
-    strided, Winograd and depthwise forward; dense stride-1 (forward path), strided (col2im) and depthwise
-    (direct) gradients."""
-    from .conv import conv2d, conv2d_backward, conv_transpose2d, conv_transpose2d_backward
+    strided, Winograd and depthwise forward; dense stride-1 (forward path), strided (col2im), depthwise
+    (direct) and Winograd weight gradients."""
+    from .conv import conv2d, conv2d_backward, conv2d_weight, conv_transpose2d, conv_transpose2d_backward
     from .gemm import gemm
 
     x = np.ones((1, 2, 5, 5), dtype)
@@ -22,6 +22,7 @@ def _calls(dtype):
     # Enough output pixels for the weight gradient to split them into ranges (see _weight_grad_split).
     x_wide = np.ones((1, 2, 34, 34), dtype)
     dy_wide = np.ones((1, 2, 32, 32), dtype)
+    x_deep = np.ones((1, 64, 40, 40), dtype)  # enough channels and tiles for Winograd's weight gradient
     return [
         ("conv2d", lambda: conv2d(x, w)),
         ("conv2d 1x1", lambda: conv2d(x, w[:, :, :1, :1])),
@@ -30,6 +31,7 @@ def _calls(dtype):
         ("conv2d depthwise", lambda: conv2d(x, w[:, :1], groups=2)),
         ("conv2d_backward", lambda: conv2d_backward(x_wide, w, dy_wide)),
         ("conv2d_backward strided", lambda: conv2d_backward(x, w, dy_strided, stride=2)),
+        ("conv2d_weight winograd", lambda: conv2d_weight(x_deep, (64, 64, 3, 3), x_deep, padding=1)),
         ("conv2d_backward depthwise", lambda: conv2d_backward(x, w[:, :1], dy_strided, stride=2, groups=2)),
         ("conv_transpose2d", lambda: conv_transpose2d(dy, w)),
         ("conv_transpose2d_backward", lambda: conv_transpose2d_backward(dy, w, x)),

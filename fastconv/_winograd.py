@@ -43,6 +43,9 @@ XI = 16
 
 #: NR as a plain int64, not a Numba literal, so that the micro-kernel is not compiled once more for it.
 WHOLE_PANEL = np.int64(NR)
+#: The step between tiles in a packed B panel of the forward pass, likewise: ``_input_tiles`` is compiled once
+#: for it and the weight gradient's step of NR.
+ONE = np.int64(1)
 
 
 def winograd_applies(geometry):
@@ -138,9 +141,10 @@ def _store_column(v, u, t):
 
 
 @njit(cache=True)
-def _transform_tiles(r0, r1, r2, r3, count, v):
-    """``v[xi, u]`` = ``(Bᵀ d_u B)[xi]`` for ``u < count``, where the 4x4 tile ``d_u`` is columns ``2u`` to
-    ``2u + 3`` of the rows ``r0..r3``: one column of a packed B panel per tile.
+def _transform_tiles(r0, r1, r2, r3, count, v, step):
+    """``v[xi, u * step]`` = ``(Bᵀ d_u B)[xi]`` for ``u < count``, where the 4x4 tile ``d_u`` is columns ``2u``
+    to ``2u + 3`` of the rows ``r0..r3``: one column of a packed B panel per tile (``step`` 1), or one row of
+    the weight gradient's (``step`` NR).
 
     One pass per tile with all 16 values in registers: runs of tiles (a row of them) are too short to gain
     from vectorising across tiles. Every index starts from 0 (callers slice first), so LLVM knows none is
@@ -154,7 +158,7 @@ def _transform_tiles(r0, r1, r2, r3, count, v):
             r2[j], r2[j + 1], r2[j + 2], r2[j + 3],
             r3[j], r3[j + 1], r3[j + 2], r3[j + 3],
         )  # fmt: skip
-        _store_column(v, u, _bt_d_b(d))
+        _store_column(v, u * step, _bt_d_b(d))
 
 
 @njit(cache=True, inline="always")
@@ -179,9 +183,9 @@ def _border_tile(plane, h0, w0, v, u):
 
 
 @njit(cache=True)
-def _input_tiles(x, n, c, th, tw0, run, pt, pl, v, v0):
+def _input_tiles(x, n, c, th, tw0, run, pt, pl, v, v0, step):
     """Transform the input tiles of tiles ``(n, th, tw0 + u)``, ``u < run``, of channel ``c`` into
-    ``v[:, v0 + u]``.
+    ``v[:, v0 + u * step]``.
 
     Tiles wholly inside the image are read straight from ``x``; the few overlapping the padding (the ends of
     a row of tiles, the first and last rows) one pixel at a time, with bounds tests.
@@ -197,11 +201,12 @@ def _input_tiles(x, n, c, th, tw0, run, pt, pl, v, v0):
     if u1 > u0:
         start = w0 + 2 * u0
         rows = plane[h0 : h0 + 4]
-        _transform_tiles(rows[0, start:], rows[1, start:], rows[2, start:], rows[3, start:], u1 - u0, v[:, v0 + u0 :])
+        tiles = v[:, v0 + u0 * step :]
+        _transform_tiles(rows[0, start:], rows[1, start:], rows[2, start:], rows[3, start:], u1 - u0, tiles, step)
     for u in range(u0):
-        _border_tile(plane, h0, w0 + 2 * u, v, v0 + u)
+        _border_tile(plane, h0, w0 + 2 * u, v, v0 + u * step)
     for u in range(u1, run):
-        _border_tile(plane, h0, w0 + 2 * u, v, v0 + u)
+        _border_tile(plane, h0, w0 + 2 * u, v, v0 + u * step)
 
 
 @njit(cache=True)
@@ -285,7 +290,7 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
                 for xi in range(XI):
                     v[xi, base + t] = 0
             for i in range(n_runs):
-                _input_tiles(x, runs[i, 0], c, runs[i, 1], runs[i, 2], runs[i, 3], pt, pl, v, base)
+                _input_tiles(x, runs[i, 0], c, runs[i, 1], runs[i, 2], runs[i, 3], pt, pl, v, base, ONE)
                 base += runs[i, 3]
         for xi in range(XI):
             b_panel = v[xi, : kc * NR]

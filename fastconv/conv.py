@@ -13,6 +13,7 @@ from ._conv_kernels import _conv2d_forward, _conv2d_input, _conv2d_weight
 from ._direct import conv2d_direct, conv2d_direct_weight
 from ._parallel import run
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
+from ._winograd_grad import conv2d_weight_winograd, winograd_weight_grad_pays, winograd_weight_grad_workspace
 from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP, KC, NC
 
 #: What ``conv2d``'s ``algorithm`` accepts.
@@ -200,12 +201,16 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
 def _weight_grad(x, grad_output, geometry, dtype):
     """conv2d's weight gradient: sum over the batch of grad_output · patches(x)ᵀ -> (K, C // groups, R, S)."""
     direct = _choose_algorithm("auto", geometry) == "direct"
-    workspace = _workspace_bytes(geometry, dtype, direct)
+    winograd = not direct and winograd_applies(geometry) and winograd_weight_grad_pays(geometry)
+    if winograd:
+        workspace = winograd_weight_grad_workspace(geometry, dtype)
+    else:
+        workspace = _workspace_bytes(geometry, dtype, direct)
     v.check_memory("the weight gradient", geometry.weight_shape, dtype, (x, grad_output), workspace)
     dw = np.zeros(geometry.weight_shape, dtype)
     if dw.size and grad_output.size:
         run(
-            conv2d_direct_weight if direct else _conv2d_weight,
+            conv2d_direct_weight if direct else conv2d_weight_winograd if winograd else _conv2d_weight,
             v.kernel_ready(x, dtype),
             v.kernel_ready(grad_output, dtype),
             geometry.kernel_geometry,

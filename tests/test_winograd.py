@@ -5,10 +5,11 @@ import pytest
 
 import fastconv
 from conftest import assert_close, random_array, requires_torch
-from fastconv import reference
+from fastconv import _winograd_grad, reference
+from fastconv import conv as conv_module
 from fastconv._validate import parse_conv2d
 from fastconv._winograd import _winograd_k_block
-from fastconv.config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
+from fastconv.config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES, WINOGRAD_WEIGHT_GRAD_MIN_TILES
 from fastconv.conv import _choose_algorithm, _input_grad_as_conv2d
 
 CASES = [  # (N, C, H, W, K, padding, groups)
@@ -21,6 +22,7 @@ CASES = [  # (N, C, H, W, K, padding, groups)
     (2, 5, 30, 31, 9, "same", 1),  # many chunks, the last one partial
     (1, KC + 88, 6, 5, 7, 1, 1),  # more channels than KC: two blocks of the shared dimension
     (1, 6, 10, 10, 302, 1, 1),  # more output channels than one task's block, not a multiple of MR
+    (1, 1, 100, 90, 2, 1, 1),  # the weight gradient's ranges span two chunks of tiles
 ]
 
 
@@ -35,6 +37,25 @@ def test_winograd_matches_the_reference(rng, N, C, H, W, K, padding, groups, dty
     assert_close(fastconv.conv2d(x, w, b, padding=padding, groups=groups, algorithm="winograd"), expected)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("N, C, H, W, K, padding, groups", CASES)
+def test_weight_gradient_by_winograd_matches_the_reference(rng, monkeypatch, N, C, H, W, K, padding, groups, dtype):
+    """Winograd's weight gradient, taken here whatever the layer's size: chunks of tiles, ranges, padding."""
+    monkeypatch.setattr(_winograd_grad, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(_winograd_grad, "WINOGRAD_WEIGHT_GRAD_MIN_TILES", 1)
+    monkeypatch.setattr(_winograd_grad, "MIN_RANGES", 1)
+    monkeypatch.setattr(conv_module, "DIRECT_MAX_OUT_PER_GROUP", 0)  # groups too
+    calls = []
+    winograd = conv_module.conv2d_weight_winograd
+    monkeypatch.setattr(conv_module, "conv2d_weight_winograd", lambda *args: calls.append(1) or winograd(*args))
+    x = random_array(rng, (N, C, H, W), dtype)
+    w_shape = (K, C // groups, 3, 3)
+    dy = random_array(rng, fastconv.conv2d(x, np.ones(w_shape, dtype), padding=padding, groups=groups).shape, dtype)
+    expected = reference.conv2d_weight(x, w_shape, dy, padding=padding, groups=groups)
+    assert_close(fastconv.conv2d_weight(x, w_shape, dy, padding=padding, groups=groups), expected)
+    assert calls
+
+
 def test_the_cases_cross_the_blocking_edges():
     tiles = []
     for N, C, H, W, K, padding, groups in CASES:
@@ -46,6 +67,10 @@ def test_the_cases_cross_the_blocking_edges():
     # Some case splits its output channels between tasks, into blocks that are not all whole multiples of MR.
     blocks = [_winograd_k_block(K // groups, -(-t // NR), 2) for t, (*_, K, _, groups) in zip(tiles, CASES)]
     assert any(b < K and K % b % MR for b, (*_, K, _, _) in zip(blocks, CASES))
+    # The weight gradient: some case has several ranges of tiles, some range several chunks of unequal ends.
+    ranges = [_winograd_grad._n_ranges(K, C // g, t, 8) for t, (_, C, *_, K, _, g) in zip(tiles, CASES)]
+    assert max(ranges) > 1
+    assert any(t // r > _winograd_grad.CHUNK for t, r in zip(tiles, ranges))
 
 
 def test_auto_takes_winograd_for_wide_3x3_layers_and_the_input_gradient_follows(rng):
@@ -62,6 +87,22 @@ def test_auto_takes_winograd_for_wide_3x3_layers_and_the_input_gradient_follows(
     dy = random_array(rng, y.shape, "float32")
     expected = reference.conv2d_input(x.shape, w.astype(np.float64), dy, padding=1).astype(np.float32)
     assert_close(fastconv.conv2d_input(x.shape, w, dy, padding=1), expected)
+
+
+def test_auto_takes_winograd_for_the_weight_gradient_of_layers_with_many_tiles(rng):
+    C = K = WINOGRAD_MIN_CHANNELS
+    side = 2 * int(np.ceil(np.sqrt(WINOGRAD_WEIGHT_GRAD_MIN_TILES)))
+    x = random_array(rng, (1, C, side, side), "float32")
+    w = random_array(rng, (K, C, 3, 3), "float32")
+    _, geometry, _ = parse_conv2d("conv2d", x.shape, w, 1, 1, 1, 1)
+    assert _winograd_grad.winograd_weight_grad_pays(geometry)
+    _, few_tiles, _ = parse_conv2d("conv2d", (1, C, side // 2, side), w, 1, 1, 1, 1)
+    assert not _winograd_grad.winograd_weight_grad_pays(few_tiles)
+    _, few_channels, _ = parse_conv2d("conv2d", (1, C // 2, side, side), w[:, : C // 2], 1, 1, 1, 1)
+    assert not _winograd_grad.winograd_weight_grad_pays(few_channels)
+    dy = random_array(rng, x.shape[:1] + (K,) + x.shape[2:], "float32")
+    expected = reference.conv2d_weight(x.astype(np.float64), w.shape, dy, padding=1).astype(np.float32)
+    assert_close(fastconv.conv2d_weight(x, w.shape, dy, padding=1), expected)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -92,4 +133,23 @@ def test_winograd_error_in_float32_stays_near_the_direct_sum():
     winograd = np.abs(fastconv.conv2d(x32, w32, padding=1, algorithm="winograd") - exact).max() / scale
     gemm = np.abs(fastconv.conv2d(x32, w32, padding=1, algorithm="gemm") - exact).max() / scale
     assert winograd < 1e-6
+    assert winograd < 5 * gemm
+
+
+def test_winograd_weight_gradient_error_in_float32_stays_near_the_gemm_path():
+    """The weight gradient sums over every pixel: Winograd's within a few times the GEMM path's error."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 64, 32, 32))
+    dy = rng.standard_normal((2, 96, 32, 32))
+    w_shape = (96, 64, 3, 3)
+    exact = fastconv.conv2d_weight(x, w_shape, dy, padding=1)  # float64
+    x32, dy32 = x.astype(np.float32), dy.astype(np.float32)
+    _, geometry, _ = parse_conv2d("conv2d", x.shape, np.ones(w_shape), 1, 1, 1, 1)
+    assert _winograd_grad.winograd_weight_grad_pays(geometry)
+    scale = np.abs(exact).max()
+    winograd = np.abs(fastconv.conv2d_weight(x32, w_shape, dy32, padding=1) - exact).max() / scale
+    gemm = np.zeros(w_shape, np.float32)
+    fastconv._conv_kernels._conv2d_weight(x32, dy32, (1, 1, 1, 1, 1, 1), 1, gemm)
+    gemm = np.abs(gemm - exact).max() / scale
+    assert winograd < 2e-6
     assert winograd < 5 * gemm
