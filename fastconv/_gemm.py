@@ -190,18 +190,32 @@ def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate)
             a_i = a[i]
             for j in range(NR):
                 tile[i, j] += a_i * b[j]
+    block, col, left = _segment(c.shape[2], j0)
+    if m_valid == MR and n_valid == NR and left >= NR:
+        # A whole tile in one block of c, the common case: constant trip counts, so the tile is stored
+        # straight from the registers.
+        for i in range(MR):
+            dst = c[block, i0 + i, col : col + NR]
+            if accumulate:
+                for q in range(NR):
+                    dst[q] += tile[i, q]
+            else:
+                for q in range(NR):
+                    dst[q] = tile[i, q]
+        return
     j = 0
     while j < n_valid:  # the tile's columns may span two blocks of c (two images)
         block, col, left = _segment(c.shape[2], j0 + j)
         run = min(n_valid - j, left)
         for i in range(m_valid):
             dst = c[block, i0 + i, col : col + run]
+            src = tile[i, j : j + run]  # sliced first: contiguous loads, not gathers
             if accumulate:
                 for q in range(run):
-                    dst[q] += tile[i, j + q]
+                    dst[q] += src[q]
             else:
                 for q in range(run):
-                    dst[q] = tile[i, j + q]
+                    dst[q] = src[q]
         j += run
 
 
