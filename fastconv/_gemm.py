@@ -97,7 +97,15 @@ def _pack_a_panel(a, row0, m, col0, k, transposed, ap, t):
     while p < kc:
         block, col, left = _segment(ncols, col0 + pc + p)
         run = min(kc - p, left)
-        if transposed:
+        if transposed and m_valid == MR:
+            # MR contiguous values per column of A: one short vector each (a loop over the columns with a
+            # runtime row count would be vectorised with gathers).
+            for q in range(run):
+                src = a[block, col + q, row0 + ir : row0 + ir + MR]
+                dst = panel[(p + q) * MR : (p + q + 1) * MR]
+                for i in range(MR):
+                    dst[i] = src[i]
+        elif transposed:
             for q in range(run):
                 src = a[block, col + q, row0 + ir : row0 + ir + m_valid]
                 for i in range(m_valid):
