@@ -110,6 +110,14 @@ def _pack_a_panel(a, row0, m, col0, k, transposed, ap, t):
                 src = a[block, col + q, row0 + ir : row0 + ir + m_valid]
                 for i in range(m_valid):
                     panel[(p + q) * MR + i] = src[i]
+        elif m_valid == MR == 4:
+            # The four rows as four 1-D slices, so that LLVM interleaves contiguous loads into contiguous
+            # stores (from a 2-D slice, whose strides it does not know, it gathers).
+            s0, s1 = a[block, row0 + ir, col : col + run], a[block, row0 + ir + 1, col : col + run]
+            s2, s3 = a[block, row0 + ir + 2, col : col + run], a[block, row0 + ir + 3, col : col + run]
+            dst = panel[p * MR : (p + run) * MR]
+            for q in range(run):
+                dst[4 * q], dst[4 * q + 1], dst[4 * q + 2], dst[4 * q + 3] = s0[q], s1[q], s2[q], s3[q]
         elif m_valid == MR:
             # All MR rows at once, so each store of the panel is contiguous: LLVM interleaves MR row loads.
             src = a[block, row0 + ir : row0 + ir + MR, col : col + run]
