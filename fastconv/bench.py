@@ -20,6 +20,29 @@ from . import _parallel, conv2d, conv2d_backward, conv_transpose2d, conv_transpo
 #: Layers above this many flops are not run through the direct-loop reference (it would take minutes).
 REFERENCE_MAX_FLOPS = 2e8
 
+#: glibc's malloc maps every block above a threshold afresh and unmaps it when freed; the threshold rises only
+#: when a larger mapped block is freed. So whether a peer's output (25 MiB for the 1x1 layers) is faulted in
+#: page by page on every call depended on what the process had freed before: PyTorch's 1x1 64 -> 256 layer took
+#: 3.1 or 16.9 ms by the order of the rows. The bench keeps such blocks on malloc's heap for every peer alike,
+#: the steady state of a long-running process.
+MMAP_THRESHOLD_BYTES = 256 * 2**20
+
+
+def _steady_allocator():
+    """Raise glibc's mmap and trim thresholds for this process (the bench's own), where glibc is the libc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        mallopt(M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD_BYTES)
+    )
+
 
 def _layer_ints(text, form):
     """The 7 to 10 comma-separated ints of a ``--layer`` argument, or an argparse error showing ``form``."""
@@ -400,10 +423,12 @@ def main(argv=None):
         cases = [parse(text) for text in args.cases] if args.cases else defaults
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
+    steady = _steady_allocator()
     rows = run(args.op, cases, np.dtype(args.dtype), args.threads, args.repeat)
     print(
         f"{args.op}, {args.dtype}, {args.threads} threads, median of {args.repeat} alternating rounds"
         f" (each: {WARM_UP_SECONDS * 1e3:.0f} ms of warm-up calls, then the median of 3)"
+        + ("; malloc keeps freed blocks below 256 MiB" if steady else "")
     )
     print(format_table(rows))
     if args.json:
