@@ -17,6 +17,8 @@ and every image's ``(K, P*Q)`` output side by side as one ``K x N*P*Q`` matrix, 
     # Weight gradient: [Kg, N*P*Q]  [N*P*Q, Cg*R*S] -> [Kg, Cg*R*S]       dW = dy @ col.T (col never built)
 """
 
+import math
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -107,7 +109,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     sh, sw = geometry[:2]
     # Strided patches are read from the input's stride phases, at stride 1, a block of images at a time that
     # fits the column buffer; an image too large for it alone has its patches read at the stride.
-    image_phases = np.prod(phase_shape((1, *x.shape[1:]), sh, sw)) * y.itemsize
+    image_phases = math.prod(phase_shape((1, *x.shape[1:]), sh, sw)) * y.itemsize
     split = not pointwise and patches == PATCHES and (sh, sw) != (1, 1) and image_phases <= COLUMN_BUFFER_BYTES
     images = min(N, COLUMN_BUFFER_BYTES // image_phases) if split else N
     stride = (1, 1) if split else (sh, sw)

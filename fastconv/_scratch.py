@@ -11,6 +11,7 @@ So each thread keeps its scratch by name, up to ``config.SCRATCH_CACHE_BYTES`` i
 allocated for the one call. Names are per call site: no two buffers that are live at once share one.
 """
 
+import math
 import threading
 
 import numba
@@ -29,16 +30,18 @@ def scratch(name, shape, dtype, zeros=False):
     outlive the call (it is never returned to a user).
     """
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else shape
+    nbytes = math.prod(shape) * dtype.itemsize
     pool = _local.__dict__.setdefault("pool", {})
-    buffer = pool.get(name)
-    if buffer is None or buffer.size < nbytes + _ALIGNMENT:
+    aligned = pool.get(name)  # kept already aligned: finding the offset costs more than the rest here
+    if aligned is None or aligned.size < nbytes:
         pool.pop(name, None)
         buffer = np.empty(nbytes + _ALIGNMENT, np.uint8)
-        if nbytes + _ALIGNMENT + sum(b.size for b in pool.values()) <= SCRATCH_CACHE_BYTES:
-            pool[name] = buffer
-    offset = -buffer.ctypes.data % _ALIGNMENT
-    array = buffer[offset : offset + nbytes].view(dtype).reshape(shape)
+        offset = -buffer.ctypes.data % _ALIGNMENT
+        aligned = buffer[offset : offset + nbytes]
+        if nbytes + sum(b.size for b in pool.values()) <= SCRATCH_CACHE_BYTES:
+            pool[name] = aligned
+    array = aligned[:nbytes].view(dtype).reshape(shape)
     if zeros:
         array.fill(0)
     return array

@@ -5,6 +5,7 @@ value or shape) or ``TypeError`` (a wrong type), naming the argument and what wa
 PyTorch's where PyTorch has an equivalent check.
 """
 
+import math
 import numbers
 import os
 import time
@@ -324,7 +325,7 @@ def check_memory(function, output_shape, dtype, inputs, workspace):
     Checked before anything is allocated: an allocation far beyond memory may otherwise succeed lazily and
     end with the process killed when the kernel touches it.
     """
-    output = int(np.prod(output_shape, dtype=object)) * dtype.itemsize
+    output = math.prod(int(n) for n in output_shape) * dtype.itemsize
     copies = sum(
         a.size * dtype.itemsize
         for a in inputs

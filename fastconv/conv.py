@@ -5,6 +5,8 @@ gradient; the functions below share the three private helpers ``_forward``, ``_i
 ``_weight_grad`` and say which role each array plays.
 """
 
+import math
+
 import numba
 import numpy as np
 
@@ -57,8 +59,8 @@ def _workspace_bytes(geometry, dtype, direct=False):
         padded_plane = (H + pt + pb + geometry.dilation[0] * R) * (W + pl + pr + geometry.dilation[1] * S)
         per_thread = 2 * padded_plane + P * (Q + geometry.dilation[1] * S)
         return dtype.itemsize * numba.config.NUMBA_NUM_THREADS * per_thread
-    weights = 2 * int(np.prod(geometry.weight_shape)) + KC * NC
-    subsampled = int(np.prod(geometry.output_shape[2:])) * np.prod(geometry.input_shape[:2])  # strided 1x1 input
+    weights = 2 * math.prod(geometry.weight_shape) + KC * NC
+    subsampled = math.prod(geometry.output_shape[2:]) * math.prod(geometry.input_shape[:2])  # strided 1x1 input
     return 2 * COLUMN_BUFFER_BYTES + dtype.itemsize * (weights + subsampled)
 
 
@@ -143,7 +145,7 @@ def _input_grad_as_conv2d(grad_output, geometry, dtype):
         P, Q = grad_output.shape[2:]
         shape = (N, K, (P - 1) * sh + 1, (Q - 1) * sw + 1)
         v.check_memory(
-            "the input gradient", geometry.input_shape, dtype, (grad_output,), dtype.itemsize * np.prod(shape)
+            "the input gradient", geometry.input_shape, dtype, (grad_output,), dtype.itemsize * math.prod(shape)
         )
         spread = np.zeros(shape, dtype)
         spread[:, :, ::sh, ::sw] = grad_output
