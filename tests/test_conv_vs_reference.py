@@ -143,6 +143,16 @@ def test_strided_patches_read_from_stride_phases_in_blocks_of_images(rng, monkey
     assert splits == {0: [], 1: [1, 1, 1], 2: [2, 1]}[images_per_block]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C, K, groups", [(12, 5, 1), (24, 10, 2), (8, 8, 1), (5, 12, 1)])
+def test_pointwise_weight_gradient_in_either_orientation(rng, C, K, groups, dtype):
+    """A 1x1 layer with fewer output than input channels computes its weight gradient transposed."""
+    x, w, _ = _conv_case(rng, 3, (C, K, groups), ((9, 7), (1, 1)), dtype)
+    dy = random_array(rng, (3, K, 9, 7), dtype)
+    expected = reference.conv2d_weight(x, w.shape, dy, groups=groups)
+    assert_close(fastconv.conv2d_weight(x, w.shape, dy, groups=groups), expected)
+
+
 @pytest.mark.parametrize("N", [0, 1, 2, 3])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
