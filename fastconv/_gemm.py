@@ -98,6 +98,13 @@ def _pack_a_panel(a, row0, m, col0, k, transposed, ap, t):
     # Read along the contiguous axis of ``a``: its rows, or the columns of A when A is ``a`` transposed (the
     # input gradient's W.T), so neither is packed with strided loads.
     ncols = a.shape[1] if transposed else a.shape[2]
+    lead = ir - ir % (GROUP * MR)
+    if transposed and lead + GROUP * MR <= m:
+        # A transposed A is read a column at a time, MR values from each of kc rows of ``a`` far apart: the
+        # first panel of each GROUP packs the whole group, reading a cache line from each row, not 16 bytes.
+        if ir == lead:
+            _pack_a_transposed_group(a, row0 + ir, col0 + pc, kc, ap[start : start + GROUP * kc * MR])
+        return
     p = 0
     while p < kc:
         block, col, left = _segment(ncols, col0 + pc + p)
@@ -139,6 +146,27 @@ def _pack_a_panel(a, row0, m, col0, k, transposed, ap, t):
     for p in range(kc):
         for i in range(m_valid, MR):
             panel[p * MR + i] = 0
+
+
+#: Micro-panels of a transposed A packed together: GROUP * MR values of a row of ``a`` fill a cache line.
+GROUP = 4
+
+
+@njit(cache=True)
+def _pack_a_transposed_group(a, row0, col0, kc, panels):
+    """GROUP consecutive micro-panels of a transposed A: rows ``row0 : row0 + GROUP * MR`` of A (columns of
+    ``a``), A's columns ``col0 : col0 + kc`` (rows of ``a``, across its blocks), into ``panels``."""
+    ncols = a.shape[1]
+    p = 0
+    while p < kc:
+        block, col, left = _segment(ncols, col0 + p)
+        for q in range(min(kc - p, left)):
+            src = a[block, col + q, row0 : row0 + GROUP * MR]
+            for g in range(GROUP):
+                dst = panels[g * kc * MR + (p + q) * MR : g * kc * MR + (p + q + 1) * MR]
+                for i in range(MR):
+                    dst[i] = src[g * MR + i]
+        p += min(kc - p, left)
 
 
 @njit(cache=True)
