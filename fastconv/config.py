@@ -10,7 +10,8 @@ micro-kernel, blocks of ``MC`` rows of A, ``KC`` of the shared dimension and ``N
 
 #: Rows of the micro-kernel's register tile. With NR = 64 this is 4 x 64 accumulators: 16 AVX-512 registers
 #: in float32, 32 in float64. Measured on Zen 4 (one core, kc = 256): 4x64 gives 258 GFLOP/s in float32 and
-#: 82 GFLOP/s in float64; 6x64 gives 255 / 65; tiles of NR = 32 or less were not vectorised by LLVM (3 GFLOP/s).
+#: 82 GFLOP/s in float64 (100 since the tile is aligned to a cache line); 6x64 gives 255 / 65; tiles of NR = 32
+#: or less were not vectorised by LLVM (3 GFLOP/s).
 MR = 4
 
 #: Columns of the micro-kernel's register tile (elements, whatever the dtype).
