@@ -60,6 +60,17 @@ def _stack_tile(typingctx, dtype):
     return types.CPointer(element)(dtype), codegen
 
 
+@intrinsic
+def _data(typingctx, array):
+    """Pointer to the first element of a C-contiguous ``array``: indexed with no wraparound test and no slice
+    to build, for copies too short to pay for those."""
+
+    def codegen(context, builder, signature, args):
+        return context.make_array(signature.args[0])(context, builder, args[0]).data
+
+    return types.CPointer(array.dtype)(array), codegen
+
+
 @njit(cache=True)
 def _round_up(value, multiple):
     return -(-value // multiple) * multiple

@@ -20,6 +20,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from ._gemm import _data
 from ._parallel import PRANGE_ONLY
 from .config import NR
 
@@ -179,7 +180,8 @@ def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
     made by the caller: a kernel allocates nothing.
     """
     channel, h_offset, w_offset, q_valid = taps
-    H = x.shape[2]
+    _, C, H, W = x.shape
+    x_data, bp_data = _data(x), _data(bp)
     jr = panel_index * NR
     n_valid = min(NR, nc - jr)
     t = (jc + jr) // Q
@@ -202,10 +204,10 @@ def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
                 src = x[n, channel[row], h]
                 offset = w_offset[row]
                 # Element loops, not slice assignments: those compile a shape check and its error message.
-                if sw == 1:  # contiguous: LLVM vectorises the copy
-                    dst, run_src = bp[base + lo : base + hi], src[lo + offset : hi + offset]
-                    for q in range(hi - lo):
-                        dst[q] = run_src[q]
+                if sw == 1:  # contiguous: LLVM vectorises the copy; through pointers, as runs are short
+                    first = ((n * C + channel[row]) * H + h) * W + offset
+                    for q in range(lo, hi):
+                        bp_data[base + q] = x_data[first + q]
                 elif sw == 2:  # a constant stride LLVM can vectorise with shuffles, not gathers
                     dst, run_src = bp[base + lo : base + hi], src[2 * lo + offset : 2 * hi + offset]
                     for q in range(hi - lo):
