@@ -56,9 +56,10 @@ def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, taps, phase_rows):
     interleaved back once. Footprint: none beyond ``x`` and ``phase_rows``.
     """
     Cg = col.shape[0] // (R * S)
-    _, _, H, W = x.shape
+    _, C, H, W = x.shape
     sh, sw, pt, pl, dh, dw = geometry
     W2 = -(-W // sw)
+    x_data, col_data = _data(x), _data(col)
     for n in range(t0 // P, (t1 - 1) // P + 1):
         p0 = max(t0 - n * P, 0)
         p1 = min(t1 - n * P, P)
@@ -72,7 +73,9 @@ def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, taps, phase_rows):
             c = task // n_rows
             h = h_lo + task % n_rows
             dst = x[n, c0 + c, h]
+            row_start = ((n * C + c0 + c) * H + h) * W  # of dst in x
             rows = phase_rows[numba.get_thread_id()]
+            rows_data = _data(rows)
             if sw > 1:
                 for b in range(sw):
                     for j in range(W2):
@@ -87,10 +90,12 @@ def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, taps, phase_rows):
                 column = (n * P + p - t0) * Q
                 for s in range(S):
                     q_lo, q_hi, phase, start = taps[s, 0], taps[s, 1], taps[s, 2], taps[s, 3]
-                    src = col[(c * R + r) * S + s, column + q_lo : column + q_hi]
-                    out = dst[start:] if sw == 1 else rows[phase, start:]
+                    # Runs of a few values: through pointers, not slices built for each.
+                    src = ((c * R + r) * S + s) * col.shape[1] + column + q_lo
+                    out = row_start + start if sw == 1 else phase * rows.shape[1] + start
+                    target = x_data if sw == 1 else rows_data
                     for q in range(q_hi - q_lo):
-                        out[q] += src[q]
+                        target[out + q] += col_data[src + q]
             if sw == 2:  # interleave the two phases: LLVM vectorises this with shuffles
                 even, odd = rows[0], rows[1]
                 for j in range(W // 2):
