@@ -216,15 +216,17 @@ def _pack_a_serial(a, row0, m, col0, k, transposed, ap):
 def _pack_b_panel(b, row0, col0, pc, kc, j0, n_valid, panel):
     """Rows ``pc:pc+kc`` and columns ``j0 : j0 + n_valid`` (at most NR) of the blocked matrix ``B = b[:, row0:,
     col0:]`` into one NR-column micro-panel: ``kc`` rows of NR values, columns past ``n_valid`` zero."""
+    rows, cols = b.shape[1], b.shape[2]
+    b_data, panel_data = _data(b), _data(panel)  # rows of NR values or fewer: no slices built for each
     j = 0
     while j < n_valid:
-        block, col, left = _segment(b.shape[2], col0 + j0 + j)
+        block, col, left = _segment(cols, col0 + j0 + j)
         run = min(n_valid - j, left)
         for p in range(kc):
-            src = b[block, row0 + pc + p, col : col + run]
-            dst = panel[p * NR + j : p * NR + j + run]
+            src = (block * rows + row0 + pc + p) * cols + col
+            dst = p * NR + j
             for q in range(run):
-                dst[q] = src[q]
+                panel_data[dst + q] = b_data[src + q]
         j += run
     for p in range(kc):
         for q in range(n_valid, NR):
