@@ -63,7 +63,10 @@ def _stack_tile(typingctx, dtype):
 @intrinsic
 def _data(typingctx, array):
     """Pointer to the first element of a C-contiguous ``array``: indexed with no wraparound test and no slice
-    to build, for copies too short to pay for those."""
+    to build, for copies too short to pay for those. Callers index it flat, so any other layout is refused
+    when the kernel is compiled."""
+    if array.layout != "C":
+        raise numba.core.errors.TypingError(f"_data needs a C-contiguous array, got {array}")
 
     def codegen(context, builder, signature, args):
         return context.make_array(signature.args[0])(context, builder, args[0]).data
