@@ -174,13 +174,14 @@ def _pack_a_transposed_group(a, row0, col0, kc, panels):
     p = 0
     while p < kc:
         block, col, left = _segment(ncols, col0 + p)
-        for q in range(min(kc - p, left)):
+        run = min(kc - p, left)
+        for q in range(run):
             src = a[block, col + q, row0 : row0 + GROUP * MR]
             for g in range(GROUP):
                 dst = panels[g * kc * MR + (p + q) * MR : g * kc * MR + (p + q + 1) * MR]
                 for i in range(MR):
                     dst[i] = src[g * MR + i]
-        p += min(kc - p, left)
+        p += run
 
 
 @njit(cache=True)

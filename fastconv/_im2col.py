@@ -73,9 +73,9 @@ def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, taps, phase_rows):
             c = task // n_rows
             h = h_lo + task % n_rows
             dst = x[n, c0 + c, h]
-            row_start = ((n * C + c0 + c) * H + h) * W  # of dst in x
             rows = phase_rows[numba.get_thread_id()]
-            rows_data = _data(rows)
+            # Taps add into dst itself (flat index row_start of x) at sw == 1, else into the phase rows.
+            target, row_start = (x_data, ((n * C + c0 + c) * H + h) * W) if sw == 1 else (_data(rows), 0)
             if sw > 1:
                 for b in range(sw):
                     for j in range(W2):
@@ -93,7 +93,6 @@ def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, taps, phase_rows):
                     # Runs of a few values: through pointers, not slices built for each.
                     src = ((c * R + r) * S + s) * col.shape[1] + column + q_lo
                     out = row_start + start if sw == 1 else phase * rows.shape[1] + start
-                    target = x_data if sw == 1 else rows_data
                     for q in range(q_hi - q_lo):
                         target[out + q] += col_data[src + q]
             if sw == 2:  # interleave the two phases: LLVM vectorises this with shuffles
@@ -206,7 +205,6 @@ def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
             for q in range(q0, lo):
                 bp[base + q] = 0
             if hi > lo:
-                src = x[n, channel[row], h]
                 offset = w_offset[row]
                 # Element loops, not slice assignments: those compile a shape check and its error message.
                 if sw == 1:  # contiguous: LLVM vectorises the copy; through pointers, as runs are short
@@ -214,10 +212,12 @@ def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
                     for q in range(lo, hi):
                         bp_data[base + q] = x_data[first + q]
                 elif sw == 2:  # a constant stride LLVM can vectorise with shuffles, not gathers
+                    src = x[n, channel[row], h]
                     dst, run_src = bp[base + lo : base + hi], src[2 * lo + offset : 2 * hi + offset]
                     for q in range(hi - lo):
                         dst[q] = run_src[2 * q]
                 else:
+                    src = x[n, channel[row], h]
                     for q in range(lo, hi):
                         bp[base + q] = src[q * sw + offset]
             for q in range(hi, q0 + run):

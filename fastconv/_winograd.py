@@ -249,6 +249,15 @@ def _output_tiles(m, y, n, k, th, tw0, run, accumulate):
                 bottom[2 * u + 1] = y11
 
 
+@njit(cache=True)
+def _tile_rows(P, Q, end, t):
+    """The run of 2x2 tiles of a P x Q output from tile ``t`` along its row, up to tile ``end``: ``(n, th, tw,
+    run)``."""
+    TH, TW = -(-P // 2), -(-Q // 2)
+    tw = t % TW
+    return t // (TH * TW), t // TW % TH, tw, min(end - t, TW - tw)
+
+
 @njit(cache=True, inline="always")
 def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
     """Task ``(group, chunk of NR tiles, block of k_block output channels)`` of ``_winograd_tasks``.
@@ -276,11 +285,9 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
     n_runs = 0
     t = first
     while t < last:
-        tw = t % TW
-        run = min(last - t, TW - tw)
-        runs[n_runs, 0], runs[n_runs, 1], runs[n_runs, 2], runs[n_runs, 3] = t // (TH * TW), t // TW % TH, tw, run
+        runs[n_runs, 0], runs[n_runs, 1], runs[n_runs, 2], runs[n_runs, 3] = _tile_rows(P, Q, last, t)
+        t += runs[n_runs, 3]
         n_runs += 1
-        t += run
     for pc in range(0, Cg, KC):
         kc = min(KC, Cg - pc)
         for p in range(kc):
@@ -310,9 +317,9 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
 def _winograd_tasks(x, weight, swapped, pt, pl, groups, k_block, accumulate, up, v, m, runs, y):
     """``y (+)= conv2d(x, weight)`` for a 3x3, stride-1, undilated convolution.
 
-    First the filters are transformed into ``up`` (zeros), in parallel over output channels (``swapped``: see
-    ``_transform_filters``). Then tasks
-    ``(group, chunk of NR tiles, block of k_block output channels)`` (``_tile_task``) run in parallel, each
+    First the filters are transformed into ``up`` (its rows past Kg zeros), in parallel over output channels
+    (``swapped``: see ``_transform_filters``). Then tasks ``(group, chunk of NR tiles, block of k_block output
+    channels)`` (``_tile_task``) run in parallel, each
     thread with its own scratch, indexed by ``numba.get_thread_id()``: ``v`` (threads, 16, min(KC, Cg) * NR +
     pad) the chunk's transformed input as packed B panels, ``m`` (threads, 16, k_block + 1, NR) its GEMM
     results, ``runs`` (threads, NR, 4) its runs of tiles. Footprint per thread: ``16 * NR * (min(KC, Cg) +

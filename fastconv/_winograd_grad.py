@@ -25,7 +25,7 @@ from numba import njit, prange
 from ._gemm import _micro_kernel, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from ._winograd import WHOLE_PANEL, XI, _input_tiles, _store_column
+from ._winograd import WHOLE_PANEL, XI, _input_tiles, _store_column, _tile_rows
 from .config import MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_WEIGHT_GRAD_MIN_TILES
 
 #: Tiles a task transforms and multiplies at a time: the depth of its GEMMs.
@@ -124,14 +124,6 @@ def _grad_output_tiles(dy, n, k, th, tw0, run, dm, m0, step):
                 r3a, r3a + r3b, r3a - r3b, -r3b,
             ),
         )  # fmt: skip
-
-
-@njit(cache=True)
-def _tile_rows(P, Q, end, t):
-    """The run of tiles from tile ``t`` along its row, up to tile ``end``: ``(n, th, tw, run)``."""
-    TH, TW = -(-P // 2), -(-Q // 2)
-    tw = t % TW
-    return t // (TH * TW), t // TW % TH, tw, min(end - t, TW - tw)
 
 
 #: Most tiles of one row transformed together: the 16 values of a tile are NR apart in a packed B panel, so a

@@ -428,7 +428,7 @@ def main(argv=None):
     print(
         f"{args.op}, {args.dtype}, {args.threads} threads, median of {args.repeat} alternating rounds"
         f" (each: {WARM_UP_SECONDS * 1e3:.0f} ms of warm-up calls, then the median of 3)"
-        + ("; malloc keeps freed blocks below 256 MiB" if steady else "")
+        + (f"; malloc keeps freed blocks below {MMAP_THRESHOLD_BYTES >> 20} MiB" if steady else "")
     )
     print(format_table(rows))
     if args.json:
