@@ -38,7 +38,7 @@ from ._gemm import (
 from ._im2col import (
     _col2im,
     _pack_b_patches_transposed,
-    _split_phases,
+    _space_to_depth,
     _tap_table,
     col2im_taps,
     phase_shape,
@@ -122,7 +122,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
         block_x = x[n0:n1]
         if split:
             block_x = scratch("stride phases", phase_shape(block_x.shape, sh, sw), y.dtype)
-            _split_phases(x[n0:n1], np.int64(sh), np.int64(sw), block_x)
+            _space_to_depth(x[n0:n1], np.int64(sh), np.int64(sw), block_x)
         for g in range(groups):
             for pc in range(0, crs, KC):
                 kc = min(KC, crs - pc)

@@ -115,7 +115,7 @@ def _tap_table(c0, R, S, geometry, Q, W, pc, kc, phases=False):
     ``(channel, h_offset, w_offset, q_valid)`` per tap.
 
     With ``phases``, the taps of the same convolution read the input split into stride phases by
-    ``_split_phases`` (``W`` is then a phase's width): as a stride-1 convolution, each tap in one phase.
+    ``_space_to_depth`` (``W`` is then a phase's width): as a stride-1 convolution, each tap in one phase.
 
     NumPy, not a kernel (half a second less to compile), and cached: a training loop asks for the same tables
     on every call. The arrays are shared between calls and never written to.
@@ -131,19 +131,20 @@ def _tap_table(c0, R, S, geometry, Q, W, pc, kc, phases=False):
 
 
 def phase_shape(shape, sh, sw):
-    """Shape of ``_split_phases``'s output for an input of ``shape`` (N, C, H, W)."""
+    """Shape of ``_space_to_depth``'s output for an input of ``shape`` (N, C, H, W)."""
     N, C, H, W = shape
     return N, C * sh * sw, -(-H // sh), -(-W // sw)
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _split_phases(x, sh, sw, phases):
+def _space_to_depth(x, sh, sw, phases):
     """Split ``x`` (N, C, H, W) into its ``sh * sw`` stride phases (space-to-depth), zero-padded to one size:
     ``phases[n, (c * sh + a) * sw + b, i, j] = x[n, c, i * sh + a, j * sw + b]``, 0 past the edge.
 
     A convolution of stride ``(sh, sw)`` reads every tap from one phase at stride 1 (``_tap_table`` with
     ``phases``): its patches are then copied in contiguous runs, not gathered at a stride, and each input value
-    is read once here rather than once per tap.
+    is read once here rather than once per tap. (``_direct._split_phases`` splits one plane at a time, padded,
+    for the direct kernel's loops; here the padding stays implicit, in the tap table's valid ranges.)
     """
     N, C, H, W = x.shape
     _, _, H2, W2 = phases.shape

@@ -136,8 +136,8 @@ def test_strided_patches_read_from_stride_phases_in_blocks_of_images(rng, monkey
     image_bytes = np.prod(_im2col.phase_shape((1, *x.shape[1:]), 2, 2)) * x.itemsize
     monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", max(1, images_per_block * image_bytes))
     splits = []
-    split = _conv_kernels._split_phases
-    monkeypatch.setattr(_conv_kernels, "_split_phases", lambda x, *args: splits.append(len(x)) or split(x, *args))
+    split = _conv_kernels._space_to_depth
+    monkeypatch.setattr(_conv_kernels, "_space_to_depth", lambda x, *args: splits.append(len(x)) or split(x, *args))
     params = dict(stride=2, padding=1)
     assert_close(fastconv.conv2d(x, w, b, **params, algorithm="gemm"), reference.conv2d(x, w, b, **params))
     assert splits == {0: [], 1: [1, 1, 1], 2: [2, 1]}[images_per_block]
