@@ -53,7 +53,18 @@ def per_thread(shape, dtype, zeros=False, name=None):
 
     Sized here, when called, for this process's threads: a count read inside a kernel would be frozen into the
     cached machine code, and a process started with more threads would write past the end.
+
+    Rows fill whole cache lines: two threads writing into one line take it from each other on every store
+    (false sharing), and Zen 4 prefetches lines in pairs. A one-dimensional row is lengthened to the next pair
+    of lines here; a longer shape must fill whole lines itself. Measured, depthwise 8x256x28x28 3x3 (rows of
+    930 and 840 float32, 2 threads): 0.92 ms with the rows end to end, 0.53 ms a line apart, 0.43 ms two apart.
     """
+    dtype = np.dtype(dtype)
+    if len(shape) == 1:
+        line_pair = 2 * _ALIGNMENT // dtype.itemsize
+        shape = (-(-shape[0] // line_pair) * line_pair,)
+    elif math.prod(shape) * dtype.itemsize % _ALIGNMENT:
+        raise ValueError(f"a per-thread row of shape {shape} and dtype {dtype} does not fill whole cache lines")
     shape = (numba.config.NUMBA_NUM_THREADS, *shape)
     if name is not None:
         return scratch(name, shape, dtype, zeros)

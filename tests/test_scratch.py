@@ -3,6 +3,7 @@
 import threading
 
 import numpy as np
+import pytest
 
 import fastconv
 from conftest import assert_close
@@ -36,6 +37,16 @@ def test_scratch_beyond_the_bound_is_not_kept(monkeypatch):
     assert _scratch.scratch("small", (100,), np.float32).ctypes.data == kept.ctypes.data
     assert _scratch.scratch("large", (1000,), np.float32).ctypes.data != large.ctypes.data  # large is alive
     assert "large" not in _scratch._local.pool
+    fastconv.release_scratch()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_per_thread_rows_do_not_share_cache_lines(dtype):
+    """Two threads writing into one cache line would take it from each other on every store."""
+    rows = _scratch.per_thread((930,), dtype, name="test rows")
+    assert rows.shape[1] >= 930 and rows.strides[0] % 128 == 0 and rows.ctypes.data % 64 == 0
+    with pytest.raises(ValueError, match="whole cache lines"):
+        _scratch.per_thread((3, 5), dtype)
     fastconv.release_scratch()
 
 
