@@ -27,6 +27,7 @@ from ._gemm import (
     FALSE,
     TRUE,
     ZERO,
+    _data,
     _macro_kernel_serial,
     _n_tiles,
     _pack_a,
@@ -238,3 +239,25 @@ def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, ap, bp, 
                     nc = min(NC, c1 - jc)
                     _pack_b_patches_transposed(x, g * Cg, taps, sh, sw, P, Q, pc, kc, jc, nc, bp[thread])
                     _macro_kernel_serial(ap[thread], Kg, ZERO, kc, bp[thread], nc, partial[i], ZERO, g * crs + jc, TRUE)
+
+
+@njit(parallel=PRANGE_ONLY, fastmath={"contract", "reassoc"}, cache=True)
+def _channel_sums(grad_output, grad_bias):
+    """``grad_bias[k] = grad_output[:, k].sum()``, in parallel over channels.
+
+    Each plane is summed in the dtype of the result (``reassoc`` lets LLVM vectorise the sum), and the plane
+    sums in float64, image by image: the same result whatever the thread count. Measured, 8x256x28x28
+    float32: 0.23 ms with ``numpy.sum`` on one thread.
+    """
+    N, K, P, Q = grad_output.shape
+    values = _data(grad_output)
+    zero = grad_bias.dtype.type(0)
+    for k in prange(K):
+        total = 0.0
+        for n in range(N):
+            start = (n * K + k) * P * Q
+            plane = zero
+            for o in range(P * Q):
+                plane += values[start + o]
+            total += plane
+        grad_bias[k] = total

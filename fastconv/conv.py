@@ -11,7 +11,7 @@ import numba
 import numpy as np
 
 from . import _validate as v
-from ._conv_kernels import _conv2d_forward, _conv2d_input, _conv2d_weight
+from ._conv_kernels import _channel_sums, _conv2d_forward, _conv2d_input, _conv2d_weight
 from ._direct import conv2d_direct, conv2d_direct_weight
 from ._parallel import run
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
@@ -223,7 +223,11 @@ def _weight_grad(x, grad_output, geometry, dtype):
 
 
 def _bias_grad(grad_output, dtype):
-    return np.sum(grad_output, axis=(0, 2, 3), dtype=dtype)
+    """The bias gradient from a C-contiguous ``grad_output`` of ``dtype``."""
+    grad_bias = np.zeros(grad_output.shape[1], dtype)
+    if grad_output.size:
+        run(_channel_sums, grad_output, grad_bias)
+    return grad_bias
 
 
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, algorithm="auto"):
