@@ -40,6 +40,7 @@ from ._im2col import (
     _col2im,
     _pack_b_patches_transposed,
     _space_to_depth,
+    _subsample,
     _tap_table,
     col2im_taps,
     phase_shape,
@@ -95,7 +96,9 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
         # A strided, unpadded 1x1 convolution reads every sh-th row and sw-th column only: those pixels, copied
         # together (at most a quarter of x at stride 2), make it a stride-1 one, a plain GEMM with no gather.
         sh, sw = geometry[:2]
-        x = np.ascontiguousarray(x[:, :, : (P - 1) * sh + 1 : sh, : (Q - 1) * sw + 1 : sw])
+        subsampled = scratch("subsampled input", (N, x.shape[1], P, Q), y.dtype)
+        _subsample(x, np.int64(sh), np.int64(sw), subsampled)
+        x = subsampled
         geometry = (1, 1, 0, 0, 1, 1)  # a 1x1 kernel has no dilation to speak of
     Kg = K // groups
     crs = Cg * R * S

@@ -130,6 +130,20 @@ def _tap_table(c0, R, S, geometry, Q, W, pc, kc, phases=False):
     return channel, h_offset, w_offset, np.stack([q_lo, q_hi], axis=1)
 
 
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _subsample(x, sh, sw, out):
+    """``out[n, c] = x[n, c, ::sh, ::sw]``, cropped to ``out``'s shape: the pixels a strided, unpadded 1x1
+    convolution reads, in parallel over planes. Measured, 8x256x56x56 at stride 2 (float32, 2 threads): 0.36 ms,
+    against 0.71-0.86 ms for ``numpy.ascontiguousarray`` of the strided view (one thread)."""
+    N, C, P, Q = out.shape
+    for plane in prange(N * C):
+        n, c = plane // C, plane % C
+        for p in range(P):
+            src, dst = x[n, c, p * sh], out[n, c, p]
+            for q in range(Q):
+                dst[q] = src[q * sw]
+
+
 def phase_shape(shape, sh, sw):
     """Shape of ``_space_to_depth``'s output for an input of ``shape`` (N, C, H, W)."""
     N, C, H, W = shape
