@@ -34,18 +34,17 @@ from numba import njit, prange
 from ._gemm import (
     FALSE,
     ZERO,
-    _micro_kernel,
     _pack_a,
     _pack_b_panel,
     _packed_a_size,
     _packed_b_size,
-    _round_up,
+    _panel_rows,
     _zero_columns,
 )
 from ._im2col import _gathered_patch_panel, _patch_panel
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from .config import KC, MC, MR, NC, NR
+from .config import KC, MC, NC, NR
 
 #: Where the macro-kernel's micro-panels of B come from (module docstring). Numpy scalars, not Python ints:
 #: a literal argument would compile the kernel once more.
@@ -83,7 +82,6 @@ def _macro_kernel(
     each task into its thread's row of ``panels`` (:func:`task_scratch`). ``PACK_SHARED`` only packs the shared
     panel of B (``_pack_b``): one kernel for both steps, so one parallel kernel less to compile.
     """
-    m_pad = _round_up(m, MR)
     n_jr = -(-nc // NR)
     for task in prange(-(-m // MC) * n_jr):
         ic = task // n_jr * MC
@@ -103,10 +101,7 @@ def _macro_kernel(
                 _gathered_patch_panel(x, taps, sh, sw, P, Q, kc, jc + jr, n_valid, panel, pixel_tables[thread])
             else:
                 _pack_b_panel(b, b_row0, 0, pc, kc, jc + jr, n_valid, panel)
-        for ir in range(ic, min(ic + MC, m), MR):
-            start = pc * m_pad + ir * kc
-            a_panel = ap[start : start + kc * MR]
-            _micro_kernel(kc, a_panel, panel, c, c_row0 + ir, c_col0 + jc + jr, min(MR, m - ir), n_valid, accumulate)
+        _panel_rows(ap, m, pc, kc, ic, min(ic + MC, m), panel, c, c_row0, c_col0 + jc + jr, n_valid, accumulate)
 
 
 def _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp):

@@ -5,6 +5,7 @@ import pytest
 
 from conftest import assert_close, random_array
 from fastconv import config, gemm
+from fastconv._gemm import NARROW
 
 SHAPES = [
     (1, 1, 1),
@@ -13,6 +14,7 @@ SHAPES = [
     (config.MR + 1, config.NR + 1, config.KC + 1),
     (config.MC + 3, 2 * config.NR - 1, 2 * config.KC + 7),
     (config.MC, config.NC + 5, config.KC + 3),  # the most rows the fused GEMM takes, more columns than NC
+    (config.MC + config.MR + 1, 3 * config.NR + NARROW, config.KC + 1),  # last micro-panel of B narrow
     (2, 5, 0),  # empty inner dimension: zeros
     (0, 4, 3),
     (3, 0, 4),
@@ -26,6 +28,17 @@ def test_gemm_matches_float64_product(rng, m, n, k, dtype):
     b = random_array(rng, (k, n), dtype)
     expected = (a.astype(np.float64) @ b.astype(np.float64)).astype(dtype)
     assert_close(gemm(a, b), expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_narrow_micro_kernel_sums_as_the_wide_one(rng, dtype):
+    """A last micro-panel of B with at most NARROW columns takes the narrow micro-kernel, otherwise the wide
+    one: the same products added in the same order, so the same bits."""
+    a = random_array(rng, (2 * config.MR + 1, 2 * config.KC + 3), dtype)
+    b = random_array(rng, (a.shape[1], config.NR + NARROW + 8), dtype)
+    narrow = gemm(a, b[:, : config.NR + NARROW])
+    wide = gemm(a, b)
+    np.testing.assert_array_equal(narrow, wide[:, : config.NR + NARROW])
 
 
 def test_gemm_accepts_any_layout_and_promotes(rng):
