@@ -25,12 +25,12 @@ on the number of threads.
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._parallel import PRANGE_ONLY
+from ._simd import NARROW, _narrow_tile
 from .config import KC, MC, MR, NC, NR
 
 # Arguments typed as plain int64 and bool, not as Numba literals: a literal argument (a bare 0 or True) would
@@ -75,64 +75,6 @@ def _data(typingctx, array):
         return context.make_array(signature.args[0])(context, builder, args[0]).data
 
     return types.CPointer(array.dtype)(array), codegen
-
-
-#: Columns of the narrow micro-kernel, for a last micro-panel of B with at most this many valid columns.
-NARROW = 16
-
-
-@intrinsic
-def _narrow_tile(typingctx, kc, a_panel, a_next, b_panel, tile):
-    """``tile[:2*MR, :NARROW] = A~ @ B~[:, :NARROW]`` for two A micro-panels (``a_panel`` on top of ``a_next``,
-    kc x MR each) and the first NARROW columns of a kc x NR micro-panel of B, written as LLVM vector code.
-
-    A last micro-panel of B with few valid columns (a 392-column B ends with 8) costs the full MR x NR tile in
-    the micro-kernel. A tile of NARROW columns written in Numba is not vectorised (LLVM unrolls its loops
-    first and then vectorises across rows, with gathers), so this one is built from vector types directly:
-    2 * MR rows of NARROW values, 8 vector registers of float32 or 16 of float64, one FMA per row and vector
-    and step, in the micro-kernel's order (the same sums, bit for bit). ``tile`` points to 2 * MR * NARROW
-    values.
-    """
-    dtype = b_panel.dtype
-
-    def codegen(context, builder, signature, args):
-        kc, a_panel, a_next, b_panel, tile = args
-        a_data = [context.make_array(signature.args[i])(context, builder, args[i]).data for i in (1, 2)]
-        b_data = context.make_array(signature.args[3])(context, builder, b_panel).data
-        size = context.get_abi_sizeof(context.get_data_type(dtype))
-        lanes = 64 // size  # one AVX-512 register
-        per_row = NARROW // lanes
-        vector = ir.VectorType(context.get_data_type(dtype), lanes)
-        index = ir.IntType(64)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{lanes}f{8 * size}"
-        )
-        broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-        accumulators = [
-            cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(2 * MR * per_row)
-        ]  # promoted to registers by LLVM
-        with cgutils.for_range(builder, kc) as loop:
-            b_row = builder.gep(b_data, [builder.mul(loop.index, index(NR))])
-            b = [
-                builder.load(builder.bitcast(builder.gep(b_row, [index(v * lanes)]), vector.as_pointer()), align=size)
-                for v in range(per_row)
-            ]
-            for half in range(2):
-                a_row = builder.gep(a_data[half], [builder.mul(loop.index, index(MR))])
-                for i in range(MR):
-                    a = builder.load(builder.gep(a_row, [index(i)]))
-                    a = builder.insert_element(ir.Constant(vector, ir.Undefined), a, ir.IntType(32)(0))
-                    a = builder.shuffle_vector(a, a, broadcast)
-                    for v in range(per_row):
-                        accumulator = accumulators[(half * MR + i) * per_row + v]
-                        builder.store(builder.call(fma, [a, b[v], builder.load(accumulator)]), accumulator)
-        for row in range(2 * MR):
-            for v in range(per_row):
-                dst = builder.bitcast(builder.gep(tile, [index(row * NARROW + v * lanes)]), vector.as_pointer())
-                builder.store(builder.load(accumulators[row * per_row + v]), dst, align=size)
-        return context.get_dummy_value()
-
-    return types.none(kc, a_panel, a_next, b_panel, tile), codegen
 
 
 @njit(cache=True)

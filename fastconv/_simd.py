@@ -1,0 +1,101 @@
+"""Kernels written as LLVM vector code, where Numba's loops do not vectorise.
+
+LLVM vectorises a Numba loop when it is long and its arrays cannot overlap. Two hot loops of fastconv are
+neither: a GEMM tile only 16 columns wide (LLVM unrolls the 16-column loop first, then vectorises across rows,
+with gathers), and the Winograd input transform (16 output rows that might alias the input, more runtime
+overlap checks than LLVM makes). Here they are built from ``<lanes x float>`` values directly, through
+``numba.extending.intrinsic``: one AVX-512 register per vector, unaligned loads and stores, the same
+arithmetic in the same order as the scalar code they stand for, so results are the same bits.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .config import MR, NR
+
+#: Columns of the narrow micro-kernel, for a last micro-panel of B with at most this many valid columns.
+NARROW = 16
+
+_VECTOR_BYTES = 64  # an AVX-512 register
+
+
+def vector_type(context, dtype):
+    """``(<lanes x dtype>, lanes, bytes per value)`` for one vector register of ``dtype``."""
+    element = context.get_data_type(dtype)
+    size = context.get_abi_sizeof(element)
+    lanes = _VECTOR_BYTES // size
+    return ir.VectorType(element, lanes), lanes, size
+
+
+def load(builder, vector, pointer, offset, size):
+    """The vector at ``pointer + offset`` (in values), unaligned."""
+    address = builder.gep(pointer, [ir.IntType(64)(offset) if isinstance(offset, int) else offset])
+    return builder.load(builder.bitcast(address, vector.as_pointer()), align=size)
+
+
+def store(builder, value, pointer, offset, size):
+    """Store the vector ``value`` at ``pointer + offset`` (in values), unaligned."""
+    address = builder.gep(pointer, [ir.IntType(64)(offset) if isinstance(offset, int) else offset])
+    builder.store(value, builder.bitcast(address, value.type.as_pointer()), align=size)
+
+
+class Vector:
+    """An LLVM vector value whose ``+`` and ``-`` emit ``fadd`` and ``fsub``: the transforms written for Numba's
+    scalars (``_winograd._bt_d_b``) build vector code when given these."""
+
+    def __init__(self, builder, value):
+        self.builder, self.value = builder, value
+
+    def __add__(self, other):
+        return Vector(self.builder, self.builder.fadd(self.value, other.value))
+
+    def __sub__(self, other):
+        return Vector(self.builder, self.builder.fsub(self.value, other.value))
+
+
+@intrinsic
+def _narrow_tile(typingctx, kc, a_panel, a_next, b_panel, tile):
+    """``tile[:2*MR, :NARROW] = A~ @ B~[:, :NARROW]`` for two A micro-panels (``a_panel`` on top of ``a_next``,
+    kc x MR each) and the first NARROW columns of a kc x NR micro-panel of B.
+
+    A last micro-panel of B with few valid columns (a 392-column B ends with 8) costs the full MR x NR tile in
+    the micro-kernel; this tile is 2 * MR rows of NARROW values, 8 vector registers of float32 or 16 of
+    float64, with one FMA per row, vector and step in the micro-kernel's order (the same sums, bit for bit).
+    ``tile`` points to 2 * MR * NARROW values.
+    """
+    dtype = b_panel.dtype
+
+    def codegen(context, builder, signature, args):
+        kc, _, _, _, tile = args
+        a_data = [context.make_array(signature.args[i])(context, builder, args[i]).data for i in (1, 2)]
+        b_data = context.make_array(signature.args[3])(context, builder, args[3]).data
+        vector, lanes, size = vector_type(context, dtype)
+        per_row = NARROW // lanes
+        index = ir.IntType(64)
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{lanes}f{8 * size}"
+        )
+        broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+        accumulators = [  # promoted to registers by LLVM
+            cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(2 * MR * per_row)
+        ]
+        with cgutils.for_range(builder, kc) as loop:
+            b_row = builder.mul(loop.index, index(NR))
+            b = [load(builder, vector, b_data, builder.add(b_row, index(v * lanes)), size) for v in range(per_row)]
+            for half in range(2):
+                a_row = builder.gep(a_data[half], [builder.mul(loop.index, index(MR))])
+                for i in range(MR):
+                    a = builder.load(builder.gep(a_row, [index(i)]))
+                    a = builder.insert_element(ir.Constant(vector, ir.Undefined), a, ir.IntType(32)(0))
+                    a = builder.shuffle_vector(a, a, broadcast)
+                    for v in range(per_row):
+                        accumulator = accumulators[(half * MR + i) * per_row + v]
+                        builder.store(builder.call(fma, [a, b[v], builder.load(accumulator)]), accumulator)
+        for row in range(2 * MR):
+            for v in range(per_row):
+                store(builder, builder.load(accumulators[row * per_row + v]), tile, row * NARROW + v * lanes, size)
+        return context.get_dummy_value()
+
+    return types.none(kc, a_panel, a_next, b_panel, tile), codegen
