@@ -29,11 +29,15 @@ depend on the thread count.
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir as llvm_ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ._gemm import _micro_kernel, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
+from ._simd import Vector, load, store, vector_type
 from .config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
 
 _FASTMATH = {"contract"}
@@ -140,17 +144,56 @@ def _store_column(v, u, t):
     v[12, u], v[13, u], v[14, u], v[15, u] = t[12], t[13], t[14], t[15]
 
 
+@intrinsic
+def _transform_tile_vector(typingctx, r0, r1, r2, r3, j, v, u):
+    """``v[xi, u + l] = (Bᵀ d_l B)[xi]`` for a vector register of tiles ``l``, whose 4x4 tiles ``d_l`` are
+    columns ``j + 2l`` to ``j + 2l + 3`` of the contiguous rows ``r0..r3``: ``_transform_tiles``'s loop, as
+    vector code (``_simd.py``). Each row is read as two double-width vectors, at ``j`` and ``j + 2``, split
+    into even and odd columns: the tiles' four columns, one tile per lane."""
+    dtype = r0.dtype
+
+    def codegen(context, builder, signature, args):
+        vector, lanes, size = vector_type(context, dtype)
+        double = llvm_ir.VectorType(vector.element, 2 * lanes)
+        columns = llvm_ir.VectorType(llvm_ir.IntType(32), lanes)
+        even, odd = (llvm_ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
+        d = []
+        for i in range(4):
+            row = builder.gep(context.make_array(signature.args[i])(context, builder, args[i]).data, [args[4]])
+            for first in (load(builder, double, row, 0, size), load(builder, double, row, 2, size)):
+                d += [Vector(builder, builder.shuffle_vector(first, first, even))]
+                d += [Vector(builder, builder.shuffle_vector(first, first, odd))]
+        t = _bt_d_b.py_func(tuple(d))
+        tiles = context.make_array(signature.args[5])(context, builder, args[5])
+        index = llvm_ir.IntType(64)
+        row_stride = builder.sdiv(cgutils.unpack_tuple(builder, tiles.strides)[0], index(size))
+        for xi in range(XI):
+            store(builder, t[xi].value, tiles.data, builder.add(builder.mul(index(xi), row_stride), args[6]), size)
+        return context.get_dummy_value()
+
+    return types.none(r0, r1, r2, r3, j, v, u), codegen
+
+
 @njit(cache=True)
 def _transform_tiles(r0, r1, r2, r3, count, v, step):
     """``v[xi, u * step]`` = ``(Bᵀ d_u B)[xi]`` for ``u < count``, where the 4x4 tile ``d_u`` is columns ``2u``
     to ``2u + 3`` of the rows ``r0..r3``: one column of a packed B panel per tile (``step`` 1), or one row of
     the weight gradient's (``step`` NR).
 
-    One pass per tile with all 16 values in registers: runs of tiles (a row of them) are too short to gain
-    from vectorising across tiles. Every index starts from 0 (callers slice first), so LLVM knows none is
-    negative and adds no wraparound test.
+    At step 1, a vector register of tiles at a time (``_transform_tile_vector``), then one tile at a time with
+    all 16 values in registers. Every index of the scalar loop starts from 0 (callers slice first), so LLVM
+    knows none is negative and adds no wraparound test. Measured, float32: 4.0 ns per tile one at a time, 0.8
+    ns in vectors (one core, long runs); 8x64x56x56 -> 4 filters (mostly input transform, 2 threads) 1.52-1.62
+    -> 1.38-1.42 ms. Rows of fewer than 16 tiles (images under 32 pixels wide) gain nothing.
     """
-    for u in range(count):
+    done = 0
+    if step == 1 and count >= 64 // r0.itemsize:
+        lanes = 64 // r0.itemsize
+        done = count - count % lanes
+        for u in range(0, done, lanes):
+            _transform_tile_vector(r0, r1, r2, r3, 2 * u, v, u)
+        r0, r1, r2, r3, v = r0[2 * done :], r1[2 * done :], r2[2 * done :], r3[2 * done :], v[:, done:]
+    for u in range(count - done):
         j = 2 * u
         d = (
             r0[j], r0[j + 1], r0[j + 2], r0[j + 3],
