@@ -122,7 +122,14 @@ def conv2d_direct(x, weight, bias, geometry, groups, y):
 def conv2d_direct_weight(x, grad_output, geometry, groups, grad_weight):
     """``grad_weight = conv2d_weight(x, grad_output)`` by ``_conv2d_direct_weight``, with its scratch."""
     layout = _phase_layout(*x.shape[2:], *grad_weight.shape[2:], *grad_output.shape[2:], geometry, grad_weight.dtype)
-    _conv2d_direct_weight(x, grad_output, groups, *layout, grad_weight)
+    inside = _inside(*grad_output.shape[2:], layout.Wq)
+    _conv2d_direct_weight(x, grad_output, groups, inside, *layout, grad_weight)
+
+
+@functools.lru_cache(maxsize=64)
+def _inside(P, Q, Wq):
+    """Which values of the P x Wq wide plane are output pixels (column < Q)."""
+    return np.tile(np.arange(Wq) < Q, P)
 
 
 @njit(cache=True)
@@ -137,7 +144,7 @@ def _widen(plane, Wq, wide):
 
 
 @njit(parallel=PRANGE_ONLY, fastmath={"contract", "reassoc"}, cache=True)
-def _conv2d_direct_weight(x, grad_output, groups, Wq, tap_start, rows, cols, phases, wide, grad_weight):
+def _conv2d_direct_weight(x, grad_output, groups, inside, Wq, tap_start, rows, cols, phases, wide, grad_weight):
     """``grad_weight = conv2d_weight(x, grad_output)`` by direct loops, in parallel over output channels.
 
     Each thread owns the filters of whole output channels ``k`` and sums over the images in order: results do
@@ -165,7 +172,9 @@ def _conv2d_direct_weight(x, grad_output, groups, Wq, tap_start, rows, cols, pha
                     row = src[tap_start[t] : tap_start[t] + size]
                     total = zero
                     for o in range(size):
-                        total += dy[o] * row[o]
+                        # The wide plane's columns past Q hold zeros of dy, but read pixels no output of this
+                        # tap reads: 0 * inf would make a NaN. A select, not a branch: LLVM vectorises it.
+                        total += dy[o] * row[o] if inside[o] else zero
                     taps[c, t // S, t % S] += total
 
 

@@ -91,6 +91,24 @@ def test_nan_and_inf_propagate_like_pytorch():
     assert np.isnan(dw).any() and np.isfinite(dx).all()
 
 
+@pytest.mark.parametrize("groups", [1, 4])  # by GEMM; depthwise, by direct loops
+@pytest.mark.parametrize("stride", [1, 2])
+def test_an_infinite_pixel_reaches_only_the_gradients_that_read_it(rng, groups, stride):
+    """The direct kernel's wide rows also multiply pixels that no output of a tap reads (by zeros of the
+    output gradient); an infinite one must not turn that tap's gradient into NaN."""
+    x = random_array(rng, (1, 4, 7, 7), "float64")
+    x[0, :, 3, 0] = np.inf  # the first column: read by the left taps only, past the right edge of a wide row
+    w_shape = (4, 4 // groups, 3, 3)
+    y = fastconv.conv2d(x, np.ones(w_shape), stride=stride, padding=1, groups=groups)
+    dy = random_array(rng, y.shape, "float64")
+    got = fastconv.conv2d_weight(x, w_shape, dy, stride=stride, padding=1, groups=groups)
+    want = reference.conv2d_weight(x, w_shape, dy, stride=stride, padding=1, groups=groups)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    assert np.isfinite(want).any()
+    assert_close(np.where(np.isfinite(want), got, 0), np.where(np.isfinite(want), want, 0))
+
+
 @pytest.mark.parametrize("rows", [1, 3, 7])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_chunked_column_buffer_gives_the_same_result(rng, monkeypatch, dtype, rows):
