@@ -258,7 +258,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         im2col and the blocked GEMM, the fast path for dense layers. ``'winograd'``: Winograd F(2x2, 3x3),
         2.25 times fewer multiplications, for 3x3 filters at stride 1 and dilation 1 only (else
         ``ValueError``); its transforms only add and halve, so its error stays within about three times the
-        direct sum's (float32: under 1e-6 of the largest output for 512 input channels). ``'direct'``:
+        direct sum's (float32: under 1e-6 of the largest output for 512 input channels); as they subtract, an
+        infinite input gives NaN, not inf, in the outputs of the 2x2 tiles that read it. ``'direct'``:
         direct loops per output plane, the fast path for depthwise and other convolutions with a few output
         channels per group. ``'auto'`` (default) picks by shape: direct for many small groups, Winograd for
         3x3 stride-1 layers with enough channels and pixels, else gemm.
