@@ -1,4 +1,4 @@
-"""Kernels written as LLVM vector code, where Numba's loops do not vectorise.
+"""Kernels written as LLVM vector code, where Numba's loops do not vectorise, and a prefetch hint.
 
 LLVM vectorises a Numba loop when it is long and its arrays cannot overlap. Two hot loops of fastconv are
 neither: a GEMM tile only 16 columns wide (LLVM unrolls the 16-column loop first, then vectorises across rows,
@@ -99,3 +99,22 @@ def _narrow_tile(typingctx, kc, a_panel, a_next, b_panel, tile):
         return context.get_dummy_value()
 
     return types.none(kc, a_panel, a_next, b_panel, tile), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, pointer, offset):
+    """Hint that the cache line holding ``pointer[offset]`` will be read soon (``llvm.prefetch``, into L1)."""
+
+    def codegen(context, builder, signature, args):
+        pointer, offset = args
+        i8_pointer = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [i8_pointer, ir.IntType(32), ir.IntType(32), ir.IntType(32)]),
+            "llvm.prefetch.p0",
+        )
+        address = builder.bitcast(builder.gep(pointer, [offset]), i8_pointer)
+        builder.call(fn, [address, ir.IntType(32)(0), ir.IntType(32)(3), ir.IntType(32)(1)])
+        return context.get_dummy_value()
+
+    return types.none(pointer, offset), codegen
