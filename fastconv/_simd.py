@@ -3,9 +3,10 @@
 LLVM vectorises a Numba loop when it is long and its arrays cannot overlap. Two hot loops of fastconv are
 neither: a GEMM tile only 16 columns wide (LLVM unrolls the 16-column loop first, then vectorises across rows,
 with gathers), and the Winograd input transform (16 output rows that might alias the input, more runtime
-overlap checks than LLVM makes). Here they are built from ``<lanes x float>`` values directly, through
+overlap checks than LLVM makes). They are built from ``<lanes x float>`` values directly, through
 ``numba.extending.intrinsic``: one AVX-512 register per vector, unaligned loads and stores, the same
-arithmetic in the same order as the scalar code they stand for, so results are the same bits.
+arithmetic in the same order as the scalar code they stand for, so results are the same bits. The narrow tile
+is here; the input transform (``_winograd._transform_tile_vector``) is built from the helpers below.
 """
 
 from llvmlite import ir
