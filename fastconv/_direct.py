@@ -28,7 +28,7 @@ from numba import njit, prange
 
 from ._gemm import _data, _stack_tile
 from ._parallel import PRANGE_ONLY
-from ._scratch import per_thread
+from ._scratch import per_thread, per_thread_length
 
 _FASTMATH = {"contract"}
 
@@ -111,6 +111,16 @@ def _phase_tables(H, W, R, S, P, Q, geometry):
     wide_size = -(-P * Wq // BLOCK) * BLOCK
     length = max(sh * sw * phase_size, int(tap_start.max()) + wide_size)
     return Wq, tap_start.astype(np.int64), rows.astype(np.int64), cols, length, wide_size
+
+
+def direct_workspace(geometry, dtype):
+    """Bytes of scratch the direct kernels allocate: each thread's stride phases and wide plane."""
+    _, _, H, W = geometry.input_shape
+    _, _, P, Q = geometry.output_shape
+    R, S = geometry.weight_shape[2:]
+    _, _, _, _, length, wide_size = _phase_tables(H, W, R, S, P, Q, geometry.kernel_geometry)
+    per_thread = per_thread_length(length, dtype) + per_thread_length(wide_size, dtype)
+    return dtype.itemsize * numba.config.NUMBA_NUM_THREADS * per_thread
 
 
 def conv2d_direct(x, weight, bias, geometry, groups, y):

@@ -47,6 +47,12 @@ def scratch(name, shape, dtype, zeros=False):
     return array
 
 
+def per_thread_length(length, dtype):
+    """The values :func:`per_thread` gives a one-dimensional row of ``length``: up to a pair of cache lines."""
+    line_pair = 2 * _ALIGNMENT // np.dtype(dtype).itemsize
+    return -(-length // line_pair) * line_pair
+
+
 def per_thread(shape, dtype, zeros=False, name=None):
     """Scratch with one row of ``shape`` per Numba thread, indexed in a kernel by ``numba.get_thread_id()``;
     kept between calls as :func:`scratch` ``name`` when a name is given.
@@ -61,8 +67,7 @@ def per_thread(shape, dtype, zeros=False, name=None):
     """
     dtype = np.dtype(dtype)
     if len(shape) == 1:
-        line_pair = 2 * _ALIGNMENT // dtype.itemsize
-        shape = (-(-shape[0] // line_pair) * line_pair,)
+        shape = (per_thread_length(shape[0], dtype),)
     elif math.prod(shape) * dtype.itemsize % _ALIGNMENT:
         raise ValueError(f"a per-thread row of shape {shape} and dtype {dtype} does not fill whole cache lines")
     shape = (numba.config.NUMBA_NUM_THREADS, *shape)

@@ -7,12 +7,11 @@ gradient; the functions below share the three private helpers ``_forward``, ``_i
 
 import math
 
-import numba
 import numpy as np
 
 from . import _validate as v
 from ._conv_kernels import _channel_sums, _conv2d_forward, _conv2d_input, _conv2d_weight
-from ._direct import conv2d_direct, conv2d_direct_weight
+from ._direct import conv2d_direct, conv2d_direct_weight, direct_workspace
 from ._parallel import run
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
 from ._winograd_grad import conv2d_weight_winograd, winograd_weight_grad_pays, winograd_weight_grad_workspace
@@ -50,15 +49,9 @@ def _initial(shape, dtype, bias):
 
 def _workspace_bytes(geometry, dtype, direct=False):
     """An upper bound on a driver's scratch memory: column buffer, packed panels and packed weights or, for the
-    direct kernel, each thread's padded input phases and wide output plane."""
+    direct kernel, what its layout of stride phases takes (``_direct.direct_workspace``)."""
     if direct:
-        _, _, H, W = geometry.input_shape
-        _, _, P, Q = geometry.output_shape
-        (pt, pb), (pl, pr) = geometry.padding
-        R, S = geometry.weight_shape[2:]
-        padded_plane = (H + pt + pb + geometry.dilation[0] * R) * (W + pl + pr + geometry.dilation[1] * S)
-        per_thread = 2 * padded_plane + P * (Q + geometry.dilation[1] * S)
-        return dtype.itemsize * numba.config.NUMBA_NUM_THREADS * per_thread
+        return direct_workspace(geometry, dtype)
     weights = 2 * math.prod(geometry.weight_shape) + KC * NC
     subsampled = math.prod(geometry.output_shape[2:]) * math.prod(geometry.input_shape[:2])  # strided 1x1 input
     return 2 * COLUMN_BUFFER_BYTES + dtype.itemsize * (weights + subsampled)

@@ -7,7 +7,8 @@ import pytest
 
 import fastconv
 from conftest import assert_close
-from fastconv import _scratch, reference
+from fastconv import _direct, _scratch, _validate, reference
+from fastconv import conv as conv_module
 
 
 def test_scratch_is_reused_by_name_and_aligned():
@@ -79,3 +80,16 @@ def test_results_do_not_share_memory_with_the_next_call(rng):
             for got, want in zip(grads, reference.conv2d_backward(x, w, dy, stride=stride)):
                 assert_close(got, want)
     np.testing.assert_array_equal(first, expected)
+
+
+@pytest.mark.parametrize(
+    "H, R, stride, padding, dilation", [(7, 3, 1, 1, 1), (28, 3, 2, 1, 1), (14, 5, 3, 2, 2), (1, 1, 1, 0, 1)]
+)
+def test_direct_workspace_is_what_the_direct_kernel_takes(H, R, stride, padding, dilation):
+    """The memory check counts the direct kernel's scratch from its own layout: never less than it allocates."""
+    _, geometry, _ = _validate.parse_conv2d("conv2d", (1, 4, H, H), np.ones((4, 1, R, R)), stride, padding, dilation, 4)
+    P, Q = geometry.output_shape[2:]
+    for dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+        layout = _direct._phase_layout(H, H, R, R, P, Q, geometry.kernel_geometry, dtype)
+        assert layout.phases.nbytes + layout.wide.nbytes <= conv_module._workspace_bytes(geometry, dtype, direct=True)
+    fastconv.release_scratch()
