@@ -34,7 +34,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._gemm import _micro_kernel, _round_up
+from ._gemm import _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
 from ._simd import Vector, load, store, vector_type
@@ -186,9 +186,9 @@ def _transform_tiles(r0, r1, r2, r3, count, v, step):
     ns in vectors (one core, long runs); 8x64x56x56 -> 4 filters (mostly input transform, 2 threads) 1.52-1.62
     -> 1.38-1.42 ms. Rows of fewer than 16 tiles (images under 32 pixels wide) gain nothing.
     """
+    lanes = 64 // r0.itemsize
     done = 0
-    if step == 1 and count >= 64 // r0.itemsize:
-        lanes = 64 // r0.itemsize
+    if step == 1 and count >= lanes:
         done = count - count % lanes
         for u in range(0, done, lanes):
             _transform_tile_vector(r0, r1, r2, r3, 2 * u, v, u)
@@ -313,7 +313,6 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
     _, K, P, Q = y.shape
     Cg = C // groups
     Kg = K // groups
-    m_pad = _round_up(Kg, MR)
     TH, TW = -(-P // 2), -(-Q // 2)
     tiles = N * TH * TW
     chunks = -(-tiles // NR)
@@ -342,12 +341,8 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
             for i in range(n_runs):
                 _input_tiles(x, runs[i, 0], c, runs[i, 1], runs[i, 2], runs[i, 3], pt, pl, v, base, ONE)
                 base += runs[i, 3]
-        for xi in range(XI):
-            b_panel = v[xi, : kc * NR]
-            for ir in range(k0, k1, MR):
-                start = pc * m_pad + ir * kc
-                a_panel = up[g, xi, start : start + kc * MR]
-                _micro_kernel(kc, a_panel, b_panel, m, ir - k0, xi * NR, min(MR, k1 - ir), WHOLE_PANEL, pc > 0)
+        for xi in range(XI):  # rows k0:k1 of the GEMM xi, into rows 0:k1-k0 of m
+            _panel_rows(up[g, xi], Kg, pc, kc, k0, k1, v[xi, : kc * NR], m, -k0, xi * NR, WHOLE_PANEL, pc > 0)
     for k in range(k0, k1):
         offset = 0
         for i in range(n_runs):
