@@ -42,6 +42,7 @@ from ._im2col import (
     _space_to_depth,
     _subsample,
     _tap_table,
+    col2im_rows,
     col2im_taps,
     phase_shape,
 )
@@ -155,6 +156,7 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     sh, sw, pt, pl, dh, dw = geometry
     W = grad_input.shape[3]
     taps = col2im_taps(S, Q, W, sw, pl, dw)
+    row_counts, row_pairs = col2im_rows(R, grad_input.shape[2], P, sh, pt, dh)
     # Each phase row padded by a cache line at least: two threads never write into one line.
     phase_rows = per_thread((sw, _round_up(-(-W // sw), 16) + 16), grad_input.dtype, name="phase rows")
     for g in range(groups):
@@ -162,7 +164,7 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
             t1 = min(N * P, t0 + rows)
             n = (t1 - t0) * Q
             _gemm_packed(ap[g], crs, Kg, dy_blocks, g * Kg, t0 * Q, n, col, ZERO, ZERO, FALSE, bp)
-            _col2im(col[0], R, S, geometry, t0, t1, P, Q, grad_input, g * Cg, taps, phase_rows)
+            _col2im(col[0], R, S, geometry, t0, t1, P, Q, grad_input, g * Cg, row_counts, row_pairs, taps, phase_rows)
 
 
 def _weight_grad_split(Kg, crs, groups, pixels):

@@ -22,8 +22,8 @@ from numba import njit, prange
 
 from ._gemm import _data
 from ._parallel import PRANGE_ONLY
-from ._simd import _prefetch
-from .config import NR
+from ._simd import _add_run, _prefetch
+from .config import COL2IM_MIN_TASKS, NR
 
 
 def _valid_q_range(w_offset, Q, W, sw):
@@ -45,69 +45,74 @@ def col2im_taps(S, Q, W, sw, pl, dw):
     return np.stack([q_lo, q_hi, first % sw, first // sw], axis=1)
 
 
+@functools.lru_cache(maxsize=32)
+def col2im_rows(R, H, P, sh, pt, dh):
+    """``_col2im``'s table of tap rows: ``(counts, pairs)``, where input row ``h`` receives the taps ``(r, p) =
+    pairs[h, :counts[h]]``, in order of ``r``: tap row ``r`` of output row ``p`` (``h == p * sh - pt + r * dh``).
+    NumPy, once per shape: a division per row and tap in the kernel costs as much as a short row's adds."""
+    r = np.arange(R)
+    hp = np.arange(H)[:, None] + pt - r * dh  # p * sh when tap r of some output row p lands on row h
+    valid = (hp >= 0) & (hp % sh == 0) & (hp < P * sh)
+    order = np.argsort(~valid, axis=1, kind="stable")  # the valid taps first, in order of r
+    pairs = np.stack([np.broadcast_to(r, hp.shape), hp // sh], axis=2)
+    return valid.sum(axis=1), np.take_along_axis(pairs, order[:, :, None], axis=1)
+
+
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, taps, phase_rows):
+def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, row_counts, row_pairs, taps, phase_rows):
     """Add the patches in ``col`` (output rows ``t0:t1``) back into ``x[:, c0:c0+Cg]``: the adjoint of im2col.
 
-    Race-free by construction: each thread owns whole input rows ``(c, h)`` of one image and gathers into them
-    every ``(r, s)`` contribution, in a fixed order, so results do not depend on the number of threads.
-    ``taps`` is ``col2im_taps``. At a column stride ``sw > 1`` a tap adds to every ``sw``-th value of a row,
-    which no vector instruction does: the row is summed split into its ``sw`` phases, in the calling thread's
-    ``phase_rows`` (scratch, ``(threads, sw, >= ceil(W / sw))``), where every tap adds a contiguous run, then
-    interleaved back once. Footprint: none beyond ``x`` and ``phase_rows``.
+    Race-free by construction: each task owns whole input rows ``(c, h)`` of one image and gathers into them
+    every ``(r, s)`` contribution, in a fixed order, so results do not depend on the number of threads. A task
+    is a block of rows of one plane: one parallel loop for the whole chunk, with at least COL2IM_MIN_TASKS
+    tasks where there are rows enough (a single-channel image still uses every thread). ``row_counts`` and
+    ``row_pairs`` are ``col2im_rows``, ``taps`` is ``col2im_taps``. At a column stride ``sw > 1`` a tap adds to
+    every ``sw``-th value of a row, which no vector instruction does: the row is summed split into its ``sw``
+    phases, in the calling thread's ``phase_rows`` (scratch, ``(threads, sw, >= ceil(W / sw))``), where every
+    tap adds a contiguous run, then interleaved back once. Footprint: none beyond ``x`` and ``phase_rows``.
     """
     Cg = col.shape[0] // (R * S)
     _, C, H, W = x.shape
     sh, sw, pt, pl, dh, dw = geometry
-    W2 = -(-W // sw)
+    row_length = phase_rows.shape[2]
     x_data, col_data = _data(x), _data(col)
-    for n in range(t0 // P, (t1 - 1) // P + 1):
-        p0 = max(t0 - n * P, 0)
-        p1 = min(t1 - n * P, P)
+    n0 = t0 // P
+    planes = ((t1 - 1) // P + 1 - n0) * Cg
+    blocks = min(H, -(-COL2IM_MIN_TASKS // planes))  # row blocks per plane
+    for task in prange(planes * blocks):
+        plane, block = task // blocks, task % blocks
+        n, c = n0 + plane // Cg, plane % Cg
+        p0, p1 = max(t0 - n * P, 0), min(t1 - n * P, P)
         # Only the input rows under the patches of output rows p0:p1 receive anything.
         h_lo = max(0, p0 * sh - pt)
         h_hi = min(H, (p1 - 1) * sh - pt + (R - 1) * dh + 1)
-        n_rows = h_hi - h_lo
-        if n_rows <= 0:
-            continue
-        for task in prange(Cg * n_rows):
-            c = task // n_rows
-            h = h_lo + task % n_rows
-            dst = x[n, c0 + c, h]
-            rows = phase_rows[numba.get_thread_id()]
-            # Taps add into dst itself (flat index row_start of x) at sw == 1, else into the phase rows.
-            target, row_start = (x_data, ((n * C + c0 + c) * H + h) * W) if sw == 1 else (_data(rows), 0)
+        rows = _data(phase_rows[numba.get_thread_id()])
+        for h in range(h_lo + block * (h_hi - h_lo) // blocks, h_lo + (block + 1) * (h_hi - h_lo) // blocks):
+            start = ((n * C + c0 + c) * H + h) * W
+            # Taps add into the row itself at sw == 1, else into the phase rows.
+            target, row_start = (x_data, start) if sw == 1 else (rows, 0)
             if sw > 1:
-                for b in range(sw):
-                    for j in range(W2):
-                        rows[b, j] = 0
-            for r in range(R):
-                hp = h + pt - r * dh  # = p * sh for the output row p this tap comes from
-                if hp < 0 or hp % sh != 0:
-                    continue
-                p = hp // sh
+                for j in range(sw * row_length):
+                    rows[j] = 0
+            for k in range(row_counts[h]):
+                r, p = row_pairs[h, k, 0], row_pairs[h, k, 1]
                 if p < p0 or p >= p1:
                     continue
                 column = (n * P + p - t0) * Q
                 for s in range(S):
-                    q_lo, q_hi, phase, start = taps[s, 0], taps[s, 1], taps[s, 2], taps[s, 3]
-                    # Runs of a few values: through pointers, not slices built for each.
-                    src = ((c * R + r) * S + s) * col.shape[1] + column + q_lo
-                    out = row_start + start if sw == 1 else phase * rows.shape[1] + start
-                    for q in range(q_hi - q_lo):
-                        target[out + q] += col_data[src + q]
+                    q_lo, q_hi, phase, first = taps[s, 0], taps[s, 1], taps[s, 2], taps[s, 3]
+                    out = row_start + first if sw == 1 else phase * row_length + first
+                    _add_run(target, out, col_data, ((c * R + r) * S + s) * col.shape[1] + column + q_lo, q_hi - q_lo)
             if sw == 2:  # interleave the two phases: LLVM vectorises this with shuffles
-                even, odd = rows[0], rows[1]
                 for j in range(W // 2):
-                    dst[2 * j] += even[j]
-                    dst[2 * j + 1] += odd[j]
+                    x_data[start + 2 * j] += rows[j]
+                    x_data[start + 2 * j + 1] += rows[row_length + j]
                 if W % 2:
-                    dst[W - 1] += even[W2 - 1]
+                    x_data[start + W - 1] += rows[W // 2]
             elif sw > 2:
                 for b in range(sw):
-                    row = rows[b]
                     for j in range((W - b + sw - 1) // sw):
-                        dst[j * sw + b] += row[j]
+                        x_data[start + j * sw + b] += rows[b * row_length + j]
 
 
 @functools.lru_cache(maxsize=32)

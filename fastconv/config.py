@@ -76,3 +76,8 @@ WEIGHT_GRAD_CHUNKS = 8
 #: 7-pixel rows 12-17 % faster (8x512x7x7, 8x256x14x14 s2 -> 512), 8 pixels 6 %, 10 pixels 6 %, 12 pixels 2.5 %,
 #: 14 pixels -3 to +4 %, 28 pixels 8 % slower, 56 pixels 60 % slower.
 GATHER_MAX_WIDTH = 12
+
+#: col2im (the strided input gradient, conv_transpose2d) splits each plane's rows into blocks until the call has
+#: at least this many tasks, so that a batch of few channels (a 3-channel image's gradient) still keeps every
+#: thread busy; more tasks than that only add overhead on small planes.
+COL2IM_MIN_TASKS = 32

@@ -128,6 +128,17 @@ def test_wide_images_pack_patches_in_runs(rng, channels, stride, dilation, paddi
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stride, dilation", [(2, 1), ((2, 1), 1), (3, (1, 2))])
+def test_strided_input_gradient_adds_long_runs_in_row_blocks(rng, stride, dilation, dtype):
+    """col2im on rows of 20 to 75 values (whole vectors and a masked rest, in float32 and float64), one image
+    of one channel split into blocks of rows, one task each."""
+    x, w, _ = _conv_case(rng, 1, (1, 3, 1), ((9, 75), (3, 4)), dtype)
+    params = dict(stride=stride, padding=1, dilation=dilation)
+    dy = random_array(rng, fastconv.conv2d(x, w, **params).shape, dtype)
+    assert_close(fastconv.conv2d_input(x.shape, w, dy, **params), reference.conv2d_input(x.shape, w, dy, **params))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("images_per_block", [0, 1, 2])
 def test_strided_patches_read_from_stride_phases_in_blocks_of_images(rng, monkeypatch, images_per_block, dtype):
     """A strided layer's patches come from the input's stride phases, split for as many images as the column
