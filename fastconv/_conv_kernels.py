@@ -45,6 +45,7 @@ from ._im2col import (
     col2im_rows,
     col2im_taps,
     phase_shape,
+    transposed_tap_table,
 )
 from ._macro import GATHERED, PATCHES, PLAIN, _gemm_packed, _macro_kernel, no_patches, packs_per_task, task_scratch
 from ._parallel import PRANGE_ONLY
@@ -210,7 +211,7 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
     ap = per_thread((_packed_a_size(Kg, KC),), grad_weight.dtype, name="packed A")
     bp = per_thread((_packed_b_size(crs),), grad_weight.dtype, name="packed B")
     dy_blocks = grad_output.reshape(N, K, P * Q)
-    taps = _tap_table(0, R, S, geometry, Q, x.shape[3], 0, crs)
+    taps = transposed_tap_table(Cg, R, S, geometry, x.shape[2], x.shape[3])
     _weight_grad_tasks(x, dy_blocks, taps, geometry[0], geometry[1], P, Q, column_ranges, ap, bp, partial)
     if pixel_ranges > 1:
         dw[0] = partial[0]
@@ -223,7 +224,7 @@ def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, ap, bp, 
     """``partial[i][:, :, cols j] += dy · patches(x)ᵀ`` over pixel range ``i``, for every task ``(i, j)``.
 
     ``dy_blocks`` is grad_output as (N, K, P*Q); ``partial`` is (pixel_ranges, groups, Kg, Cg*R*S), each a
-    blocked matrix whose column ``g * Cg*R*S + c`` is group g's column c; ``taps`` is ``_tap_table`` of one
+    blocked matrix whose column ``g * Cg*R*S + c`` is group g's column c; ``taps`` is ``transposed_tap_table`` of one
     group's taps; ``ap`` and ``bp`` hold one packed panel of A and of B per thread. Column ranges start at
     multiples of NR, so B's micro-panels stay whole.
     """

@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from ._gemm import _data
 from ._parallel import PRANGE_ONLY
-from ._simd import _add_run, _prefetch
+from ._simd import _add_run, _gather_taps, _prefetch
 from .config import COL2IM_MIN_TASKS, NR
 
 
@@ -257,25 +257,6 @@ def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
             bp[jr * kc + row * NR + j] = 0
 
 
-#: Taps the transposed packer copies together: TAP_GROUP values of one pixel are contiguous in the panel.
-TAP_GROUP = 4
-
-
-@njit(cache=True)
-def _tap_group_inside(taps, tap, width, h_base, H, q0, run):
-    """The pixels ``lo:hi`` (counted from ``q0``) of a run that lie inside the image for all ``width`` taps
-    from ``tap`` on; ``hi <= lo`` when there are none."""
-    _, h_offset, _, q_valid = taps
-    lo, hi = 0, run
-    for i in range(width):
-        h = h_base + h_offset[tap + i]
-        if h < 0 or h >= H:
-            return 0, 0
-        lo = max(lo, q_valid[tap + i, 0] - q0)
-        hi = min(hi, q_valid[tap + i, 1] - q0)
-    return lo, hi
-
-
 @njit(cache=True)
 def _gathered_patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, panel, pixel_table):
     """``_patch_panel`` of one panel (output pixels ``jc : jc + nc``, at most NR, written from ``panel[0]``),
@@ -312,60 +293,21 @@ def _gathered_patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, panel, pixel_table)
             dst[j] = x[image[j], c, h if inside else 0, w if inside else 0] if inside else 0
 
 
-@njit(cache=True)
-def _transposed_patch_panel(x, c0, taps, sh, sw, P, Q, pc, kc, jc, nc, bp, panel_index):
-    """Micro-panel ``panel_index`` (taps ``jr:jr+NR``) of ``_pack_b_patches_transposed``.
-
-    The panel holds NR taps per pixel, so a tap's values lie NR apart. Where TAP_GROUP consecutive taps are all
-    inside the image, a pixel's TAP_GROUP values are copied together (LLVM interleaves the TAP_GROUP source
-    rows into short vector stores); the rest, the image's borders, one value at a time.
+@functools.lru_cache(maxsize=32)
+def transposed_tap_table(Cg, R, S, geometry, H, W):
+    """``_pack_b_patches_transposed``'s table: ``(offset, h_offset, w_offset)`` per tap ``(c, r, s)``, as rows of
+    one int64 array. Tap ``(c, r, s)`` of output pixel ``(n, p, q)`` reads ``x`` at flat index ``pixel +
+    offset``, with ``pixel`` the flat index of ``x[n, c0, p * sh, q * sw]``, when its input pixel ``(p * sh +
+    h_offset, q * sw + w_offset)`` lies inside the image. Padded to whole micro-panels with taps no pixel
+    reaches (zeros in the panel). NumPy, once per shape; never written to.
     """
-    channel, h_offset, w_offset, _ = taps
-    H = x.shape[2]
-    jr = panel_index * NR
-    n_valid = min(NR, nc - jr)
-    panel = bp[jr * kc : jr * kc + kc * NR]
-    t = pc // Q
-    n, p, q0 = t // P, t % P, pc % Q  # counted on below, not divided again: small images have short runs
-    row = 0
-    while row < kc:  # one run of pixels per output row (n, p)
-        run = min(kc - row, Q - q0)
-        block = panel[row * NR : (row + run) * NR]  # block[u * NR + j]: pixel q0 + u, tap jc + jr + j
-        j = 0
-        while j < n_valid:
-            tap = jc + jr + j
-            width = TAP_GROUP if j + TAP_GROUP <= n_valid else 1
-            lo, hi = _tap_group_inside(taps, tap, width, p * sh, H, q0, run)
-            if width == 1 or hi - lo < TAP_GROUP:
-                width, lo, hi = 1, 0, 0
-            else:  # Sliced first, so that every index counts up from 0: no wraparound test.
-                s0 = x[n, c0 + channel[tap], p * sh + h_offset[tap], (q0 + lo) * sw + w_offset[tap] :]
-                s1 = x[n, c0 + channel[tap + 1], p * sh + h_offset[tap + 1], (q0 + lo) * sw + w_offset[tap + 1] :]
-                s2 = x[n, c0 + channel[tap + 2], p * sh + h_offset[tap + 2], (q0 + lo) * sw + w_offset[tap + 2] :]
-                s3 = x[n, c0 + channel[tap + 3], p * sh + h_offset[tap + 3], (q0 + lo) * sw + w_offset[tap + 3] :]
-                dst = block[lo * NR + j :]
-                for u in range(hi - lo):
-                    dst[u * NR], dst[u * NR + 1] = s0[u * sw], s1[u * sw]
-                    dst[u * NR + 2], dst[u * NR + 3] = s2[u * sw], s3[u * sw]
-            for i in range(width):  # what is left of each tap: pixels before lo and from hi on
-                h = p * sh + h_offset[tap + i]
-                v_lo, v_hi = _tap_group_inside(taps, tap + i, 1, p * sh, H, q0, run)  # this tap's inside pixels
-                src = x[n, c0 + channel[tap + i], min(max(h, 0), H - 1)]
-                offset = q0 * sw + w_offset[tap + i]  # src[u * sw + offset]: pixel q0 + u, read where inside
-                column = block[j + i :]
-                for u in range(lo):
-                    column[u * NR] = src[u * sw + offset] if v_lo <= u < v_hi else 0
-                for u in range(hi, run):
-                    column[u * NR] = src[u * sw + offset] if v_lo <= u < v_hi else 0
-            j += width
-        row += run
-        p += 1
-        if p == P:
-            n, p = n + 1, 0
-        q0 = 0
-    for row in range(kc):
-        for j in range(n_valid, NR):
-            panel[row * NR + j] = 0
+    sh, sw, pt, pl, dh, dw = geometry
+    tap = np.arange(Cg * R * S, dtype=np.int64)
+    channel, h_offset, w_offset = tap // (R * S), tap // S % R * dh - pt, tap % S * dw - pl
+    table = np.zeros((3, -(-len(tap) // NR) * NR), np.int64)
+    table[1] = -(1 << 40)  # no pixel reaches these rows
+    table[:, : len(tap)] = channel * H * W + h_offset * W + w_offset, h_offset, w_offset
+    return table
 
 
 @njit(cache=True)
@@ -375,9 +317,24 @@ def _pack_b_patches_transposed(x, c0, taps, sh, sw, P, Q, pc, kc, jc, nc, bp):
 
     Rows ``pc:pc+kc`` are output pixels of the whole batch, ``(n * P + p) * Q + q``; columns ``jc:jc+nc`` are
     taps ``(c, r, s)``: ``B[pixel, tap]`` is ``col[tap, pixel]`` of the column matrix above, read straight
-    from ``x``. ``taps`` is ``_tap_table(0, R, S, geometry, Q, W, 0, Cg * R * S)``, made by the caller, for all
-    of a group's taps. Footprint: ``kc * round_up(nc, NR)`` values. Serial: the weight gradient runs one per
-    task, inside its own parallel loop.
+    from ``x``. A panel row holds NR taps of one pixel, which lie anywhere in ``x``: each row is gathered
+    (``_simd._gather_taps``, masked where a tap falls in the padding). ``taps`` is ``transposed_tap_table``,
+    made by the caller. Columns past ``nc`` hold other taps or zeros (the write-back drops them). Footprint:
+    ``kc * round_up(nc, NR)`` values. Serial: the weight gradient runs one per task, inside its own parallel
+    loop.
     """
-    for panel_index in range(-(-nc // NR)):
-        _transposed_patch_panel(x, c0, taps, sh, sw, P, Q, pc, kc, jc, nc, bp, panel_index)
+    _, C, H, W = x.shape
+    x_data, panels = _data(x), _data(bp)
+    offsets, h_offsets, w_offsets = _data(taps[0]), _data(taps[1]), _data(taps[2])
+    t = pc // Q
+    n, p, q = t // P, t % P, pc % Q  # counted on below, not divided again
+    for row in range(kc):
+        pixel = ((n * C + c0) * H + p * sh) * W + q * sw
+        for jr in range(0, nc, NR):
+            _gather_taps(panels, jr * kc + row * NR, x_data, pixel, offsets, h_offsets, w_offsets, jc + jr, p * sh,
+                         q * sw, H, W)  # fmt: skip
+        q += 1
+        if q == Q:
+            q, p = 0, p + 1
+            if p == P:
+                p, n = 0, n + 1

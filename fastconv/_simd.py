@@ -44,12 +44,17 @@ def store(builder, value, pointer, offset, size):
     builder.store(value, builder.bitcast(address, value.type.as_pointer()), align=size)
 
 
+def _splat(builder, value, lanes):
+    """``<lanes x i64>`` holding the i64 ``value`` in every lane."""
+    vector = ir.VectorType(value.type, lanes)
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.IntType(32)(0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
 def _lane_mask(builder, count, lanes):
     """``<lanes x i1>`` with lane ``i`` set when ``i < count`` (an i64 value)."""
-    i64 = ir.IntType(64)
-    splat = builder.insert_element(ir.Constant(ir.VectorType(i64, lanes), ir.Undefined), count, ir.IntType(32)(0))
-    splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
-    return builder.icmp_signed("<", ir.Constant(ir.VectorType(i64, lanes), list(range(lanes))), splat)
+    lane = ir.Constant(ir.VectorType(ir.IntType(64), lanes), list(range(lanes)))
+    return builder.icmp_signed("<", lane, _splat(builder, count, lanes))
 
 
 class Vector:
@@ -175,3 +180,48 @@ def _add_run(typingctx, target, target_start, source, source_start, length):
         return context.get_dummy_value()
 
     return types.none(target, target_start, source, source_start, length), codegen
+
+
+@intrinsic
+def _gather_taps(typingctx, panel, panel_start, x, pixel, offsets, h_offsets, w_offsets, first, h, w, H, W):
+    """One row of a transposed patch panel: the values of NR taps at one output pixel, as masked gathers.
+
+    For ``t = first + j``, ``j < NR``: ``panel[panel_start + j] = x[pixel + offsets[t]]`` when the tap's input
+    pixel ``(h + h_offsets[t], w + w_offsets[t])`` lies inside ``H x W``, else 0 (and ``x`` is not read).
+    All arguments but ``panel`` and ``x`` (pointers) are int64, the three tables pointers to int64.
+
+    Measured, packing a weight gradient's B (one thread, ns per value, this against the former copy of four
+    taps at a time plus borders value by value): 8x512x7x7 3x3 2.97 -> 0.39, 8x256x14x14 1.70 -> 0.43,
+    8x64x32x32 4x4 s2 1.48 -> 0.34, 8x64x56x56 0.61 -> 0.37, 8x3x224x224 7x7 s2 0.52 -> 0.44.
+    """
+    dtype = panel.dtype
+
+    def codegen(context, builder, signature, args):
+        panel, panel_start, x, pixel, offsets, h_offsets, w_offsets, first, h, w, H, W = args
+        vector, lanes, size = vector_type(context, dtype)
+        index = ir.IntType(64)
+        indices = ir.VectorType(index, lanes)
+        pointers = ir.VectorType(vector.element.as_pointer(), lanes)
+        mask_type, int32 = ir.VectorType(ir.IntType(1), lanes), ir.IntType(32)
+        gather = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(vector, [pointers, int32, mask_type, vector]),
+            f"llvm.masked.gather.v{lanes}f{8 * size}.v{lanes}p0",
+        )
+        # Addresses as integers: llvmlite's gep takes no vector of indices.
+        base = _splat(builder, builder.ptrtoint(builder.gep(x, [pixel]), index), lanes)
+        h, w, H, W = (_splat(builder, value, lanes) for value in (h, w, H, W))
+        step, zero = _splat(builder, index(size), lanes), ir.Constant(vector, [0.0] * lanes)
+        for v in range(NR // lanes):
+            tap = builder.add(first, index(v * lanes))
+            row, column = (
+                builder.add(o, load(builder, indices, t, tap, 8)) for o, t in ((h, h_offsets), (w, w_offsets))
+            )
+            # Unsigned: a negative row or column is out of range too.
+            inside = builder.and_(builder.icmp_unsigned("<", row, H), builder.icmp_unsigned("<", column, W))
+            address = builder.add(base, builder.mul(load(builder, indices, offsets, tap, 8), step))
+            values = builder.call(gather, [builder.inttoptr(address, pointers), int32(size), inside, zero])
+            store(builder, values, panel, builder.add(panel_start, index(v * lanes)), size)
+        return context.get_dummy_value()
+
+    return types.none(panel, panel_start, x, pixel, offsets, h_offsets, w_offsets, first, h, w, H, W), codegen
