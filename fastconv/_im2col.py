@@ -268,29 +268,26 @@ def _gathered_patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, panel, pixel_table)
     loop over the panel's NR pixels that LLVM turns into masked vector gathers.
     """
     channel, h_offset, w_offset, _ = taps
-    _, _, H, W = x.shape
+    _, C, H, W = x.shape
     t, q = jc // Q, jc % Q
     n, p = t // P, t % P
-    image, top, left = pixel_table[0], pixel_table[1], pixel_table[2]
     for j in range(NR):
-        if j < nc:
-            image[j], top[j], left[j] = n, p * sh, q * sw
+        if j < nc:  # the flat index of x[n, 0, p * sh, q * sw], and that row and column
+            pixel_table[0, j], pixel_table[1, j], pixel_table[2, j] = (n * C * H + p * sh) * W + q * sw, p * sh, q * sw
             q += 1
             if q == Q:
                 q, p = 0, p + 1
                 if p == P:
                     p, n = 0, n + 1
         else:  # past the last pixel: a row no tap reaches, so zeros
-            image[j], top[j], left[j] = 0, -(1 << 40), 0
+            pixel_table[0, j], pixel_table[1, j], pixel_table[2, j] = 0, -(1 << 40), 0
+    pixels, tops, lefts = _data(pixel_table[0]), _data(pixel_table[1]), _data(pixel_table[2])
+    x_data, panel_data = _data(x), _data(panel)
     for row in range(kc):
-        c, dh, dw = channel[row], h_offset[row], w_offset[row]
-        dst = panel[row * NR : (row + 1) * NR]
-        for j in range(NR):
-            h = top[j] + dh
-            w = left[j] + dw
-            inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            # Written so that LLVM vectorises the loop into masked gathers (measured fastest of four forms).
-            dst[j] = x[image[j], c, h if inside else 0, w if inside else 0] if inside else 0
+        dh, dw = h_offset[row], w_offset[row]
+        # The same gather as the transposed packer's, the roles of pixels and taps swapped.
+        _gather_taps(panel_data, row * NR, x_data, (channel[row] * H + dh) * W + dw, pixels, tops, lefts, 0, dh, dw,
+                     H, W)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=32)
