@@ -62,15 +62,15 @@ def winograd_pays(geometry):
 
     The transforms cost about as much per pixel and channel as the multiplications they save when a group has
     few channels, and the filters are transformed on every call: Winograd pays with at least
-    WINOGRAD_MIN_CHANNELS input and output channels per group and WINOGRAD_MIN_TILES 2x2 tiles per image
-    batch (measured on Zen 4, see ``config.py``).
+    WINOGRAD_MIN_CHANNELS input and output channels per group and WINOGRAD_MIN_TILES 2x2 tiles in the batch,
+    as many again per 256 channels beyond 256 (measured on Zen 4, see ``config.py``).
     """
     N, C, _, _ = geometry.input_shape
     K = geometry.weight_shape[0]
     _, _, P, Q = geometry.output_shape
     tiles = N * -(-P // 2) * -(-Q // 2)
     per_group = min(C, K) // geometry.groups
-    return per_group >= WINOGRAD_MIN_CHANNELS and tiles >= WINOGRAD_MIN_TILES
+    return per_group >= WINOGRAD_MIN_CHANNELS and tiles * 256 >= WINOGRAD_MIN_TILES * max(256, per_group)
 
 
 def winograd_workspace(geometry, dtype):

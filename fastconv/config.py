@@ -45,14 +45,16 @@ SCRATCH_CACHE_BYTES = 96 * 2**20
 DIRECT_MAX_OUT_PER_GROUP = 4
 
 #: ``algorithm="auto"`` takes Winograd F(2x2, 3x3) for a 3x3 stride-1 layer with at least this many input and
-#: output channels per group and this many 2x2 output tiles in the batch; below, its transforms (the filters'
-#: on every call) cost more than the multiplications they save (``_winograd.winograd_pays``). Measured,
-#: Winograd's speed-up over the GEMM path (float32, 2 threads): 512 channels on 7x7 images (16 tiles each),
-#: 32 tiles 0.79x, 48 tiles 1.15x, 64 tiles 1.33x; 256 channels, one 14x14 image (49 tiles) 1.52x, one 11x11
-#: image (36 tiles) 0.93x; 8 images of 28x28 (1568 tiles), 16 channels 1.18x, 32 channels 1.24x, but one 64x64
-#: image (1024 tiles) 0.88x with 16 channels and 0.99x with 32.
+#: output channels per group and this many 2x2 output tiles in the batch, per 256 channels beyond 256 (the
+#: filters, transformed on every call, grow with channels in times channels out); below, its transforms cost
+#: more than the multiplications they save (``_winograd.winograd_pays``). Measured, Winograd's speed-up over the
+#: GEMM path with its gathered patches (float32, 2 threads): 512 channels on 7x7 images (16 tiles each), 64
+#: tiles 0.87x, 80 tiles 0.72x, 96 tiles 0.92x, 128 tiles 1.08-1.12x, 256 tiles 1.18x; one 14x14 image (49
+#: tiles), 512 channels 0.93-0.96x, 256 channels 1.07-1.09x; 256 channels, 64 tiles 1.07x, 98 tiles 1.36x,
+#: one 11x11 image (36 tiles) 0.64x; 8 images of 28x28 (1568 tiles), 128 channels 1.40x, 32 channels 1.00x;
+#: earlier, 8x28x28 with 16 channels 1.18x, but one 64x64 image (1024 tiles) 0.88x with 16 channels.
 WINOGRAD_MIN_CHANNELS = 64
-WINOGRAD_MIN_TILES = 48
+WINOGRAD_MIN_TILES = 64
 
 #: The weight gradient of such a layer takes Winograd (``_winograd_grad.py``) from this many 2x2 tiles in the
 #: batch, split into at least 4 ranges (one partial sum of 16 x K x C/groups values each): with fewer tiles
@@ -70,12 +72,13 @@ WINOGRAD_WEIGHT_GRAD_MIN_TILES = 384
 #: each pixel range costs one copy of the weight gradient.
 WEIGHT_GRAD_CHUNKS = 8
 
-#: The forward pass gathers its patches value by value (``_im2col._gathered_patch_panel``) when output rows have
-#: at most this many pixels, rather than copying one run per output row and tap (``_patch_panel``), whose bounds
-#: cost more than the copy on short rows. Measured, whole conv2d by GEMM (float32, 2 threads), gathered vs runs:
-#: 7-pixel rows 12-17 % faster (8x512x7x7, 8x256x14x14 s2 -> 512), 8 pixels 6 %, 10 pixels 6 %, 12 pixels 2.5 %,
-#: 14 pixels -3 to +4 %, 28 pixels 8 % slower, 56 pixels 60 % slower.
-GATHER_MAX_WIDTH = 12
+#: The forward pass gathers its patches value by value (``_im2col._gathered_patch_panel``, masked vector gathers)
+#: when output rows have at most this many pixels, rather than copying one run per output row and tap
+#: (``_patch_panel``), whose bounds cost more than the copy on short rows. Measured, whole conv2d by GEMM
+#: (float32, 2 threads), gathered vs runs: 14-pixel rows 9 % faster (8x256x14x14), 16 pixels 12 % (4x4 s2),
+#: 20 pixels 11 %, 24 pixels 3-6 %, 28 pixels 3 % faster at stride 2 but 6 % slower at stride 1 (8x128x28x28),
+#: 56 pixels 42 % slower, 112 pixels (the 7x7 s2 stem) 25 % slower.
+GATHER_MAX_WIDTH = 24
 
 #: col2im (the strided input gradient, conv_transpose2d) splits each plane's rows into blocks until the call has
 #: at least this many tasks, so that a batch of few channels (a 3-channel image's gradient) still keeps every

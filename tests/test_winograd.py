@@ -89,6 +89,14 @@ def test_auto_takes_winograd_for_wide_3x3_layers_and_the_input_gradient_follows(
     assert_close(fastconv.conv2d_input(x.shape, w, dy, padding=1), expected)
 
 
+def test_auto_asks_wider_layers_for_more_tiles():
+    """The filter transform grows with channels in times channels out: 512 channels need twice the tiles."""
+    for channels, images, algorithm in [(256, 4, "winograd"), (512, 4, "gemm"), (512, 8, "winograd")]:
+        w = np.zeros((channels, channels, 3, 3), np.float32)  # 7x7 images: 16 tiles each
+        _, geometry, _ = parse_conv2d("conv2d", (images, channels, 7, 7), w, 1, 1, 1, 1)
+        assert _choose_algorithm("auto", geometry) == algorithm
+
+
 def test_auto_takes_winograd_for_the_weight_gradient_of_layers_with_many_tiles(rng):
     C = K = WINOGRAD_MIN_CHANNELS
     side = 2 * int(np.ceil(np.sqrt(WINOGRAD_WEIGHT_GRAD_MIN_TILES)))
@@ -108,7 +116,7 @@ def test_auto_takes_winograd_for_the_weight_gradient_of_layers_with_many_tiles(r
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_input_gradient_by_winograd_reads_the_filters_swapped_and_rotated(rng, dtype):
     """The input gradient's Winograd reads the forward filters rotated, channels in and out swapped, per group."""
-    N, C, K, groups, H, W = 1, 2 * WINOGRAD_MIN_CHANNELS, 3 * WINOGRAD_MIN_CHANNELS, 2, 16, 14
+    N, C, K, groups, H, W = 1, 2 * WINOGRAD_MIN_CHANNELS, 3 * WINOGRAD_MIN_CHANNELS, 2, 18, 16  # 72 tiles
     padding = ((1, 0), (0, 1))
     x_shape, w = (N, C, H, W), random_array(rng, (K, C // groups, 3, 3), dtype)
     _, geometry, _ = parse_conv2d("conv2d", x_shape, w, 1, padding, 1, groups)
