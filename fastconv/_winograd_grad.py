@@ -46,15 +46,17 @@ def _n_ranges(K, Cg, tiles, itemsize):
 
 def winograd_weight_grad_pays(geometry):
     """Whether the weight gradient of this (Winograd-applicable) layer should take Winograd: at least
-    WINOGRAD_MIN_CHANNELS input and output channels per group, WINOGRAD_WEIGHT_GRAD_MIN_TILES tiles, and
-    MIN_RANGES ranges of them (``config.py``)."""
+    WINOGRAD_MIN_CHANNELS input and output channels per group, WINOGRAD_WEIGHT_GRAD_MIN_TILES tiles (more
+    beyond 128 channels, with the square root of their number), and MIN_RANGES ranges of them
+    (``config.py``)."""
     N, C, _, _ = geometry.input_shape
     K, Cg = geometry.weight_shape[:2]
     _, _, P, Q = geometry.output_shape
     tiles = N * -(-P // 2) * -(-Q // 2)
+    per_group = min(C, K) // geometry.groups
     return (
-        min(C, K) // geometry.groups >= WINOGRAD_MIN_CHANNELS
-        and tiles >= WINOGRAD_WEIGHT_GRAD_MIN_TILES
+        per_group >= WINOGRAD_MIN_CHANNELS
+        and tiles >= WINOGRAD_WEIGHT_GRAD_MIN_TILES * max(1.0, per_group / 128) ** 0.5
         # float32's ranges: float64 takes the same path, with as many or half as many ranges
         and _n_ranges(K, Cg, tiles, 4) >= MIN_RANGES
     )

@@ -58,11 +58,12 @@ WINOGRAD_MIN_TILES = 64
 
 #: The weight gradient of such a layer takes Winograd (``_winograd_grad.py``) from this many 2x2 tiles in the
 #: batch, split into at least 4 ranges (one partial sum of 16 x K x C/groups values each): with fewer tiles
-#: per range, adding up the partial sums costs more than the multiplications saved. Measured against the GEMM
-#: path (float32, 2 threads): 8x64x56x56 1.55x, 8x128x28x28 1.61x, 8x256x28x28 1.72x, 16x128x14x14 1.93x,
-#: 4x128x28x28 (784 tiles) 1.39x, 2x128x28x28 (392) 1.20x, 8x256x14x14 (392) 1.09x; but 4x256x14x14 (196)
-#: 0.76x, 8x512x7x7 (128 tiles, one range) 0.70x, 16x512x7x7 (one range) 0.79x, 8x32x56x56 0.96x (too few
-#: channels).
+#: per range, adding up the partial sums costs more than the multiplications saved. Beyond 128 channels it
+#: asks for more tiles, with the square root of the channels (fitted: the GEMM path's gathered patches made
+#: it the faster one on 256 channels up to about 500 tiles). Measured against the GEMM path (float32, 2
+#: threads): 8x64x56x56 1.34x, 8x128x28x28 1.48x, 4x128x28x28 (784 tiles) 1.43x, 2x128x28x28 (392) 1.55x,
+#: 16x128x14x14 1.30x; 8x256x28x28 1.32x, 4x256x28x28 (784) 1.16x, 12x256x14x14 (588) 1.10x, but
+#: 8x256x14x14 (392) 0.94-0.96x, 16x512x7x7 (256 tiles) 0.56x, 8x32x56x56 0.75x (too few channels).
 WINOGRAD_WEIGHT_GRAD_MIN_TILES = 384
 
 #: The weight gradient is split into at most this many tasks, one serial GEMM each: ranges of its columns

@@ -90,11 +90,17 @@ def test_auto_takes_winograd_for_wide_3x3_layers_and_the_input_gradient_follows(
 
 
 def test_auto_asks_wider_layers_for_more_tiles():
-    """The filter transform grows with channels in times channels out: 512 channels need twice the tiles."""
+    """The filter transform grows with channels in times channels out: 512 channels need twice the tiles
+    of the forward pass; the weight gradient asks wider layers for more tiles too."""
     for channels, images, algorithm in [(256, 4, "winograd"), (512, 4, "gemm"), (512, 8, "winograd")]:
         w = np.zeros((channels, channels, 3, 3), np.float32)  # 7x7 images: 16 tiles each
         _, geometry, _ = parse_conv2d("conv2d", (images, channels, 7, 7), w, 1, 1, 1, 1)
         assert _choose_algorithm("auto", geometry) == algorithm
+    # The weight gradient alike: 256 channels on 14x14 images (49 tiles each) need more than 8 of them.
+    for images, pays in [(8, False), (12, True)]:
+        w = np.zeros((256, 256, 3, 3), np.float32)
+        _, geometry, _ = parse_conv2d("conv2d", (images, 256, 14, 14), w, 1, 1, 1, 1)
+        assert _winograd_grad.winograd_weight_grad_pays(geometry) == pays
 
 
 def test_auto_takes_winograd_for_the_weight_gradient_of_layers_with_many_tiles(rng):
