@@ -117,10 +117,15 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     patches = GATHERED if Q <= GATHER_MAX_WIDTH else PATCHES
     no_x, no_taps = no_patches(y.dtype)
     sh, sw = geometry[:2]
-    # Strided patches are read from the input's stride phases, at stride 1, a block of images at a time that
-    # fits the column buffer; an image too large for it alone has its patches read at the stride.
+    # A filter the size of the stride, unpadded, over a whole number of strides (a "patchify" layer: ViT's
+    # 16x16 s16, ConvNeXt's 4x4 s4, a 2x2 s2 down-sampling) reads each pixel once: split into its stride
+    # phases, its patch matrix is the phases themselves, a plain GEMM like a 1x1 layer's.
+    patchify = (R, S) == (sh, sw) != (1, 1) and geometry[2:] == (0, 0, 1, 1) and (P * sh, Q * sw) == x.shape[2:]
+    # Other strided patches are read from the input's stride phases, at stride 1, a block of images at a time
+    # that fits the column buffer; an image too large for it alone has its patches read at the stride.
     image_phases = math.prod(phase_shape((1, *x.shape[1:]), sh, sw)) * y.itemsize
-    split = not pointwise and patches == PATCHES and (sh, sw) != (1, 1) and image_phases <= COLUMN_BUFFER_BYTES
+    split = (patchify or patches == PATCHES) and (sh, sw) != (1, 1) and image_phases <= COLUMN_BUFFER_BYTES
+    plain = pointwise or (patchify and split)
     images = min(N, COLUMN_BUFFER_BYTES // image_phases) if split else N
     stride = (1, 1) if split else (sh, sw)
     for n0 in range(0, N, images):
@@ -129,18 +134,18 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
         if split:
             block_x = scratch("stride phases", phase_shape(block_x.shape, sh, sw), y.dtype)
             _space_to_depth(x[n0:n1], np.int64(sh), np.int64(sw), block_x)
+        b = block_x.reshape(n1 - n0, block_x.shape[1], block_x.shape[2] * block_x.shape[3])  # when plain
         for g in range(groups):
             for pc in range(0, crs, KC):
                 kc = min(KC, crs - pc)
-                if pointwise:
+                if plain:  # rows of the patch matrix are channels of block_x: group g's from g * Cg * R * S
                     source, patch_x, taps = PLAIN, no_x, no_taps
                 else:
                     taps = _tap_table(g * Cg, R, S, geometry, Q, block_x.shape[3], pc, kc, split)
                     source, patch_x = patches, block_x
                 _macro_kernel(
-                    ap[g], Kg, pc, kc, source, x_blocks[n0:n1], g * Cg, patch_x, taps, *stride, P, Q, ZERO,
-                    (n1 - n0) * P * Q, y_blocks[n0:n1], g * Kg, ZERO, bool(accumulate or pc > 0), panels,
-                    pixel_tables,
+                    ap[g], Kg, pc, kc, source, b, g * crs, patch_x, taps, *stride, P, Q, ZERO, (n1 - n0) * P * Q,
+                    y_blocks[n0:n1], g * Kg, ZERO, bool(accumulate or pc > 0), panels, pixel_tables,
                 )  # fmt: skip
 
 

@@ -139,6 +139,17 @@ def test_strided_input_gradient_adds_long_runs_in_row_blocks(rng, stride, dilati
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("kernel, H, W", [((2, 2), 8, 6), ((4, 4), 8, 12), ((2, 3), 6, 9), ((2, 2), 7, 6), ((3, 3), 9, 9)])
+def test_patchify_layers_are_plain_gemms_of_the_stride_phases(rng, kernel, H, W, groups, dtype):
+    """Filters the size of the stride (ViT, ConvNeXt stems; a 2x2 s2 down-sampling): over a whole number of
+    strides the stride phases are the patch matrix itself; otherwise (7 rows at stride 2) the usual path."""
+    x, w, b = _conv_case(rng, 3, (4, 6, groups), ((H, W), kernel), dtype)
+    params = dict(stride=kernel, groups=groups)
+    _check_conv2d_family(x, w, b, **params)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("images_per_block", [0, 1, 2])
 def test_strided_patches_read_from_stride_phases_in_blocks_of_images(rng, monkeypatch, images_per_block, dtype):
     """A strided layer's patches come from the input's stride phases, split for as many images as the column
