@@ -29,6 +29,7 @@ from numba import njit, prange
 from ._gemm import _data, _stack_tile
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, per_thread_length
+from ._simd import _copy_run
 
 _FASTMATH = {"contract"}
 
@@ -37,6 +38,13 @@ _FASTMATH = {"contract"}
 #: threads), against three taps per pass over the whole plane: 8x256x28x28 0.45 -> 0.38 ms, 8x512x14x14 0.33
 #: -> 0.29, 8x1024x7x7 0.43 -> 0.33; 64 and 256 values per block were no better.
 BLOCK = 128
+
+#: Output rows of at most this many values are written by ``_simd._copy_run`` (whole vectors and a masked one),
+#: longer ones by LLVM's loop. Measured, depthwise 3x3 forward (float32, 2 threads), both against LLVM's loop:
+#: 8x1024x7x7 0.36-0.38 -> 0.28-0.30 ms, 8x512x14x14 0.32-0.35 -> 0.21-0.27, 8x256x28x28 0.38-0.40 ->
+#: 0.29-0.31, but 8x256x56x56 1.71-2.00 -> 2.03-2.26 ms (rows of 56: the stores into y, past the caches, are
+#: slower as whole unaligned vectors).
+SHORT_ROW = 32
 
 
 @njit(cache=True)
@@ -55,10 +63,8 @@ def _split_phases(image, sw, rows, cols, phases):
         start = rows[h]
         if start < 0:
             continue
-        if sw == 1:  # a plain copy, which LLVM vectorises
-            to, count = start + cols[0, 2], cols[0, 1]
-            for j in range(count):
-                dst[to + j] = src[h * W + j]
+        if sw == 1:  # a plain copy
+            _copy_run(dst, start + cols[0, 2], src, h * W, cols[0, 1])
             continue
         for b in range(sw):
             first, count, to = h * W + cols[b, 0], cols[b, 1], start + cols[b, 2]
@@ -194,8 +200,8 @@ def _conv2d_direct(x, weight, bias, groups, Wq, tap_start, rows, cols, phases, w
 
     ``y`` is written, never read: one pass over the output, the least memory traffic a memory-bound layer
     allows. Each thread owns whole planes of ``y``, so no element is written by two threads, and each is
-    summed in the order ``(c, r, s)`` whatever the thread count. Footprint per thread: the stride phases of one
-    input channel and one wide output plane, ``O(H * W)`` values.
+    summed in the order bias, ``(c, r, s)`` whatever the thread count. Footprint per thread: the stride phases
+    of one input channel and one wide output plane, ``O(H * W)`` values.
     """
     N = x.shape[0]
     K, Cg, R, S = weight.shape
@@ -211,13 +217,14 @@ def _conv2d_direct(x, weight, bias, groups, Wq, tap_start, rows, cols, phases, w
         phase_values = _data(src)
         acc = wide[thread]
         tile = numba.carray(_stack_tile(y.dtype), (BLOCK,))
+        b = bias[k]
         for c in range(Cg):
             _split_phases(x[n, c0 + c], sw, rows, cols, src)
             taps = weight[k, c].ravel()
             for o in range(0, P * Wq, BLOCK):
                 block = acc[o : o + BLOCK]
                 for j in range(BLOCK):
-                    tile[j] = block[j] if c else 0
+                    tile[j] = block[j] if c else b  # the bias first, as the GEMM path adds it
                 for t in range(R * S):
                     w_t = taps[t]
                     start = tap_start[t] + o  # indexed through the pointer: no slice to build per tap
@@ -226,9 +233,10 @@ def _conv2d_direct(x, weight, bias, groups, Wq, tap_start, rows, cols, phases, w
                 for j in range(BLOCK):
                     block[j] = tile[j]
         out = y[n, k]
-        b = bias[k]
         for p in range(P):
-            dst = out[p]
-            row = acc[p * Wq : p * Wq + Q]
-            for q in range(Q):
-                dst[q] = b + row[q]
+            if Q <= SHORT_ROW:
+                _copy_run(_data(out), p * Q, _data(acc), p * Wq, Q)
+            else:
+                dst, row = out[p], acc[p * Wq : p * Wq + Q]
+                for q in range(Q):
+                    dst[q] = row[q]

@@ -136,15 +136,9 @@ def _prefetch(typingctx, pointer, offset):
     return types.none(pointer, offset), codegen
 
 
-@intrinsic
-def _add_run(typingctx, target, target_start, source, source_start, length):
-    """``target[target_start:][:length] += source[source_start:][:length]`` through two pointers: whole vectors,
-    then the last 1 to lanes - 1 values as one masked vector (no scalar loop, no access past the run).
-
-    Measured, col2im of conv_transpose2d 8x128x16x16 -> 64, 4x4 s2 (runs of 15 and 16 values): 0.41 -> 0.31 ms
-    against LLVM's own vector loop, in the same kernel.
-    """
-    dtype = target.dtype
+def _run_codegen(dtype, add):
+    """Code for ``target[:length] (+)= source[:length]`` (``_add_run``, ``_copy_run``): whole vectors, then the
+    last 1 to lanes - 1 values as one masked vector (no scalar loop, no access past the run)."""
 
     def codegen(context, builder, signature, args):
         target, target_start, source, source_start, length = args
@@ -167,19 +161,43 @@ def _add_run(typingctx, target, target_start, source, source_start, length):
         whole = builder.udiv(length, index(lanes))
         with cgutils.for_range(builder, whole) as loop:
             offset = builder.mul(loop.index, index(lanes))
-            values = [load(builder, vector, pointer, offset, size) for pointer in (target, source)]
-            store(builder, builder.fadd(*values), target, offset, size)
+            value = load(builder, vector, source, offset, size)
+            if add:
+                value = builder.fadd(load(builder, vector, target, offset, size), value)
+            store(builder, value, target, offset, size)
         offset = builder.mul(whole, index(lanes))
         rest = builder.sub(length, offset)
         with builder.if_then(builder.icmp_signed(">", rest, index(0))):
             mask = _lane_mask(builder, rest, lanes)
             zero = ir.Constant(vector, [0.0] * lanes)
-            addresses = [builder.bitcast(builder.gep(p, [offset]), pointer_type) for p in (target, source)]
-            values = [builder.call(masked_load, [a, int32(size), mask, zero]) for a in addresses]
-            builder.call(masked_store, [builder.fadd(*values), addresses[0], int32(size), mask])
+            to, src = (builder.bitcast(builder.gep(p, [offset]), pointer_type) for p in (target, source))
+            value = builder.call(masked_load, [src, int32(size), mask, zero])
+            if add:
+                value = builder.fadd(builder.call(masked_load, [to, int32(size), mask, zero]), value)
+            builder.call(masked_store, [value, to, int32(size), mask])
         return context.get_dummy_value()
 
-    return types.none(target, target_start, source, source_start, length), codegen
+    return codegen
+
+
+@intrinsic
+def _add_run(typingctx, target, target_start, source, source_start, length):
+    """``target[target_start:][:length] += source[source_start:][:length]`` through two pointers, in vectors
+    (``_run_codegen``).
+
+    Measured, col2im of conv_transpose2d 8x128x16x16 -> 64, 4x4 s2 (runs of 15 and 16 values): 0.41 -> 0.31 ms
+    against LLVM's own vector loop, in the same kernel.
+    """
+    signature = types.none(target, target_start, source, source_start, length)
+    return signature, _run_codegen(target.dtype, add=True)
+
+
+@intrinsic
+def _copy_run(typingctx, target, target_start, source, source_start, length):
+    """``target[target_start:][:length] = source[source_start:][:length]``, as ``_add_run``: the direct kernel's
+    rows of a few pixels, which LLVM's vector loop leaves to its scalar one whole."""
+    signature = types.none(target, target_start, source, source_start, length)
+    return signature, _run_codegen(target.dtype, add=False)
 
 
 @intrinsic
