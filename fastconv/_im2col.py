@@ -22,7 +22,7 @@ from numba import njit, prange
 
 from ._gemm import _data
 from ._parallel import PRANGE_ONLY
-from ._simd import _add_run, _gather_taps, _prefetch
+from ._simd import _add_run, _copy_run, _gather_taps, _prefetch
 from .config import COL2IM_MIN_TASKS, NR
 
 
@@ -228,10 +228,9 @@ def _patch_panel(x, taps, sh, sw, P, Q, kc, jc, nc, bp, panel_index):
             if hi > lo:
                 offset = w_offset[row]
                 # Element loops, not slice assignments: those compile a shape check and its error message.
-                if sw == 1:  # contiguous: LLVM vectorises the copy; through pointers, as runs are short
+                if sw == 1:  # contiguous: whole vectors and a masked one, through pointers, as runs are short
                     first = ((n * C + channel[row]) * H + h) * W + offset
-                    for q in range(lo, hi):
-                        bp_data[base + q] = x_data[first + q]
+                    _copy_run(bp_data, base + lo, x_data, first + lo, hi - lo)
                     # The next micro-panel reads the NR pixels after these, in this same row: each tap reads
                     # its own row, more streams than the hardware prefetcher follows. Measured, float32, 2
                     # threads, eight alternating rounds: 8x3x224x224 7x7 s2 7.6-8.2 -> 6.8-7.7 ms (a slow
