@@ -52,9 +52,10 @@ DIRECT_MAX_OUT_PER_GROUP = 4
 #: tiles 0.87x, 80 tiles 0.72x, 96 tiles 0.92x, 128 tiles 1.08-1.12x, 256 tiles 1.18x; one 14x14 image (49
 #: tiles), 512 channels 0.93-0.96x, 256 channels 1.07-1.09x; 256 channels, 64 tiles 1.07x, 98 tiles 1.36x,
 #: one 11x11 image (36 tiles) 0.64x; 8 images of 28x28 (1568 tiles), 128 channels 1.40x, 32 channels 1.00x;
-#: earlier, 8x28x28 with 16 channels 1.18x, but one 64x64 image (1024 tiles) 0.88x with 16 channels.
+#: earlier, 8x28x28 with 16 channels 1.18x, but one 64x64 image (1024 tiles) 0.88x with 16 channels. Of these,
+#: the rule misses 512 channels at 96 tiles (Winograd, 0.92x).
 WINOGRAD_MIN_CHANNELS = 64
-WINOGRAD_MIN_TILES = 64
+WINOGRAD_MIN_TILES = 48
 
 #: The weight gradient of such a layer takes Winograd (``_winograd_grad.py``) from this many 2x2 tiles in the
 #: batch, split into at least 4 ranges (one partial sum of 16 x K x C/groups values each): with fewer tiles
