@@ -39,12 +39,13 @@ _FASTMATH = {"contract"}
 #: -> 0.29, 8x1024x7x7 0.43 -> 0.33; 64 and 256 values per block were no better.
 BLOCK = 128
 
-#: Output rows of at most this many values are written by ``_simd._copy_run`` (whole vectors and a masked one),
-#: longer ones by LLVM's loop. Measured, depthwise 3x3 forward (float32, 2 threads), both against LLVM's loop:
+#: Output rows of at most this many bytes are written by ``_simd._copy_run`` (whole vectors and a masked one),
+#: longer ones by LLVM's loop. Measured, depthwise 3x3 forward (2 threads), both against LLVM's loop, float32:
 #: 8x1024x7x7 0.36-0.38 -> 0.28-0.30 ms, 8x512x14x14 0.32-0.35 -> 0.21-0.27, 8x256x28x28 0.38-0.40 ->
 #: 0.29-0.31, but 8x256x56x56 1.71-2.00 -> 2.03-2.26 ms (rows of 56: the stores into y, past the caches, are
-#: slower as whole unaligned vectors).
-SHORT_ROW = 32
+#: slower as whole unaligned vectors); float64: 7x7 0.42-0.43 -> 0.36-0.37, 14x14 0.37-0.38 -> 0.34-0.35, but
+#: 28x28 0.54-0.57 -> 0.56-0.63 ms.
+SHORT_ROW_BYTES = 128
 
 
 @njit(cache=True)
@@ -234,7 +235,7 @@ def _conv2d_direct(x, weight, bias, groups, Wq, tap_start, rows, cols, phases, w
                     block[j] = tile[j]
         out = y[n, k]
         for p in range(P):
-            if Q <= SHORT_ROW:
+            if Q * y.itemsize <= SHORT_ROW_BYTES:
                 _copy_run(_data(out), p * Q, _data(acc), p * Wq, Q)
             else:
                 dst, row = out[p], acc[p * Wq : p * Wq + Q]
