@@ -37,7 +37,7 @@ from numba.extending import intrinsic
 from ._gemm import _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from ._simd import Vector, load, store, vector_type
+from ._simd import Vector, _splat, load, store, vector_type
 from .config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
 
 _FASTMATH = {"contract"}
@@ -174,6 +174,47 @@ def _transform_tile_vector(typingctx, r0, r1, r2, r3, j, v, u):
     return types.none(r0, r1, r2, r3, j, v, u), codegen
 
 
+@intrinsic
+def _transform_channels_vector(typingctx, x, base, plane, W, v, v0):
+    """``v[xi, v0 + l] = (Bᵀ d_l B)[xi]`` for a vector register of channels ``l``, whose 4x4 tiles ``d_l`` start
+    at flat index ``base + l * plane`` of ``x`` (rows ``W`` apart): one tile of consecutive channels, read by
+    16 gathers, for the weight gradient's packed B, whose rows hold the channels of one tile side by side."""
+    dtype = x.dtype
+
+    def codegen(context, builder, signature, args):
+        _, base, plane, W, _, v0 = args
+        vector, lanes, size = vector_type(context, dtype)
+        index, int32 = llvm_ir.IntType(64), llvm_ir.IntType(32)
+        indices = llvm_ir.VectorType(index, lanes)
+        pointers = llvm_ir.VectorType(vector.element.as_pointer(), lanes)
+        mask_type = llvm_ir.VectorType(llvm_ir.IntType(1), lanes)
+        gather = cgutils.get_or_insert_function(
+            builder.module,
+            llvm_ir.FunctionType(vector, [pointers, int32, mask_type, vector]),
+            f"llvm.masked.gather.v{lanes}f{8 * size}.v{lanes}p0",
+        )
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        start = builder.ptrtoint(builder.gep(data, [base]), index)
+        lane = llvm_ir.Constant(indices, list(range(lanes)))
+        step = _splat(builder, builder.mul(plane, index(size)), lanes)
+        first = builder.add(_splat(builder, start, lanes), builder.mul(lane, step))  # each channel's tile
+        every, zero = llvm_ir.Constant(mask_type, [1] * lanes), llvm_ir.Constant(vector, [0.0] * lanes)
+        d = []
+        for r in range(4):
+            for c in range(4):
+                offset = builder.mul(builder.add(builder.mul(index(r), W), index(c)), index(size))
+                addresses = builder.inttoptr(builder.add(first, _splat(builder, offset, lanes)), pointers)
+                d.append(Vector(builder, builder.call(gather, [addresses, int32(size), every, zero])))
+        t = _bt_d_b.py_func(tuple(d))
+        tiles = context.make_array(signature.args[4])(context, builder, args[4])
+        row_stride = builder.sdiv(cgutils.unpack_tuple(builder, tiles.strides)[0], index(size))
+        for xi in range(XI):
+            store(builder, t[xi].value, tiles.data, builder.add(builder.mul(index(xi), row_stride), v0), size)
+        return context.get_dummy_value()
+
+    return types.none(x, base, plane, W, v, v0), codegen
+
+
 @njit(cache=True)
 def _transform_tiles(r0, r1, r2, r3, count, v, step):
     """``v[xi, u * step]`` = ``(Bᵀ d_u B)[xi]`` for ``u < count``, where the 4x4 tile ``d_u`` is columns ``2u``
@@ -225,6 +266,17 @@ def _border_tile(plane, h0, w0, v, u):
     _store_column(v, u, _bt_d_b(d))
 
 
+@njit(cache=True, inline="always")
+def _inside_tiles(H, W, h0, w0, run):
+    """``(u0, u1)``: the tiles ``u0:u1`` of a run whose 4x4 input tiles, from ``(h0, w0 + 2u)``, lie wholly inside
+    the ``H x W`` image; ``u1 <= u0`` when none does."""
+    u0, u1 = run, run
+    if 0 <= h0 and h0 + 4 <= H and W - 4 - w0 >= 0:
+        u0 = min(run, max(0, -(w0 // 2)))
+        u1 = max(u0, min(run, (W - 4 - w0) // 2 + 1))
+    return u0, u1
+
+
 @njit(cache=True)
 def _input_tiles(x, n, c, th, tw0, run, pt, pl, v, v0, step):
     """Transform the input tiles of tiles ``(n, th, tw0 + u)``, ``u < run``, of channel ``c`` into
@@ -237,10 +289,7 @@ def _input_tiles(x, n, c, th, tw0, run, pt, pl, v, v0, step):
     plane = x[n, c]
     h0 = 2 * th - pt
     w0 = 2 * tw0 - pl
-    u0, u1 = run, run  # the tiles wholly inside
-    if 0 <= h0 and h0 + 4 <= H and W - 4 - w0 >= 0:
-        u0 = min(run, max(0, -(w0 // 2)))
-        u1 = max(u0, min(run, (W - 4 - w0) // 2 + 1))
+    u0, u1 = _inside_tiles(H, W, h0, w0, run)
     if u1 > u0:
         start = w0 + 2 * u0
         rows = plane[h0 : h0 + 4]
