@@ -59,6 +59,21 @@ def _lane_mask(builder, count, lanes):
     return builder.icmp_signed("<", lane, _splat(builder, count, lanes))
 
 
+def _gather(builder, vector, size, addresses, mask):
+    """``llvm.masked.gather`` of a ``vector`` from ``addresses``, a vector of i64 addresses (llvmlite's gep
+    takes no vector of indices): lanes off in ``mask`` are 0 and not read."""
+    lanes = vector.count
+    pointers = ir.VectorType(vector.element.as_pointer(), lanes)
+    mask_type, int32 = ir.VectorType(ir.IntType(1), lanes), ir.IntType(32)
+    function = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(vector, [pointers, int32, mask_type, vector]),
+        f"llvm.masked.gather.v{lanes}f{8 * size}.v{lanes}p0",
+    )
+    zero = ir.Constant(vector, [0.0] * lanes)
+    return builder.call(function, [builder.inttoptr(addresses, pointers), int32(size), mask, zero])
+
+
 class Vector:
     """An LLVM vector value whose ``+`` and ``-`` emit ``fadd`` and ``fsub``: the transforms written for Numba's
     scalars (``_winograd._bt_d_b``) build vector code when given these."""
@@ -223,17 +238,9 @@ def _gather_taps(typingctx, panel, panel_start, x, pixel, offsets, h_offsets, w_
         vector, lanes, size = vector_type(context, dtype)
         index = ir.IntType(64)
         indices = ir.VectorType(index, lanes)
-        pointers = ir.VectorType(vector.element.as_pointer(), lanes)
-        mask_type, int32 = ir.VectorType(ir.IntType(1), lanes), ir.IntType(32)
-        gather = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(vector, [pointers, int32, mask_type, vector]),
-            f"llvm.masked.gather.v{lanes}f{8 * size}.v{lanes}p0",
-        )
-        # Addresses as integers: llvmlite's gep takes no vector of indices.
         base = _splat(builder, builder.ptrtoint(builder.gep(x, [pixel]), index), lanes)
         h, w, H, W = (_splat(builder, value, lanes) for value in (h, w, H, W))
-        step, zero = _splat(builder, index(size), lanes), ir.Constant(vector, [0.0] * lanes)
+        step = _splat(builder, index(size), lanes)
         for v in range(NR // lanes):
             tap = builder.add(first, index(v * lanes))
             row, column = (
@@ -242,7 +249,7 @@ def _gather_taps(typingctx, panel, panel_start, x, pixel, offsets, h_offsets, w_
             # Unsigned: a negative row or column is out of range too.
             inside = builder.and_(builder.icmp_unsigned("<", row, H), builder.icmp_unsigned("<", column, W))
             address = builder.add(base, builder.mul(load(builder, indices, offsets, tap, 8), step))
-            values = builder.call(gather, [builder.inttoptr(address, pointers), int32(size), inside, zero])
+            values = _gather(builder, vector, size, address, inside)
             store(builder, values, panel, builder.add(panel_start, index(v * lanes)), size)
         return context.get_dummy_value()
 

@@ -37,7 +37,7 @@ from numba.extending import intrinsic
 from ._gemm import _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from ._simd import Vector, _splat, load, store, vector_type
+from ._simd import Vector, _gather, _splat, load, store, vector_type
 from .config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
 
 _FASTMATH = {"contract"}
@@ -144,6 +144,16 @@ def _store_column(v, u, t):
     v[12, u], v[13, u], v[14, u], v[15, u] = t[12], t[13], t[14], t[15]
 
 
+def _store_positions(context, builder, array_type, array, t, start, size):
+    """``array[xi, start : start + lanes] = t[xi]`` for the 16 ``Vector`` positions ``t`` of transformed tiles
+    (``array`` a 2-D array, rows of any stride): the stores of the vector transforms below."""
+    rows = context.make_array(array_type)(context, builder, array)
+    index = llvm_ir.IntType(64)
+    row_stride = builder.sdiv(cgutils.unpack_tuple(builder, rows.strides)[0], index(size))
+    for xi in range(XI):
+        store(builder, t[xi].value, rows.data, builder.add(builder.mul(index(xi), row_stride), start), size)
+
+
 @intrinsic
 def _transform_tile_vector(typingctx, r0, r1, r2, r3, j, v, u):
     """``v[xi, u + l] = (Bᵀ d_l B)[xi]`` for a vector register of tiles ``l``, whose 4x4 tiles ``d_l`` are
@@ -163,12 +173,7 @@ def _transform_tile_vector(typingctx, r0, r1, r2, r3, j, v, u):
             for first in (load(builder, double, row, 0, size), load(builder, double, row, 2, size)):
                 d += [Vector(builder, builder.shuffle_vector(first, first, even))]
                 d += [Vector(builder, builder.shuffle_vector(first, first, odd))]
-        t = _bt_d_b.py_func(tuple(d))
-        tiles = context.make_array(signature.args[5])(context, builder, args[5])
-        index = llvm_ir.IntType(64)
-        row_stride = builder.sdiv(cgutils.unpack_tuple(builder, tiles.strides)[0], index(size))
-        for xi in range(XI):
-            store(builder, t[xi].value, tiles.data, builder.add(builder.mul(index(xi), row_stride), args[6]), size)
+        _store_positions(context, builder, signature.args[5], args[5], _bt_d_b.py_func(tuple(d)), args[6], size)
         return context.get_dummy_value()
 
     return types.none(r0, r1, r2, r3, j, v, u), codegen
@@ -184,32 +189,20 @@ def _transform_channels_vector(typingctx, x, base, plane, W, v, v0):
     def codegen(context, builder, signature, args):
         _, base, plane, W, _, v0 = args
         vector, lanes, size = vector_type(context, dtype)
-        index, int32 = llvm_ir.IntType(64), llvm_ir.IntType(32)
-        indices = llvm_ir.VectorType(index, lanes)
-        pointers = llvm_ir.VectorType(vector.element.as_pointer(), lanes)
-        mask_type = llvm_ir.VectorType(llvm_ir.IntType(1), lanes)
-        gather = cgutils.get_or_insert_function(
-            builder.module,
-            llvm_ir.FunctionType(vector, [pointers, int32, mask_type, vector]),
-            f"llvm.masked.gather.v{lanes}f{8 * size}.v{lanes}p0",
-        )
+        index = llvm_ir.IntType(64)
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         start = builder.ptrtoint(builder.gep(data, [base]), index)
-        lane = llvm_ir.Constant(indices, list(range(lanes)))
+        lane = llvm_ir.Constant(llvm_ir.VectorType(index, lanes), list(range(lanes)))
         step = _splat(builder, builder.mul(plane, index(size)), lanes)
         first = builder.add(_splat(builder, start, lanes), builder.mul(lane, step))  # each channel's tile
-        every, zero = llvm_ir.Constant(mask_type, [1] * lanes), llvm_ir.Constant(vector, [0.0] * lanes)
+        every = llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(1), lanes), [1] * lanes)
         d = []
         for r in range(4):
             for c in range(4):
                 offset = builder.mul(builder.add(builder.mul(index(r), W), index(c)), index(size))
-                addresses = builder.inttoptr(builder.add(first, _splat(builder, offset, lanes)), pointers)
-                d.append(Vector(builder, builder.call(gather, [addresses, int32(size), every, zero])))
-        t = _bt_d_b.py_func(tuple(d))
-        tiles = context.make_array(signature.args[4])(context, builder, args[4])
-        row_stride = builder.sdiv(cgutils.unpack_tuple(builder, tiles.strides)[0], index(size))
-        for xi in range(XI):
-            store(builder, t[xi].value, tiles.data, builder.add(builder.mul(index(xi), row_stride), v0), size)
+                addresses = builder.add(first, _splat(builder, offset, lanes))
+                d.append(Vector(builder, _gather(builder, vector, size, addresses, every)))
+        _store_positions(context, builder, signature.args[4], args[4], _bt_d_b.py_func(tuple(d)), v0, size)
         return context.get_dummy_value()
 
     return types.none(x, base, plane, W, v, v0), codegen
@@ -267,6 +260,16 @@ def _border_tile(plane, h0, w0, v, u):
 
 
 @njit(cache=True, inline="always")
+def _border_tiles(plane, h0, w0, u0, u1, run, v, v0, step):
+    """``_border_tile`` for the tiles of a run outside ``u0:u1`` (``_inside_tiles``): into ``v[:, v0 + u *
+    step]``."""
+    for u in range(u0):
+        _border_tile(plane, h0, w0 + 2 * u, v, v0 + u * step)
+    for u in range(u1, run):
+        _border_tile(plane, h0, w0 + 2 * u, v, v0 + u * step)
+
+
+@njit(cache=True, inline="always")
 def _inside_tiles(H, W, h0, w0, run):
     """``(u0, u1)``: the tiles ``u0:u1`` of a run whose 4x4 input tiles, from ``(h0, w0 + 2u)``, lie wholly inside
     the ``H x W`` image; ``u1 <= u0`` when none does."""
@@ -295,10 +298,7 @@ def _input_tiles(x, n, c, th, tw0, run, pt, pl, v, v0, step):
         rows = plane[h0 : h0 + 4]
         tiles = v[:, v0 + u0 * step :]
         _transform_tiles(rows[0, start:], rows[1, start:], rows[2, start:], rows[3, start:], u1 - u0, tiles, step)
-    for u in range(u0):
-        _border_tile(plane, h0, w0 + 2 * u, v, v0 + u * step)
-    for u in range(u1, run):
-        _border_tile(plane, h0, w0 + 2 * u, v, v0 + u * step)
+    _border_tiles(plane, h0, w0, u0, u1, run, v, v0, step)
 
 
 @njit(cache=True)

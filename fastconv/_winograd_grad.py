@@ -28,7 +28,7 @@ from ._scratch import per_thread, scratch
 from ._winograd import (
     WHOLE_PANEL,
     XI,
-    _border_tile,
+    _border_tiles,
     _input_tiles,
     _inside_tiles,
     _store_column,
@@ -174,11 +174,7 @@ def _pack_tiles(x, dy, groups, pt, pl, g, b0, nb, v, dm):
                 base = ((n * C + g * Cg + c0) * H + h0) * W + w0 + 2 * k
                 _transform_channels_vector(x, base, H * W, W, v, first + k * NR)
             for c in range(c0, c0 + lanes):
-                plane = x[n, g * Cg + c]
-                for k in range(lo):
-                    _border_tile(plane, h0, w0 + 2 * k, v, first + c - c0 + k * NR)
-                for k in range(hi, run):
-                    _border_tile(plane, h0, w0 + 2 * k, v, first + c - c0 + k * NR)
+                _border_tiles(x[n, g * Cg + c], h0, w0, lo, hi, run, v, first + c - c0, WHOLE_PANEL)
         for c in range(vector_channels, _round_up(Cg, NR)):
             v0 = c // NR * NR * nb + u * NR + c % NR
             if c < Cg:
