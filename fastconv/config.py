@@ -34,6 +34,19 @@ NC = 2048
 #: chunks of output rows, so memory stays bounded whatever the image size.
 COLUMN_BUFFER_BYTES = 32 * 2**20
 
+#: The forward pass of a stride-1 layer by GEMM reads B straight from its padded input (``_shifted.py``), not
+#: from packed patches, when a group has at most SHIFTED_MAX_OUT_PER_GROUP output channels and the positions
+#: it computes past the end of each output row cost less than packing, whose cost per product falls as output
+#: channels grow: ``(Wp - Q) * Kg <= SHIFTED_WASTE_BUDGET * Q`` for a ``Wp``-wide padded input. Measured
+#: (float32, 2 threads), packed patches -> padded input: 32x32x32x32 -> 32 3x3 2.28-2.33 -> 1.64-1.69 ms,
+#: 32x3x32x32 -> 32 0.38-0.40 -> 0.29-0.32, 8x32x28x28 -> 32 0.55-0.58 -> 0.36-0.38, 8x64x16x16 -> 64
+#: 0.52-0.59 -> 0.45-0.49, 8x128x28x28 -> 128 4.8-5.2 -> 4.6-4.7, 8x64x56x56 -> 64 5.5-5.7 -> 4.5-4.7; even
+#: at 128 channels on 14x14 images (budget 18); slower with 256 or 512 output channels whatever the width
+#: (8x256x28x28 16.6-17.3 -> 18.0-18.2 ms, 8x512x14x14 17.3-18.6 -> 19.7-20.5): each task streams all of
+#: A's rows through the cache for its NR positions.
+SHIFTED_MAX_OUT_PER_GROUP = 128
+SHIFTED_WASTE_BUDGET = 16
+
 #: Bytes of scratch each thread keeps from one call to the next (``_scratch.py``): packed weights and panels,
 #: column buffers, stride phases. Beyond it, scratch is allocated for the call alone. Enough for the column
 #: buffer and the stride phases (COLUMN_BUFFER_BYTES each) and the packed weights of a 512x512 3x3 layer.

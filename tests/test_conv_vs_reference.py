@@ -5,7 +5,7 @@ import pytest
 
 import fastconv
 from conftest import assert_close, random_array
-from fastconv import _conv_kernels, _im2col, reference
+from fastconv import _conv_kernels, _im2col, _validate, reference
 from fastconv.config import GATHER_MAX_WIDTH, KC, MC, NR
 from fastconv.conv import ALGORITHMS
 from fastconv.shapes import conv_output_size, same_padding, transpose_output_size
@@ -140,7 +140,9 @@ def test_strided_input_gradient_adds_long_runs_in_row_blocks(rng, stride, dilati
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("groups", [1, 2])
-@pytest.mark.parametrize("kernel, H, W", [((2, 2), 8, 6), ((4, 4), 8, 12), ((2, 3), 6, 9), ((2, 2), 7, 6), ((3, 3), 9, 9)])
+@pytest.mark.parametrize(
+    "kernel, H, W", [((2, 2), 8, 6), ((4, 4), 8, 12), ((2, 3), 6, 9), ((2, 2), 7, 6), ((3, 3), 9, 9)]
+)
 def test_patchify_layers_are_plain_gemms_of_the_stride_phases(rng, kernel, H, W, groups, dtype):
     """Filters the size of the stride (ViT, ConvNeXt stems; a 2x2 s2 down-sampling): over a whole number of
     strides the stride phases are the patch matrix itself; otherwise (7 rows at stride 2) the usual path."""
@@ -163,6 +165,65 @@ def test_strided_patches_read_from_stride_phases_in_blocks_of_images(rng, monkey
     params = dict(stride=2, padding=1)
     assert_close(fastconv.conv2d(x, w, b, **params, algorithm="gemm"), reference.conv2d(x, w, b, **params))
     assert splits == {0: [], 1: [1, 1, 1], 2: [2, 1]}[images_per_block]
+
+
+STRIDE_ONE = [  # (N, C, H, W, K, R, S, padding, dilation, groups): stride-1 layers for both ways of reading B
+    (2, 3, 9, 11, 5, 3, 3, 1, 1, 1),
+    (3, 6, 7, 20, 9, 3, 5, ((2, 0), (1, 3)), (1, 2), 3),  # asymmetric padding, dilation, groups
+    (1, 4, 6, 6, 4, 2, 2, "same", 1, 1),  # an even filter: 'same' pads one side more
+    (2, 2, 5, NR + 9, 3, 2, 3, 0, 2, 1),  # rows wider than a tile of NR positions
+    (2, KC // 8 + 3, 5, 6, MC + 5, 3, 3, 1, 1, 1),  # taps across two KC blocks, filters across two MC blocks
+    (1, 2, 1, 1, 3, 3, 3, 1, 1, 1),  # one pixel, all its taps but one in the padding
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("N, C, H, W, K, R, S, padding, dilation, groups", STRIDE_ONE)
+def test_stride_one_patches_packed_or_read_from_the_padded_input(
+    rng, monkeypatch, N, C, H, W, K, R, S, padding, dilation, groups, shifted, dtype
+):
+    """The forward pass by GEMM of a stride-1 layer reads B from packed patches or straight from the padded
+    input (``_shifted.py``), by the rule of ``shifted_pays``: here each way forced, on every shape."""
+    monkeypatch.setattr(_conv_kernels, "shifted_pays", lambda *args: shifted)
+    x, w, b = _conv_case(rng, N, (C, K, groups), ((H, W), (R, S)), dtype)
+    params = dict(padding=padding, dilation=dilation, groups=groups)
+    expected = reference.conv2d(x, w, b, **params)
+    assert_close(fastconv.conv2d(x, w, b, **params, algorithm="gemm"), expected)
+    assert_close(fastconv.conv2d(x, w, None, **params, algorithm="gemm"), reference.conv2d(x, w, None, **params))
+    dy = random_array(rng, expected.shape, dtype)
+    assert_close(fastconv.conv2d_input(x.shape, w, dy, **params), reference.conv2d_input(x.shape, w, dy, **params))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("images_per_block", [0, 1, 2])
+def test_padded_input_in_blocks_of_images(rng, monkeypatch, images_per_block, dtype):
+    """The padded input is made for as many images as the column buffer holds (at least one): 2, 1 or 1 of 3."""
+    x, w, b = _conv_case(rng, 3, (4, 6, 1), ((9, 10), (3, 3)), dtype)
+    monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", max(1, images_per_block * 4 * 11 * 12 * x.itemsize))
+    blocks = []
+    pad = _conv_kernels._pad_planes
+    monkeypatch.setattr(_conv_kernels, "_pad_planes", lambda x, *args: blocks.append(len(x)) or pad(x, *args))
+    assert_close(fastconv.conv2d(x, w, b, padding=1), reference.conv2d(x, w, b, padding=1))
+    assert blocks == {0: [1, 1, 1], 1: [1, 1, 1], 2: [2, 1]}[images_per_block]
+
+
+def test_padded_input_is_read_for_few_filters_per_group_and_little_waste():
+    """``shifted_pays``: stride 1, at most SHIFTED_MAX_OUT_PER_GROUP filters per group, and few positions
+    computed past the end of each output row for the filters there are (SHIFTED_WASTE_BUDGET)."""
+    from fastconv._shifted import shifted_pays
+
+    def pays(N, C, H, K, R=3, stride=1, dilation=1, groups=1):
+        g = _validate.conv2d_geometry("conv2d", (N, C, H, H), (K, C // groups, R, R), stride, R // 2, dilation, groups)
+        P, Q = g.output_shape[2:]
+        return shifted_pays(g.kernel_geometry, g.input_shape, K // groups, R, R, P, Q, np.float32)
+
+    assert pays(32, 32, 32, 32) and pays(32, 3, 32, 32) and pays(8, 128, 28, 128) and pays(8, 64, 16, 64)
+    assert pays(8, 32, 14, 32) and pays(8, 256, 28, 256, groups=2)
+    assert not pays(8, 128, 14, 128)  # 2 wasted columns of 16, times 128 filters
+    assert not pays(8, 256, 28, 256) and not pays(8, 512, 56, 512)  # many filters: packed patches
+    assert not pays(8, 64, 56, 64, stride=2) and not pays(8, 64, 56, 64, R=1)
+    assert not pays(1, 4096, 64, 32)  # one image's padded input larger than the column buffer
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
