@@ -50,7 +50,7 @@ from ._im2col import (
 from ._macro import GATHERED, PATCHES, PLAIN, _gemm_packed, _macro_kernel, no_patches, packs_per_task, task_scratch
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from ._shifted import _pad_planes, _shifted_gemm, padded_shape, shifted_pays, tap_offsets
+from ._shifted import _pad_phases, _shifted_gemm, padded_shape, shifted_pays, tap_offsets
 from .config import COLUMN_BUFFER_BYTES, GATHER_MAX_WIDTH, KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
 
@@ -114,7 +114,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
         for g in range(groups):
             _gemm_packed(ap[g], Kg, crs, x_blocks, g * Cg, ZERO, N * P * Q, y_blocks, g * Kg, ZERO, accumulate, bp)
         return
-    if shifted_pays(geometry, x.shape, Kg, R, S, P, Q, y.dtype):
+    if shifted_pays(geometry, weight.shape, groups, P, Q, y.dtype):
         _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y)
         return
     panels, pixel_tables = task_scratch(y.dtype)
@@ -154,22 +154,22 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
 
 
 def _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y):
-    """The forward pass of a stride-1 layer by ``_shifted.py``: the input padded a block of images at a time
-    (as many as fill the column buffer), each block one parallel GEMM per group with B read from it."""
+    """The forward pass by ``_shifted.py``: the input's padded stride phases made a block of images at a time
+    (as many as fill the column buffer), each block one parallel GEMM per group with B read from them."""
     N, C, _, _ = x.shape
     _, _, P, Q = y.shape
-    _, _, pt, pl, dh, dw = geometry
-    Hp, Wp = padded_shape(P, Q, R, S, dh, dw)
-    plane = Hp * Wp
-    offsets = tap_offsets(C // groups, R, S, Hp, Wp, dh, dw)
-    images = max(1, min(N, COLUMN_BUFFER_BYTES // (C * plane * y.itemsize)))
+    sh, sw, pt, pl, _, _ = geometry
+    Hp, Wp = padded_shape(P, Q, R, S, geometry)
+    plane, planes = Hp * Wp, C * sh * sw  # planes per image
+    offsets = tap_offsets(C // groups, R, S, Hp, Wp, geometry)
+    images = max(1, min(N, COLUMN_BUFFER_BYTES // (planes * plane * y.itemsize)))
     for n0 in range(0, N, images):
         n1 = min(N, n0 + images)
-        xp = scratch("padded input", (n1 - n0) * C * plane + NR, y.dtype)
-        _pad_planes(x[n0:n1], np.int64(pt), np.int64(pl), np.int64(Hp), np.int64(Wp), xp)
+        xp = scratch("padded input", (n1 - n0) * planes * plane + NR, y.dtype)
+        _pad_phases(x[n0:n1], *(np.int64(v) for v in (pt, pl, sh, sw, Hp, Wp)), xp)
         for g in range(groups):
             _shifted_gemm(
-                ap[g], Kg, crs, xp, np.int64(C), np.int64(plane), np.int64(g * (C // groups)), offsets,
+                ap[g], Kg, crs, xp, np.int64(planes), np.int64(plane), np.int64(g * planes // groups), offsets,
                 np.int64(Wp), y[n0:n1], np.int64(g * Kg), np.bool_(accumulate),
             )  # fmt: skip
 

@@ -25,62 +25,107 @@ from numba import njit, prange
 
 from ._gemm import _FASTMATH, _round_up, _stack_tile
 from ._parallel import PRANGE_ONLY
-from .config import COLUMN_BUFFER_BYTES, KC, MC, MR, NR, SHIFTED_MAX_OUT_PER_GROUP, SHIFTED_WASTE_BUDGET
+from .config import (
+    COLUMN_BUFFER_BYTES,
+    KC,
+    MC,
+    MR,
+    NR,
+    SHIFTED_MAX_OUT_PER_GROUP,
+    SHIFTED_MAX_STRIDED_TAPS,
+    SHIFTED_WASTE_BUDGET,
+)
 
 
-def padded_shape(P, Q, R, S, dh, dw):
-    """``(Hp, Wp)``: the padded plane a stride-1 ``P x Q`` output of an ``R x S`` filter reads."""
-    return P + dh * (R - 1), Q + dw * (S - 1)
-
-
-def shifted_pays(geometry, input_shape, Kg, R, S, P, Q, dtype):
-    """Whether the forward pass of this layer by GEMM (not a pointwise one) should read B from the padded
-    input: stride 1, few output channels per group, little work past the end of each output row
-    (``config.SHIFTED_WASTE_BUDGET``), and one image's padded input within the column buffer."""
+def padded_shape(P, Q, R, S, geometry):
+    """``(Hp, Wp)``: the padded stride phase a ``P x Q`` output of an ``R x S`` filter reads (``_pad_phases``)."""
     sh, sw, _, _, dh, dw = geometry
-    if (sh, sw) != (1, 1) or R * S == 1 or Kg > SHIFTED_MAX_OUT_PER_GROUP:
+    return P + dh * (R - 1) // sh, Q + dw * (S - 1) // sw
+
+
+def shifted_pays(geometry, weight_shape, groups, P, Q, dtype):
+    """Whether the forward pass of this layer by GEMM (not a 1x1 one) should read B from the padded input: few
+    filters per group, few positions computed past the output (row ends, the last tile of each image) for the
+    filters there are (``config.SHIFTED_WASTE_BUDGET``), few taps per group if strided, and one image's padded
+    input within the column buffer."""
+    sh, sw = geometry[:2]
+    K, Cg, R, S = weight_shape
+    Kg = K // groups
+    if R * S == 1 or Kg > SHIFTED_MAX_OUT_PER_GROUP or (sh * sw > 1 and Cg * R * S > SHIFTED_MAX_STRIDED_TAPS):
         return False
-    Hp, Wp = padded_shape(P, Q, R, S, dh, dw)
-    fits = input_shape[1] * Hp * Wp * np.dtype(dtype).itemsize <= COLUMN_BUFFER_BYTES
-    return fits and (Wp - Q) * Kg <= SHIFTED_WASTE_BUDGET * Q
+    Hp, Wp = padded_shape(P, Q, R, S, geometry)
+    fits = Cg * groups * sh * sw * Hp * Wp * np.dtype(dtype).itemsize <= COLUMN_BUFFER_BYTES
+    computed = -(-((P - 1) * Wp + Q) // NR) * NR
+    return fits and (computed - P * Q) * Kg <= SHIFTED_WASTE_BUDGET * P * Q
 
 
 @functools.lru_cache(maxsize=32)
-def tap_offsets(Cg, R, S, Hp, Wp, dh, dw):
+def tap_offsets(Cg, R, S, Hp, Wp, geometry):
     """Where each tap ``(c, r, s)`` of a group, in the order of the weight's columns, starts reading the
-    flattened padded planes of the group: ``c * Hp * Wp + r * dh * Wp + s * dw``. Cached and never written to."""
+    group's planes in ``_pad_phases``'s layout: in stride phase ``(r*dh % sh, s*dw % sw)`` of channel ``c``, at
+    row ``r*dh // sh`` and column ``s*dw // sw``. Cached and never written to."""
+    sh, sw, _, _, dh, dw = geometry
     c, r, s = np.meshgrid(np.arange(Cg), np.arange(R), np.arange(S), indexing="ij")
-    return (c * Hp * Wp + r * dh * Wp + s * dw).astype(np.int64).ravel()
+    phase = (c * sh + r * dh % sh) * sw + s * dw % sw
+    return (phase * Hp * Wp + r * dh // sh * Wp + s * dw // sw).astype(np.int64).ravel()
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _pad_planes(x, pt, pl, Hp, Wp, xp):
-    """``xp[(n*C + c)*Hp*Wp :][:Hp*Wp]`` = plane ``(n, c)`` of ``x`` at row ``pt`` and column ``pl`` of an
-    ``Hp x Wp`` plane of zeros (cropped to it), in parallel over planes; the values past the last plane are
-    zeroed too, so that what the kernel reads there is finite."""
+def _pad_phases(x, pt, pl, sh, sw, Hp, Wp, xp):
+    """The stride phases of ``x`` zero-padded by ``pt`` rows and ``pl`` columns, in parallel over input planes:
+    plane ``((n*C + c)*sh + a)*sw + b`` of ``xp``, ``Hp x Wp`` values from ``xp[plane * Hp * Wp]``, holds at
+    ``(i, j)`` the padded input's ``(i*sh + a, j*sw + b)``: ``x[n, c, i*sh + a - pt, j*sw + b - pl]``, 0 outside
+    ``x``. At stride 1, the padded planes themselves. The values past the last plane are zeroed, so that what
+    the kernel reads there is finite."""
     N, C, H, W = x.shape
     plane = Hp * Wp
-    rows = max(0, min(H, Hp - pt))
-    cols = max(0, min(W, Wp - pl))
     for t in prange(N * C):
         n, c = t // C, t % C
-        out = xp[t * plane : (t + 1) * plane]
-        for i in range(Hp):
-            row = out[i * Wp : (i + 1) * Wp]
-            h = i - pt
-            if h < 0 or h >= rows:
-                for j in range(Wp):
-                    row[j] = 0
-                continue
-            src = x[n, c, h]
-            for j in range(pl):
-                row[j] = 0
-            for j in range(cols):
-                row[pl + j] = src[j]
-            for j in range(pl + cols, Wp):
-                row[j] = 0
-    for j in range(N * C * plane, xp.size):
+        for a in range(sh):
+            rows = xp[(t * sh + a) * sw * plane : (t * sh + a + 1) * sw * plane]  # the sw phases of row phase a
+            for i in range(Hp):
+                h = i * sh + a - pt
+                if h < 0 or h >= H:
+                    for b in range(sw):
+                        rows[b * plane + i * Wp : b * plane + (i + 1) * Wp] = 0
+                    continue
+                src = x[n, c, h]
+                # The columns j of phase b that read x, 0 <= j*sw + b - pl < W, for every b: the rest by
+                # _padded_value, one at a time.
+                first = min(Wp, max(0, -(-pl // sw)))
+                last = max(first, min(Wp, (W - sw + pl) // sw + 1))
+                for b in range(sw):
+                    row = rows[b * plane + i * Wp : b * plane + (i + 1) * Wp]
+                    for j in range(first):
+                        row[j] = _padded_value(src, j * sw + b - pl)
+                    for j in range(last, Wp):
+                        row[j] = _padded_value(src, j * sw + b - pl)
+                # Sliced first, indexed from 0: an index that may be negative costs a wraparound test per
+                # value, and LLVM vectorises none of these loops then (2-4x slower).
+                inside = src[first * sw - pl :]
+                n_inside = last - first
+                if sw == 1:  # a contiguous copy
+                    row = rows[i * Wp + first : (i + 1) * Wp]
+                    for j in range(n_inside):
+                        row[j] = inside[j]
+                elif sw == 2:  # deinterleave pairs: LLVM vectorises this with shuffles
+                    even = rows[i * Wp + first : (i + 1) * Wp]
+                    odd = rows[plane + i * Wp + first : plane + (i + 1) * Wp]
+                    for j in range(n_inside):
+                        even[j], odd[j] = inside[2 * j], inside[2 * j + 1]
+                else:
+                    for b in range(sw):
+                        row = rows[b * plane + i * Wp + first : b * plane + (i + 1) * Wp]
+                        for j in range(n_inside):
+                            row[j] = inside[j * sw + b]
+    for j in range(N * C * sh * sw * plane, xp.size):
         xp[j] = 0
+
+
+@njit(cache=True, inline="always")
+def _padded_value(src, w):
+    """``src[w]``, or 0 past either end of ``src``."""
+    return src[w] if 0 <= w < src.size else 0
 
 
 @njit(cache=True, inline="always")
@@ -137,8 +182,8 @@ def _shifted_tile(ap, m, k, ir, xp, base, offsets, y, n, row0, j0, j_end, Wp, Q,
 @njit(parallel=PRANGE_ONLY, cache=True)
 def _shifted_gemm(ap, m, k, xp, C, plane, channel0, offsets, Wp, y, row0, accumulate):
     """``y[:, row0 : row0 + m] (+)= conv2d`` of one group: A (m x k, packed by ``_pack_a``) times the taps of
-    the padded planes ``channel0:`` of every image in ``xp`` (``_pad_planes``: ``C`` planes of ``plane = Hp *
-    Wp`` values per image).
+    the planes ``channel0:`` of every image in ``xp`` (``_pad_phases``: ``C`` planes of ``plane = Hp * Wp``
+    values per image, a plane per channel and stride phase).
 
     One task per NR output positions of an image and MC rows of A: no two tasks write one element of ``y``,
     and every element is summed in the order of the taps, whatever the number of threads."""

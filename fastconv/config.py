@@ -34,18 +34,23 @@ NC = 2048
 #: chunks of output rows, so memory stays bounded whatever the image size.
 COLUMN_BUFFER_BYTES = 32 * 2**20
 
-#: The forward pass of a stride-1 layer by GEMM reads B straight from its padded input (``_shifted.py``), not
-#: from packed patches, when a group has at most SHIFTED_MAX_OUT_PER_GROUP output channels and the positions
-#: it computes past the end of each output row cost less than packing, whose cost per product falls as output
-#: channels grow: ``(Wp - Q) * Kg <= SHIFTED_WASTE_BUDGET * Q`` for a ``Wp``-wide padded input. Measured
-#: (float32, 2 threads), packed patches -> padded input: 32x32x32x32 -> 32 3x3 2.28-2.33 -> 1.64-1.69 ms,
-#: 32x3x32x32 -> 32 0.38-0.40 -> 0.29-0.32, 8x32x28x28 -> 32 0.55-0.58 -> 0.36-0.38, 8x64x16x16 -> 64
-#: 0.52-0.59 -> 0.45-0.49, 8x128x28x28 -> 128 4.8-5.2 -> 4.6-4.7, 8x64x56x56 -> 64 5.5-5.7 -> 4.5-4.7; even
-#: at 128 channels on 14x14 images (budget 18); slower with 256 or 512 output channels whatever the width
-#: (8x256x28x28 16.6-17.3 -> 18.0-18.2 ms, 8x512x14x14 17.3-18.6 -> 19.7-20.5): each task streams all of
-#: A's rows through the cache for its NR positions.
+#: The forward pass by GEMM reads B straight from the padded input (``_shifted.py``), not from packed patches,
+#: when a group has at most SHIFTED_MAX_OUT_PER_GROUP filters and the positions it computes past the output
+#: (at the end of each row, and in the last tile of NR of each image) cost less than packing, whose cost per
+#: product falls as filters grow: ``(computed - P*Q) * Kg <= SHIFTED_WASTE_BUDGET * P*Q``. At a stride, only
+#: for at most SHIFTED_MAX_STRIDED_TAPS taps per group (``Cg * R * S``): the taps of a tile then read as many
+#: stride phases, whose cache lines no longer fit in L1. Measured (float32, 2 threads), packed patches ->
+#: padded input: 32x32x32x32 -> 32 3x3 2.28-2.33 -> 1.57-1.61 ms, 32x3x32x32 -> 32 0.38-0.40 -> 0.29-0.32,
+#: 8x32x28x28 -> 32 0.55-0.58 -> 0.36-0.38, 8x64x16x16 -> 64 0.52-0.59 -> 0.45-0.49, 8x128x28x28 -> 128
+#: 4.8-5.2 -> 4.6-4.7, 8x64x56x56 -> 64 5.5-5.7 -> 4.5-4.7, 8x3x224x224 -> 64 7x7 s2 5.64-5.78 -> 4.86-4.88,
+#: 1x3x224x224 0.73-0.77 -> 0.59, ConvNeXt's 4x4 s4 (3 -> 96) 0.91-0.95 -> 0.85-0.86; even on 8x128x14x14
+#: (budget 39); slower with 256 or 512 filters whatever the width (8x256x28x28 16.6-17.3 -> 18.0-18.2 ms,
+#: 8x512x14x14 17.3-18.6 -> 19.7-20.5: each task streams all of A through the cache), and at stride 2 with
+#: 32-64 channels (8x64x56x56 -> 128 3x3 2.66-2.83 -> 2.78-2.84, 32x32x32x32 -> 64 1.02-1.10 -> 1.27-1.30,
+#: 2x2 s2 64 -> 128 1.13-1.17 -> 1.32-1.35).
 SHIFTED_MAX_OUT_PER_GROUP = 128
-SHIFTED_WASTE_BUDGET = 16
+SHIFTED_WASTE_BUDGET = 20
+SHIFTED_MAX_STRIDED_TAPS = 160
 
 #: Bytes of scratch each thread keeps from one call to the next (``_scratch.py``): packed weights and panels,
 #: column buffers, stride phases. Beyond it, scratch is allocated for the call alone. Enough for the column

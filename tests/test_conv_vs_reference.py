@@ -156,6 +156,7 @@ def test_patchify_layers_are_plain_gemms_of_the_stride_phases(rng, kernel, H, W,
 def test_strided_patches_read_from_stride_phases_in_blocks_of_images(rng, monkeypatch, images_per_block, dtype):
     """A strided layer's patches come from the input's stride phases, split for as many images as the column
     buffer holds: here 2, 1 or none (too large: patches read at the stride instead) of 3."""
+    monkeypatch.setattr(_conv_kernels, "shifted_pays", lambda *args: False)
     x, w, b = _conv_case(rng, 3, (4, 6, 1), ((9, 2 * GATHER_MAX_WIDTH + 9), (3, 3)), dtype)
     image_bytes = np.prod(_im2col.phase_shape((1, *x.shape[1:]), 2, 2)) * x.itemsize
     monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", max(1, images_per_block * image_bytes))
@@ -175,6 +176,11 @@ STRIDE_ONE = [  # (N, C, H, W, K, R, S, padding, dilation, groups): stride-1 lay
     (2, KC // 8 + 3, 5, 6, MC + 5, 3, 3, 1, 1, 1),  # taps across two KC blocks, filters across two MC blocks
     (1, 2, 1, 1, 3, 3, 3, 1, 1, 1),  # one pixel, all its taps but one in the padding
 ]
+STRIDED = [  # (stride, padding, dilation): the same layers read from padded stride phases
+    (2, 1, 1),
+    ((3, 2), ((1, 2), (0, 3)), (2, 1)),
+    ((1, 3), 2, 1),
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -188,10 +194,28 @@ def test_stride_one_patches_packed_or_read_from_the_padded_input(
     monkeypatch.setattr(_conv_kernels, "shifted_pays", lambda *args: shifted)
     x, w, b = _conv_case(rng, N, (C, K, groups), ((H, W), (R, S)), dtype)
     params = dict(padding=padding, dilation=dilation, groups=groups)
+    _check_forward_and_input_gradient(rng, x, w, b, params)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("stride, padding, dilation", STRIDED)
+@pytest.mark.parametrize("N, C, H, W, K, R, S", [case[:7] for case in STRIDE_ONE[:4]])
+def test_strided_patches_packed_or_read_from_padded_stride_phases(
+    rng, monkeypatch, N, C, H, W, K, R, S, stride, padding, dilation, shifted, dtype
+):
+    """The same at a stride: patches packed from the stride phases, or B read from the padded stride phases
+    (deinterleaved in pairs at stride 2, with an even or odd left padding; one value at a time at stride 3)."""
+    monkeypatch.setattr(_conv_kernels, "shifted_pays", lambda *args: shifted)
+    x, w, b = _conv_case(rng, N, (C, K, 1), ((H + 4, W + 3), (R, S)), dtype)
+    _check_forward_and_input_gradient(rng, x, w, b, dict(stride=stride, padding=padding, dilation=dilation))
+
+
+def _check_forward_and_input_gradient(rng, x, w, b, params):
     expected = reference.conv2d(x, w, b, **params)
     assert_close(fastconv.conv2d(x, w, b, **params, algorithm="gemm"), expected)
     assert_close(fastconv.conv2d(x, w, None, **params, algorithm="gemm"), reference.conv2d(x, w, None, **params))
-    dy = random_array(rng, expected.shape, dtype)
+    dy = random_array(rng, expected.shape, x.dtype)
     assert_close(fastconv.conv2d_input(x.shape, w, dy, **params), reference.conv2d_input(x.shape, w, dy, **params))
 
 
@@ -202,27 +226,28 @@ def test_padded_input_in_blocks_of_images(rng, monkeypatch, images_per_block, dt
     x, w, b = _conv_case(rng, 3, (4, 6, 1), ((9, 10), (3, 3)), dtype)
     monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", max(1, images_per_block * 4 * 11 * 12 * x.itemsize))
     blocks = []
-    pad = _conv_kernels._pad_planes
-    monkeypatch.setattr(_conv_kernels, "_pad_planes", lambda x, *args: blocks.append(len(x)) or pad(x, *args))
+    pad = _conv_kernels._pad_phases
+    monkeypatch.setattr(_conv_kernels, "_pad_phases", lambda x, *args: blocks.append(len(x)) or pad(x, *args))
     assert_close(fastconv.conv2d(x, w, b, padding=1), reference.conv2d(x, w, b, padding=1))
     assert blocks == {0: [1, 1, 1], 1: [1, 1, 1], 2: [2, 1]}[images_per_block]
 
 
 def test_padded_input_is_read_for_few_filters_per_group_and_little_waste():
-    """``shifted_pays``: stride 1, at most SHIFTED_MAX_OUT_PER_GROUP filters per group, and few positions
-    computed past the end of each output row for the filters there are (SHIFTED_WASTE_BUDGET)."""
+    """``shifted_pays``: at most SHIFTED_MAX_OUT_PER_GROUP filters per group, few positions computed past the
+    output for the filters there are (SHIFTED_WASTE_BUDGET), few taps per group at a stride."""
     from fastconv._shifted import shifted_pays
 
-    def pays(N, C, H, K, R=3, stride=1, dilation=1, groups=1):
-        g = _validate.conv2d_geometry("conv2d", (N, C, H, H), (K, C // groups, R, R), stride, R // 2, dilation, groups)
-        P, Q = g.output_shape[2:]
-        return shifted_pays(g.kernel_geometry, g.input_shape, K // groups, R, R, P, Q, np.float32)
+    def pays(N, C, H, K, R=3, stride=1, groups=1):
+        g = _validate.conv2d_geometry("conv2d", (N, C, H, H), (K, C // groups, R, R), stride, R // 2, 1, groups)
+        return shifted_pays(g.kernel_geometry, g.weight_shape, groups, *g.output_shape[2:], np.float32)
 
     assert pays(32, 32, 32, 32) and pays(32, 3, 32, 32) and pays(8, 128, 28, 128) and pays(8, 64, 16, 64)
     assert pays(8, 32, 14, 32) and pays(8, 256, 28, 256, groups=2)
-    assert not pays(8, 128, 14, 128)  # 2 wasted columns of 16, times 128 filters
+    assert pays(8, 3, 224, 64, R=7, stride=2)  # a stem: 147 taps
+    assert not pays(8, 128, 14, 128)  # 60 wasted positions in 256, times 128 filters
+    assert not pays(8, 64, 8, 64, stride=2)  # 4 x 4 outputs in a tile of NR
     assert not pays(8, 256, 28, 256) and not pays(8, 512, 56, 512)  # many filters: packed patches
-    assert not pays(8, 64, 56, 64, stride=2) and not pays(8, 64, 56, 64, R=1)
+    assert not pays(8, 64, 56, 128, stride=2) and not pays(8, 64, 56, 64, R=1)  # 576 taps at a stride; 1x1
     assert not pays(1, 4096, 64, 32)  # one image's padded input larger than the column buffer
 
 
