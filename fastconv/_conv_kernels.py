@@ -114,7 +114,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
         for g in range(groups):
             _gemm_packed(ap[g], Kg, crs, x_blocks, g * Cg, ZERO, N * P * Q, y_blocks, g * Kg, ZERO, accumulate, bp)
         return
-    if shifted_pays(geometry, weight.shape, groups, P, Q, y.dtype):
+    if shifted_pays(geometry, x.shape, weight.shape, groups, P, Q, y.dtype):
         _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y)
         return
     panels, pixel_tables = task_scratch(y.dtype)

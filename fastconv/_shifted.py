@@ -31,6 +31,7 @@ from .config import (
     MC,
     MR,
     NR,
+    SHIFTED_MAX_A_TRAFFIC,
     SHIFTED_MAX_OUT_PER_GROUP,
     SHIFTED_MAX_STRIDED_TAPS,
     SHIFTED_WASTE_BUDGET,
@@ -43,20 +44,25 @@ def padded_shape(P, Q, R, S, geometry):
     return P + dh * (R - 1) // sh, Q + dw * (S - 1) // sw
 
 
-def shifted_pays(geometry, weight_shape, groups, P, Q, dtype):
-    """Whether the forward pass of this layer by GEMM (not a 1x1 one) should read B from the padded input: few
-    filters per group, few positions computed past the output (row ends, the last tile of each image) for the
-    filters there are (``config.SHIFTED_WASTE_BUDGET``), few taps per group if strided, and one image's padded
-    input within the column buffer."""
+def shifted_pays(geometry, input_shape, weight_shape, groups, P, Q, dtype):
+    """Whether the forward pass of this layer by GEMM (not a 1x1 one) should read B from the padded input.
+
+    Yes if few filters per group with few positions computed past the output (row ends, the last tile of each
+    image) for the filters there are (``config.SHIFTED_WASTE_BUDGET``), or for any number of filters if A,
+    read once per tile of NR positions, makes little traffic in all (``config.SHIFTED_MAX_A_TRAFFIC``); at a
+    stride only for few taps per group; and one image's padded input within the column buffer.
+    """
     sh, sw = geometry[:2]
     K, Cg, R, S = weight_shape
-    Kg = K // groups
-    if R * S == 1 or Kg > SHIFTED_MAX_OUT_PER_GROUP or (sh * sw > 1 and Cg * R * S > SHIFTED_MAX_STRIDED_TAPS):
+    Kg, itemsize = K // groups, np.dtype(dtype).itemsize
+    if R * S == 1 or (sh * sw > 1 and Cg * R * S > SHIFTED_MAX_STRIDED_TAPS):
         return False
     Hp, Wp = padded_shape(P, Q, R, S, geometry)
-    fits = Cg * groups * sh * sw * Hp * Wp * np.dtype(dtype).itemsize <= COLUMN_BUFFER_BYTES
-    computed = -(-((P - 1) * Wp + Q) // NR) * NR
-    return fits and (computed - P * Q) * Kg <= SHIFTED_WASTE_BUDGET * P * Q
+    if Cg * groups * sh * sw * Hp * Wp * itemsize > COLUMN_BUFFER_BYTES:
+        return False
+    tiles = -(-((P - 1) * Wp + Q) // NR)  # per image
+    few_filters = Kg <= SHIFTED_MAX_OUT_PER_GROUP and (tiles * NR - P * Q) * Kg <= SHIFTED_WASTE_BUDGET * P * Q
+    return few_filters or input_shape[0] * tiles * K * Cg * R * S * itemsize <= SHIFTED_MAX_A_TRAFFIC
 
 
 @functools.lru_cache(maxsize=32)

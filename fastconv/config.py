@@ -47,10 +47,15 @@ COLUMN_BUFFER_BYTES = 32 * 2**20
 #: (budget 39); slower with 256 or 512 filters whatever the width (8x256x28x28 16.6-17.3 -> 18.0-18.2 ms,
 #: 8x512x14x14 17.3-18.6 -> 19.7-20.5: each task streams all of A through the cache), and at stride 2 with
 #: 32-64 channels (8x64x56x56 -> 128 3x3 2.66-2.83 -> 2.78-2.84, 32x32x32x32 -> 64 1.02-1.10 -> 1.27-1.30,
-#: 2x2 s2 64 -> 128 1.13-1.17 -> 1.32-1.35).
+#: 2x2 s2 64 -> 128 1.13-1.17 -> 1.32-1.35). With more filters it pays still on small batches, where A, read
+#: once per tile of NR positions, makes at most SHIFTED_MAX_A_TRAFFIC bytes in all: one launch, no panel of B
+#: packed by each of the tasks that share it (algorithm='gemm'): 1x512x7x7 3x3 0.87-0.89 -> 0.75-0.78 ms,
+#: 2x512x7x7 1.53-1.55 -> 1.38, 1x256x7x7 0.41 -> 0.36-0.37, 1x256x14x14 0.76 -> 0.67-0.68; but 4x512x7x7
+#: (38 MiB of A) 2.50-2.55 -> 2.63.
 SHIFTED_MAX_OUT_PER_GROUP = 128
 SHIFTED_WASTE_BUDGET = 20
 SHIFTED_MAX_STRIDED_TAPS = 160
+SHIFTED_MAX_A_TRAFFIC = 20 * 2**20
 
 #: Bytes of scratch each thread keeps from one call to the next (``_scratch.py``): packed weights and panels,
 #: column buffers, stride phases. Beyond it, scratch is allocated for the call alone. Enough for the column

@@ -234,19 +234,21 @@ def test_padded_input_in_blocks_of_images(rng, monkeypatch, images_per_block, dt
 
 def test_padded_input_is_read_for_few_filters_per_group_and_little_waste():
     """``shifted_pays``: at most SHIFTED_MAX_OUT_PER_GROUP filters per group, few positions computed past the
-    output for the filters there are (SHIFTED_WASTE_BUDGET), few taps per group at a stride."""
+    output for the filters there are (SHIFTED_WASTE_BUDGET), or any filters if A is read little in all (small
+    batches); few taps per group at a stride."""
     from fastconv._shifted import shifted_pays
 
     def pays(N, C, H, K, R=3, stride=1, groups=1):
         g = _validate.conv2d_geometry("conv2d", (N, C, H, H), (K, C // groups, R, R), stride, R // 2, 1, groups)
-        return shifted_pays(g.kernel_geometry, g.weight_shape, groups, *g.output_shape[2:], np.float32)
+        return shifted_pays(g.kernel_geometry, g.input_shape, g.weight_shape, groups, *g.output_shape[2:], np.float32)
 
     assert pays(32, 32, 32, 32) and pays(32, 3, 32, 32) and pays(8, 128, 28, 128) and pays(8, 64, 16, 64)
     assert pays(8, 32, 14, 32) and pays(8, 256, 28, 256, groups=2)
     assert pays(8, 3, 224, 64, R=7, stride=2)  # a stem: 147 taps
-    assert not pays(8, 128, 14, 128)  # 60 wasted positions in 256, times 128 filters
+    assert not pays(16, 128, 14, 128)  # 60 wasted positions in 256, times 128 filters (and 36 MiB of A read)
     assert not pays(8, 64, 8, 64, stride=2)  # 4 x 4 outputs in a tile of NR
     assert not pays(8, 256, 28, 256) and not pays(8, 512, 56, 512)  # many filters: packed patches
+    assert pays(1, 512, 7, 512) and pays(2, 512, 7, 512) and not pays(4, 512, 7, 512)  # unless A is read little
     assert not pays(8, 64, 56, 128, stride=2) and not pays(8, 64, 56, 64, R=1)  # 576 taps at a stride; 1x1
     assert not pays(1, 4096, 64, 32)  # one image's padded input larger than the column buffer
 
