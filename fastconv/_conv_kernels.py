@@ -50,7 +50,17 @@ from ._im2col import (
 from ._macro import GATHERED, PATCHES, PLAIN, _gemm_packed, _macro_kernel, no_patches, packs_per_task, task_scratch
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from ._shifted import _pad_phases, _shifted_gemm, padded_shape, shifted_pays, tap_offsets
+from ._shifted import (
+    TILE_FILTERS,
+    TILE_TAPS,
+    _pad_phases,
+    _shifted_gemm,
+    _shifted_weight_grad,
+    _transpose_images,
+    padded_shape,
+    shifted_pays,
+    tap_offsets,
+)
 from .config import COLUMN_BUFFER_BYTES, GATHER_MAX_WIDTH, KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
 
@@ -172,6 +182,45 @@ def _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y):
                 ap[g], Kg, crs, xp, np.int64(planes), np.int64(plane), np.int64(g * planes // groups), offsets,
                 np.int64(Wp), y[n0:n1], np.int64(g * Kg), np.bool_(accumulate),
             )  # fmt: skip
+
+
+def _conv2d_weight_shifted(x, grad_output, geometry, groups, grad_weight):
+    """``grad_weight = conv2d_weight(x, grad_output)`` by ``_shifted.py``: the patches read from the input's
+    padded stride phases, the output gradient transposed (filters rounded up to TILE_FILTERS), a block of
+    images at a time (each of the three buffers bounded by the column buffer). Tasks of a fixed number of
+    output rows sum into partial gradients of their own, added in order: the result depends on the shape alone.
+    """
+    N, C, _, _ = x.shape
+    _, K, P, Q = grad_output.shape
+    _, Cg, R, S = grad_weight.shape
+    Kg, crs, itemsize = K // groups, Cg * R * S, grad_weight.itemsize
+    sh, sw, pt, pl, _, _ = geometry
+    Hp, Wp = padded_shape(P, Q, R, S, geometry)
+    plane, planes = Hp * Wp, C * sh * sw
+    offsets = tap_offsets(Cg, R, S, Hp, Wp, geometry)
+    taps, width = _round_up(crs, TILE_TAPS), _round_up(Kg, TILE_FILTERS)
+    # About 2048 positions per task, and at least 16 tasks where the batch has the rows for them.
+    rows = max(1, min(2048 // Q, -(-N * P // 16)))
+    blocks = -(-P // rows)  # tasks per image
+    per_image = max(planes * plane, P * Q * width, blocks * taps * width) * itemsize
+    images = max(1, min(N, COLUMN_BUFFER_BYTES // per_image))
+    sums = scratch("weight gradient sums", (groups, taps, width), grad_weight.dtype, zeros=True)
+    dy_blocks = grad_output.reshape(N, K, P * Q)
+    for n0 in range(0, N, images):
+        n1 = min(N, n0 + images)
+        xp = scratch("padded input", (n1 - n0) * planes * plane + NR, x.dtype)
+        _pad_phases(x[n0:n1], *(np.int64(v) for v in (pt, pl, sh, sw, Hp, Wp)), xp)
+        dyt = scratch("transposed output gradient", (n1 - n0, P * Q, width), x.dtype)
+        partial = scratch("partial sums", ((n1 - n0) * blocks, taps, width), x.dtype)
+        for g in range(groups):
+            _transpose_images(dy_blocks[n0:n1], np.int64(g * Kg), dyt)
+            _shifted_weight_grad(
+                xp, np.int64(planes * plane), np.int64(g * planes // groups * plane), offsets, dyt, np.int64(Wp),
+                np.int64(Q), np.int64(P), np.int64(rows), partial,
+            )  # fmt: skip
+            for task in range(partial.shape[0]):  # in order: the same sums whatever the thread count
+                sums[g] += partial[task]
+    grad_weight.reshape(groups, Kg, crs)[...] = sums[:, :crs, :Kg].transpose(0, 2, 1)
 
 
 def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_input):

@@ -205,3 +205,103 @@ def _shifted_gemm(ap, m, k, xp, C, plane, channel0, offsets, Wp, y, row0, accumu
         j_end = min(j0 + NR, span)
         for ir in range(ic, min(ic + MC, m), MR):
             _shifted_tile(ap, m, k, ir, xp, base, offsets, y, n, row0, j0, j_end, Wp, Q, accumulate)
+
+
+#: The weight gradient's register tile: TILE_TAPS taps (broadcast from the padded input) by TILE_FILTERS
+#: filters (vectors of the transposed output gradient), MR * NR accumulators like the GEMM's micro-kernel.
+TILE_TAPS, TILE_FILTERS = 8, 32
+
+
+def shifted_weight_grad_pays(geometry, dtype):
+    """Whether the weight gradient should read the patches from the padded input (``_shifted_weight_grad``):
+    at most TILE_FILTERS filters per group (one tile wide), a filter larger than 1x1, and one image's padded
+    input within the column buffer."""
+    N, C, _, _ = geometry.input_shape
+    K, Cg, R, S = geometry.weight_shape
+    sh, sw, _, _, _, _ = geometry.kernel_geometry
+    if K // geometry.groups > TILE_FILTERS or R * S == 1:
+        return False
+    Hp, Wp = padded_shape(*geometry.output_shape[2:], R, S, geometry.kernel_geometry)
+    return C * sh * sw * Hp * Wp * np.dtype(dtype).itemsize <= COLUMN_BUFFER_BYTES
+
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _transpose_images(dy, k0, dyt):
+    """``dyt[n, pixel, k] = dy[n, k0 + k, pixel]`` for the ``dyt.shape[2]`` filters from ``k0`` (0 past
+    ``dy``'s), in parallel over images and blocks of 16 pixels."""
+    N, K, pixels = dy.shape
+    width = dyt.shape[2]
+    blocks = -(-pixels // 16)
+    for task in prange(N * blocks):
+        n, j0 = task // blocks, task % blocks * 16
+        j1 = min(pixels, j0 + 16)
+        for k in range(width):
+            if k0 + k < K:
+                src = dy[n, k0 + k]
+                for j in range(j0, j1):
+                    dyt[n, j, k] = src[j]
+            else:
+                for j in range(j0, j1):
+                    dyt[n, j, k] = 0
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _weight_tile(xp, starts, dyt, n, p0, p1, Wp, Q, k0, out):
+    """``out[0:TILE_TAPS, 0:TILE_FILTERS] = sum over rows p0:p1 and columns q < Q of xp[starts[t] + p*Wp + q] *
+    dyt[n, p*Q + q, k0 + k]``: one tile of the weight gradient (transposed), over a block of output rows."""
+    tile = numba.carray(_stack_tile(xp.dtype), (TILE_TAPS, TILE_FILTERS))
+    for t in range(TILE_TAPS):
+        for k in range(TILE_FILTERS):
+            tile[t, k] = 0
+    s0, s1, s2, s3, s4, s5, s6, s7 = starts
+    for p in range(p0, p1):
+        row = p * Wp
+        for q in range(Q):
+            b = dyt[n, p * Q + q, k0 : k0 + TILE_FILTERS]
+            j = row + q
+            a0, a1, a2, a3, a4, a5, a6, a7 = (
+                xp[s0 + j], xp[s1 + j], xp[s2 + j], xp[s3 + j], xp[s4 + j], xp[s5 + j], xp[s6 + j], xp[s7 + j],
+            )  # fmt: skip
+            for k in range(TILE_FILTERS):
+                b_k = b[k]
+                tile[0, k] += a0 * b_k
+                tile[1, k] += a1 * b_k
+                tile[2, k] += a2 * b_k
+                tile[3, k] += a3 * b_k
+                tile[4, k] += a4 * b_k
+                tile[5, k] += a5 * b_k
+                tile[6, k] += a6 * b_k
+                tile[7, k] += a7 * b_k
+    for t in range(TILE_TAPS):
+        for k in range(TILE_FILTERS):
+            out[t, k] = tile[t, k]
+
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _shifted_weight_grad(xp, image_size, channel0, offsets, dyt, Wp, Q, P, rows_per_task, partial):
+    """``partial[task] = shifted(xp) @ dyt`` over the output rows of one task: tasks are (image, block of
+    ``rows_per_task`` rows); ``partial[task]`` is (taps rounded up to TILE_TAPS) x (filters rounded up to
+    TILE_FILTERS), dWᵀ of one group summed over those rows. The caller adds the tasks in order: a task owns its
+    partial sums, and their order is fixed by the shape alone, whatever the number of threads."""
+    N = dyt.shape[0]
+    taps, width = offsets.size, dyt.shape[2]
+    row_blocks = -(-P // rows_per_task)
+    last = taps - 1
+    for task in prange(N * row_blocks):
+        n, p0 = task // row_blocks, task % row_blocks * rows_per_task
+        p1 = min(P, p0 + rows_per_task)
+        base = n * image_size + channel0
+        for t0 in range(0, taps, TILE_TAPS):
+            starts = (
+                base + offsets[min(t0, last)],
+                base + offsets[min(t0 + 1, last)],
+                base + offsets[min(t0 + 2, last)],
+                base + offsets[min(t0 + 3, last)],
+                base + offsets[min(t0 + 4, last)],
+                base + offsets[min(t0 + 5, last)],
+                base + offsets[min(t0 + 6, last)],
+                base + offsets[min(t0 + 7, last)],
+            )
+            for k0 in range(0, width, TILE_FILTERS):
+                out = partial[task, t0 : t0 + TILE_TAPS, k0 : k0 + TILE_FILTERS]
+                _weight_tile(xp, starts, dyt, n, p0, p1, Wp, Q, k0, out)

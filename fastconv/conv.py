@@ -10,9 +10,10 @@ import math
 import numpy as np
 
 from . import _validate as v
-from ._conv_kernels import _channel_sums, _conv2d_forward, _conv2d_input, _conv2d_weight
+from ._conv_kernels import _channel_sums, _conv2d_forward, _conv2d_input, _conv2d_weight, _conv2d_weight_shifted
 from ._direct import conv2d_direct, conv2d_direct_weight, direct_workspace
 from ._parallel import run
+from ._shifted import shifted_weight_grad_pays
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
 from ._winograd_grad import conv2d_weight_winograd, winograd_weight_grad_pays, winograd_weight_grad_workspace
 from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP, KC, NC
@@ -197,15 +198,22 @@ def _weight_grad(x, grad_output, geometry, dtype):
     """conv2d's weight gradient: sum over the batch of grad_output · patches(x)ᵀ -> (K, C // groups, R, S)."""
     direct = _choose_algorithm("auto", geometry) == "direct"
     winograd = not direct and winograd_applies(geometry) and winograd_weight_grad_pays(geometry)
+    shifted = not (direct or winograd) and shifted_weight_grad_pays(geometry, dtype)
     if winograd:
         workspace = winograd_weight_grad_workspace(geometry, dtype)
+    elif shifted:  # padded input, transposed output gradient, partial sums: a column buffer each at most
+        workspace = 3 * COLUMN_BUFFER_BYTES
     else:
         workspace = _workspace_bytes(geometry, dtype, direct)
     v.check_memory("the weight gradient", geometry.weight_shape, dtype, (x, grad_output), workspace)
     dw = np.zeros(geometry.weight_shape, dtype)
     if dw.size and grad_output.size:
+        if direct:
+            kernel = conv2d_direct_weight
+        else:
+            kernel = conv2d_weight_winograd if winograd else _conv2d_weight_shifted if shifted else _conv2d_weight
         run(
-            conv2d_direct_weight if direct else conv2d_weight_winograd if winograd else _conv2d_weight,
+            kernel,
             v.kernel_ready(x, dtype),
             v.kernel_ready(grad_output, dtype),
             geometry.kernel_geometry,

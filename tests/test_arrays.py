@@ -129,10 +129,11 @@ def test_chunked_column_buffer_gives_the_same_result(rng, monkeypatch, dtype, ro
 
 
 def test_results_do_not_depend_on_the_thread_count(rng):
-    x = random_array(rng, (2, 8, 40, 40), "float32")  # 3200 pixels: the weight gradient is split over them
+    x = random_array(rng, (2, 8, 40, 40), "float32")  # 16 filters: the weight gradient split over 80 rows
     w = random_array(rng, (16, 8, 3, 3), "float32")
     dy = random_array(rng, (2, 16, 40, 40), "float32")
     x_wide = random_array(rng, (1, 64, 46, 46), "float32")  # 529 tiles: Winograd's weight gradient, in ranges
+    dy_48 = random_array(rng, (2, 48, 40, 40), "float32")  # 48 filters: the weight gradient by packed patches
     dy_wide = random_array(rng, (1, 64, 46, 46), "float32")
 
     def run():
@@ -143,6 +144,7 @@ def test_results_do_not_depend_on_the_thread_count(rng):
             fastconv.gemm(x.reshape(80, -1), x.reshape(-1, 80)),
             fastconv.conv2d(x, w[:8, :1], padding=1, groups=8),  # depthwise: the direct kernel
             fastconv.conv2d_weight(x_wide, (64, 64, 3, 3), dy_wide, padding=1),
+            fastconv.conv2d_weight(x, (48, 8, 3, 3), dy_48, padding=1),
         ]
 
     saved = numba.get_num_threads()

@@ -6,6 +6,7 @@ import pytest
 import fastconv
 from conftest import assert_close, random_array
 from fastconv import _conv_kernels, _im2col, _validate, reference
+from fastconv import conv as conv_module
 from fastconv.config import GATHER_MAX_WIDTH, KC, MC, NR
 from fastconv.conv import ALGORITHMS
 from fastconv.shapes import conv_output_size, same_padding, transpose_output_size
@@ -190,8 +191,10 @@ def test_stride_one_patches_packed_or_read_from_the_padded_input(
     rng, monkeypatch, N, C, H, W, K, R, S, padding, dilation, groups, shifted, dtype
 ):
     """The forward pass by GEMM of a stride-1 layer reads B from packed patches or straight from the padded
-    input (``_shifted.py``), by the rule of ``shifted_pays``: here each way forced, on every shape."""
+    input (``_shifted.py``), by the rule of ``shifted_pays``, and its weight gradient likewise: here each way
+    forced, on every shape."""
     monkeypatch.setattr(_conv_kernels, "shifted_pays", lambda *args: shifted)
+    monkeypatch.setattr(conv_module, "shifted_weight_grad_pays", lambda *args: shifted)
     x, w, b = _conv_case(rng, N, (C, K, groups), ((H, W), (R, S)), dtype)
     params = dict(padding=padding, dilation=dilation, groups=groups)
     _check_forward_and_input_gradient(rng, x, w, b, params)
@@ -207,6 +210,7 @@ def test_strided_patches_packed_or_read_from_padded_stride_phases(
     """The same at a stride: patches packed from the stride phases, or B read from the padded stride phases
     (deinterleaved in pairs at stride 2, with an even or odd left padding; one value at a time at stride 3)."""
     monkeypatch.setattr(_conv_kernels, "shifted_pays", lambda *args: shifted)
+    monkeypatch.setattr(conv_module, "shifted_weight_grad_pays", lambda *args: shifted)
     x, w, b = _conv_case(rng, N, (C, K, 1), ((H + 4, W + 3), (R, S)), dtype)
     _check_forward_and_input_gradient(rng, x, w, b, dict(stride=stride, padding=padding, dilation=dilation))
 
@@ -217,6 +221,7 @@ def _check_forward_and_input_gradient(rng, x, w, b, params):
     assert_close(fastconv.conv2d(x, w, None, **params, algorithm="gemm"), reference.conv2d(x, w, None, **params))
     dy = random_array(rng, expected.shape, x.dtype)
     assert_close(fastconv.conv2d_input(x.shape, w, dy, **params), reference.conv2d_input(x.shape, w, dy, **params))
+    assert_close(fastconv.conv2d_weight(x, w.shape, dy, **params), reference.conv2d_weight(x, w.shape, dy, **params))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -229,6 +234,25 @@ def test_padded_input_in_blocks_of_images(rng, monkeypatch, images_per_block, dt
     pad = _conv_kernels._pad_phases
     monkeypatch.setattr(_conv_kernels, "_pad_phases", lambda x, *args: blocks.append(len(x)) or pad(x, *args))
     assert_close(fastconv.conv2d(x, w, b, padding=1), reference.conv2d(x, w, b, padding=1))
+    assert blocks == {0: [1, 1, 1], 1: [1, 1, 1], 2: [2, 1]}[images_per_block]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("images_per_block", [0, 1, 2])
+def test_weight_gradient_from_the_padded_input_in_blocks_of_images(rng, monkeypatch, images_per_block, dtype):
+    """The weight gradient by ``_shifted.py`` works on as many images as the column buffer holds (at least one)
+    and sums the blocks' partial gradients in order; 40 filters make two tiles of TILE_FILTERS."""
+    x, w, _ = _conv_case(rng, 3, (4, 40, 1), ((9, 10), (3, 3)), dtype)
+    monkeypatch.setattr(conv_module, "shifted_weight_grad_pays", lambda *args: True)
+    # Per image, the largest buffer is the partial sums: 4 tasks of 2 output rows x 40 taps x 64 filters.
+    monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", max(1, images_per_block * 4 * 40 * 64 * x.itemsize))
+    blocks = []
+    pad = _conv_kernels._pad_phases
+    monkeypatch.setattr(_conv_kernels, "_pad_phases", lambda x, *args: blocks.append(len(x)) or pad(x, *args))
+    dy = random_array(rng, (3, 40, 7, 5), dtype)
+    params = dict(stride=(1, 2), padding=(0, 1))
+    expected = reference.conv2d_weight(x, w.shape, dy, **params)
+    assert_close(fastconv.conv2d_weight(x, w.shape, dy, **params), expected)
     assert blocks == {0: [1, 1, 1], 1: [1, 1, 1], 2: [2, 1]}[images_per_block]
 
 
@@ -251,6 +275,17 @@ def test_padded_input_is_read_for_few_filters_per_group_and_little_waste():
     assert pays(1, 512, 7, 512) and pays(2, 512, 7, 512) and not pays(4, 512, 7, 512)  # unless A is read little
     assert not pays(8, 64, 56, 128, stride=2) and not pays(8, 64, 56, 64, R=1)  # 576 taps at a stride; 1x1
     assert not pays(1, 4096, 64, 32)  # one image's padded input larger than the column buffer
+
+
+def test_weight_gradient_reads_the_padded_input_for_at_most_a_tile_of_filters():
+    from fastconv._shifted import TILE_FILTERS, shifted_weight_grad_pays
+
+    def pays(C, K, R=3, stride=1, groups=1, H=32):
+        geometry = _validate.conv2d_geometry("conv2d", (8, C, H, H), (K, C // groups, R, R), stride, 1, 1, groups)
+        return shifted_weight_grad_pays(geometry, np.float32)
+
+    assert pays(32, TILE_FILTERS) and pays(3, 16) and pays(64, 64, groups=2) and pays(32, 32, R=5, stride=2)
+    assert not pays(32, TILE_FILTERS + 1) and not pays(32, 32, R=1) and not pays(4096, 32, H=64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
