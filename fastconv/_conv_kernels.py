@@ -218,8 +218,9 @@ def _conv2d_weight_shifted(x, grad_output, geometry, groups, grad_weight):
                 xp, np.int64(planes * plane), np.int64(g * planes // groups * plane), offsets, dyt, np.int64(Wp),
                 np.int64(Q), np.int64(P), np.int64(rows), partial,
             )  # fmt: skip
-            for task in range(partial.shape[0]):  # in order: the same sums whatever the thread count
-                sums[g] += partial[task]
+            with np.errstate(all="ignore"):  # inf - inf makes NaN here as in the kernels: no warning for it
+                for task in range(partial.shape[0]):  # in order: the same sums whatever the thread count
+                    sums[g] += partial[task]
     grad_weight.reshape(groups, Kg, crs)[...] = sums[:, :crs, :Kg].transpose(0, 2, 1)
 
 
@@ -294,8 +295,9 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
     _weight_grad_tasks(x, dy_blocks, taps, geometry[0], geometry[1], P, Q, column_ranges, ap, bp, partial)
     if pixel_ranges > 1:
         dw[0] = partial[0]
-        for i in range(1, pixel_ranges):
-            dw[0] += partial[i]
+        with np.errstate(all="ignore"):  # inf - inf makes NaN here as in the kernels: no warning for it
+            for i in range(1, pixel_ranges):
+                dw[0] += partial[i]
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)

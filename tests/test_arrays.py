@@ -1,5 +1,7 @@
 """What the functions accept and promise about arrays: layouts, dtypes, empty sizes, NaN, chunking, threads."""
 
+import warnings
+
 import numba
 import numpy as np
 import pytest
@@ -89,6 +91,21 @@ def test_nan_and_inf_propagate_like_pytorch():
     assert np.isnan(fastconv.conv2d(x, zero_weight)[0, 0, 0, 0])  # 0 * NaN is NaN, never optimised away
     dx, dw, _ = fastconv.conv2d_backward(x, w, np.ones((1, 1, 3, 3), np.float32))
     assert np.isnan(dw).any() and np.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("filters", [4, 40])  # weight gradient from the padded input; by packed patches
+def test_opposite_infinities_in_partial_weight_gradients_make_nan_without_a_warning(rng, filters):
+    """inf in one image and -inf in the other land in the partial gradients of different tasks: adding them
+    (in NumPy) gives NaN, as the reference's one sum does, and NumPy must not warn about it."""
+    x = random_array(rng, (2, 2, 40, 8), "float64")
+    x[0, :, 5, 3], x[1, :, 30, 3] = np.inf, -np.inf
+    dy = np.ones((2, filters, 40, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = fastconv.conv2d_weight(x, (filters, 2, 3, 3), dy, padding=1)
+    want = reference.conv2d_weight(x, (filters, 2, 3, 3), dy, padding=1)
+    assert np.isnan(want).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
 
 
 @pytest.mark.parametrize("groups", [1, 4])  # by GEMM; depthwise, by direct loops
