@@ -9,9 +9,10 @@ _SUPPORTED = ("float32", "float64")
 
 
 def _calls(dtype):
-    """One small call per compiled path (driver, algorithm, packing variant) of the public API: dense, 1x1,
-    strided, Winograd and depthwise forward; dense stride-1 (forward path), strided (col2im), depthwise
-    (direct) and Winograd weight gradients."""
+    """One small call per compiled path (driver, algorithm, packing variant) of the public API: dense (from
+    the padded input, and from packed patches), 1x1, strided (from padded stride phases, and patches packed
+    from the stride phases), Winograd and depthwise forward; weight gradients from the padded input, from
+    packed patches, by direct loops and by Winograd; strided input gradient (col2im)."""
     from .conv import conv2d, conv2d_backward, conv2d_weight, conv_transpose2d, conv_transpose2d_backward
     from .gemm import gemm
 
@@ -23,14 +24,22 @@ def _calls(dtype):
     x_wide = np.ones((1, 2, 34, 34), dtype)
     dy_wide = np.ones((1, 2, 32, 32), dtype)
     x_deep = np.ones((1, 64, 40, 40), dtype)  # enough channels and tiles for Winograd's weight gradient
+    # Patches packed rather than read from the padded input (_shifted.shifted_pays): over 128 filters and 20
+    # MiB of A read in all; at a stride, over 160 taps, with output rows too wide to gather.
+    x_many, w_many = np.ones((72, 64, 3, 3), dtype), np.ones((129, 64, 3, 3), dtype)
+    x_taps, w_taps = np.ones((1, 20, 5, 52), dtype), np.ones((2, 20, 3, 3), dtype)
+    dy_many = np.ones((1, 33, 32, 32), dtype)  # more filters than the padded input's weight gradient takes
     return [
         ("conv2d", lambda: conv2d(x, w)),
+        ("conv2d packed patches", lambda: conv2d(x_many, w_many, padding=1, algorithm="gemm")),
         ("conv2d 1x1", lambda: conv2d(x, w[:, :, :1, :1])),
-        ("conv2d strided", lambda: conv2d(x_wide, w, stride=2)),  # wide rows: from the stride phases
+        ("conv2d strided", lambda: conv2d(x_wide, w, stride=2)),
+        ("conv2d strided packed", lambda: conv2d(x_taps, w_taps, stride=2)),
         ("conv2d winograd", lambda: conv2d(x, w, algorithm="winograd")),
         ("conv2d depthwise", lambda: conv2d(x, w[:, :1], groups=2)),
         ("conv2d_backward", lambda: conv2d_backward(x_wide, w, dy_wide)),
         ("conv2d_backward strided", lambda: conv2d_backward(x, w, dy_strided, stride=2)),
+        ("conv2d_weight packed patches", lambda: conv2d_weight(x_wide, (33, 2, 3, 3), dy_many)),
         ("conv2d_weight winograd", lambda: conv2d_weight(x_deep, (64, 64, 3, 3), x_deep, padding=1)),
         ("conv2d_backward depthwise", lambda: conv2d_backward(x, w[:, :1], dy_strided, stride=2, groups=2)),
         ("conv_transpose2d", lambda: conv_transpose2d(dy, w)),
