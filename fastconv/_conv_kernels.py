@@ -184,26 +184,23 @@ def _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y):
             )  # fmt: skip
 
 
-def _conv2d_weight_shifted(x, grad_output, geometry, groups, grad_weight):
+def _conv2d_weight_shifted(x, grad_output, geometry, groups, grad_weight, layout):
     """``grad_weight = conv2d_weight(x, grad_output)`` by ``_shifted.py``: the patches read from the input's
     padded stride phases, the output gradient transposed (filters rounded up to TILE_FILTERS), a block of
-    images at a time (each of the three buffers bounded by the column buffer). Tasks of a fixed number of
-    output rows sum into partial gradients of their own, added in order: the result depends on the shape alone.
+    images at a time (each of the three buffers bounded by the column buffer), as ``layout`` (of
+    ``_shifted.weight_grad_layout``) says. Tasks of a fixed number of output rows sum into partial gradients of
+    their own, added in order: the result depends on the shape alone.
     """
     N, C, _, _ = x.shape
     _, K, P, Q = grad_output.shape
     _, Cg, R, S = grad_weight.shape
-    Kg, crs, itemsize = K // groups, Cg * R * S, grad_weight.itemsize
+    Kg, crs = K // groups, Cg * R * S
     sh, sw, pt, pl, _, _ = geometry
-    Hp, Wp = padded_shape(P, Q, R, S, geometry)
+    Hp, Wp, rows, blocks, image_bytes = layout
     plane, planes = Hp * Wp, C * sh * sw
     offsets = tap_offsets(Cg, R, S, Hp, Wp, geometry)
     taps, width = _round_up(crs, TILE_TAPS), _round_up(Kg, TILE_FILTERS)
-    # About 2048 positions per task, and at least 16 tasks where the batch has the rows for them.
-    rows = max(1, min(2048 // Q, -(-N * P // 16)))
-    blocks = -(-P // rows)  # tasks per image
-    per_image = max(planes * plane, P * Q * width, blocks * taps * width) * itemsize
-    images = max(1, min(N, COLUMN_BUFFER_BYTES // per_image))
+    images = max(1, min(N, COLUMN_BUFFER_BYTES // image_bytes))
     sums = scratch("weight gradient sums", (groups, taps, width), grad_weight.dtype, zeros=True)
     dy_blocks = grad_output.reshape(N, K, P * Q)
     for n0 in range(0, N, images):

@@ -212,17 +212,32 @@ def _shifted_gemm(ap, m, k, xp, C, plane, channel0, offsets, Wp, y, row0, accumu
 TILE_TAPS, TILE_FILTERS = 8, 32
 
 
-def shifted_weight_grad_pays(geometry, dtype):
-    """Whether the weight gradient should read the patches from the padded input (``_shifted_weight_grad``):
-    at most TILE_FILTERS filters per group (one tile wide), a filter larger than 1x1, and one image's padded
-    input within the column buffer."""
+def weight_grad_layout(geometry, itemsize):
+    """How ``_shifted_weight_grad`` works through this layer: ``(Hp, Wp, rows, blocks, image_bytes)``: the
+    padded stride phases, ``rows`` output rows per task (about 2048 positions, and at least 16 tasks where the
+    batch has the rows for them: a shape's alone, not the thread count's), ``blocks`` tasks per image, and the
+    bytes per image of the largest of its three buffers (padded input, transposed output gradient, partial
+    sums), which the column buffer bounds."""
     N, C, _, _ = geometry.input_shape
     K, Cg, R, S = geometry.weight_shape
-    sh, sw, _, _, _, _ = geometry.kernel_geometry
+    _, _, P, Q = geometry.output_shape
+    sh, sw = geometry.stride
+    Hp, Wp = padded_shape(P, Q, R, S, geometry.kernel_geometry)
+    rows = max(1, min(2048 // Q, -(-N * P // 16)))
+    blocks = -(-P // rows)
+    taps, width = _round_up(Cg * R * S, TILE_TAPS), _round_up(K // geometry.groups, TILE_FILTERS)
+    image_bytes = max(C * sh * sw * Hp * Wp, P * Q * width, blocks * taps * width) * itemsize
+    return Hp, Wp, rows, blocks, image_bytes
+
+
+def shifted_weight_grad_pays(geometry, dtype):
+    """Whether the weight gradient should read the patches from the padded input (``_shifted_weight_grad``):
+    at most TILE_FILTERS filters per group (one tile wide), a filter larger than 1x1, and one image's buffers
+    within the column buffer."""
+    K, _, R, S = geometry.weight_shape
     if K // geometry.groups > TILE_FILTERS or R * S == 1:
         return False
-    Hp, Wp = padded_shape(*geometry.output_shape[2:], R, S, geometry.kernel_geometry)
-    return C * sh * sw * Hp * Wp * np.dtype(dtype).itemsize <= COLUMN_BUFFER_BYTES
+    return weight_grad_layout(geometry, np.dtype(dtype).itemsize)[4] <= COLUMN_BUFFER_BYTES
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)

@@ -13,7 +13,7 @@ from . import _validate as v
 from ._conv_kernels import _channel_sums, _conv2d_forward, _conv2d_input, _conv2d_weight, _conv2d_weight_shifted
 from ._direct import conv2d_direct, conv2d_direct_weight, direct_workspace
 from ._parallel import run
-from ._shifted import shifted_weight_grad_pays
+from ._shifted import shifted_weight_grad_pays, weight_grad_layout
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
 from ._winograd_grad import conv2d_weight_winograd, winograd_weight_grad_pays, winograd_weight_grad_workspace
 from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP, KC, NC
@@ -208,10 +208,13 @@ def _weight_grad(x, grad_output, geometry, dtype):
     v.check_memory("the weight gradient", geometry.weight_shape, dtype, (x, grad_output), workspace)
     dw = np.zeros(geometry.weight_shape, dtype)
     if dw.size and grad_output.size:
+        layout = ()
         if direct:
             kernel = conv2d_direct_weight
+        elif shifted:
+            kernel, layout = _conv2d_weight_shifted, (weight_grad_layout(geometry, np.dtype(dtype).itemsize),)
         else:
-            kernel = conv2d_weight_winograd if winograd else _conv2d_weight_shifted if shifted else _conv2d_weight
+            kernel = conv2d_weight_winograd if winograd else _conv2d_weight
         run(
             kernel,
             v.kernel_ready(x, dtype),
@@ -219,6 +222,7 @@ def _weight_grad(x, grad_output, geometry, dtype):
             geometry.kernel_geometry,
             geometry.groups,
             dw,
+            *layout,
         )
     return dw
 
