@@ -50,12 +50,15 @@ def shifted_pays(geometry, input_shape, weight_shape, groups, P, Q, dtype):
     Yes if few filters per group with few positions computed past the output (row ends, the last tile of each
     image) for the filters there are (``config.SHIFTED_WASTE_BUDGET``), or for any number of filters if A,
     read once per tile of NR positions, makes little traffic in all (``config.SHIFTED_MAX_A_TRAFFIC``); at a
-    stride only for few taps per group; and one image's padded input within the column buffer.
+    stride only for few taps per group; and one image's padded input within the column buffer. Float32 only:
+    the float64 tile fills all 32 vector registers, and with B loaded from the input besides it measured 5-10 %
+    slower than packed patches (32x32x32x32 3x3 4.5-4.7 -> 4.8-4.9 ms, the 7x7 stride-2 stem 14.2-15.3 -> 16.5-16.9,
+    1x512x7x7 2.7-2.8 -> 3.0-3.1).
     """
     sh, sw = geometry[:2]
     K, Cg, R, S = weight_shape
     Kg, itemsize = K // groups, np.dtype(dtype).itemsize
-    if R * S == 1 or (sh * sw > 1 and Cg * R * S > SHIFTED_MAX_STRIDED_TAPS):
+    if itemsize > 4 or R * S == 1 or (sh * sw > 1 and Cg * R * S > SHIFTED_MAX_STRIDED_TAPS):
         return False
     Hp, Wp = padded_shape(P, Q, R, S, geometry)
     if Cg * groups * sh * sw * Hp * Wp * itemsize > COLUMN_BUFFER_BYTES:

@@ -34,8 +34,8 @@ NC = 2048
 #: chunks of output rows, so memory stays bounded whatever the image size.
 COLUMN_BUFFER_BYTES = 32 * 2**20
 
-#: The forward pass by GEMM reads B straight from the padded input (``_shifted.py``), not from packed patches,
-#: when a group has at most SHIFTED_MAX_OUT_PER_GROUP filters and the positions it computes past the output
+#: The forward pass by GEMM in float32 reads B straight from the padded input (``_shifted.py``), not from packed
+#: patches, when a group has at most SHIFTED_MAX_OUT_PER_GROUP filters and the positions it computes past the output
 #: (at the end of each row, and in the last tile of NR of each image) cost less than packing, whose cost per
 #: product falls as filters grow: ``(computed - P*Q) * Kg <= SHIFTED_WASTE_BUDGET * P*Q``. At a stride, only
 #: for at most SHIFTED_MAX_STRIDED_TAPS taps per group (``Cg * R * S``): the taps of a tile then read as many

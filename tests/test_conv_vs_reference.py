@@ -229,6 +229,7 @@ def _check_forward_and_input_gradient(rng, x, w, b, params):
 def test_padded_input_in_blocks_of_images(rng, monkeypatch, images_per_block, dtype):
     """The padded input is made for as many images as the column buffer holds (at least one): 2, 1 or 1 of 3."""
     x, w, b = _conv_case(rng, 3, (4, 6, 1), ((9, 10), (3, 3)), dtype)
+    monkeypatch.setattr(_conv_kernels, "shifted_pays", lambda *args: True)  # float64 too
     monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", max(1, images_per_block * 4 * 11 * 12 * x.itemsize))
     blocks = []
     pad = _conv_kernels._pad_phases
@@ -275,6 +276,8 @@ def test_padded_input_is_read_for_few_filters_per_group_and_little_waste():
     assert pays(1, 512, 7, 512) and pays(2, 512, 7, 512) and not pays(4, 512, 7, 512)  # unless A is read little
     assert not pays(8, 64, 56, 128, stride=2) and not pays(8, 64, 56, 64, R=1)  # 576 taps at a stride; 1x1
     assert not pays(1, 4096, 64, 32)  # one image's padded input larger than the column buffer
+    g = _validate.conv2d_geometry("conv2d", (32, 32, 32, 32), (32, 32, 3, 3), 1, 1, 1, 1)
+    assert not shifted_pays(g.kernel_geometry, g.input_shape, g.weight_shape, 1, 32, 32, np.float64)
 
 
 def test_weight_gradient_reads_the_padded_input_for_at_most_a_tile_of_filters():
