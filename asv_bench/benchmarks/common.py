@@ -14,6 +14,8 @@ CONV_LAYERS = {
     "3x3_s2_256to512_14px": (8, 256, 14, 14, 512, 3, 3, 2, 1, 1),
     "1x1_s2_256to512_56px": (8, 256, 56, 56, 512, 1, 1, 2, 0, 1),
     "3x3_512ch_7px_batch1": (1, 512, 7, 7, 512, 3, 3, 1, 1, 1),
+    # Few filters: B read straight from the padded input (_shifted.py), forward and weight gradient.
+    "3x3_32ch_32px_cifar": (32, 32, 32, 32, 32, 3, 3, 1, 1, 1),
 }
 
 
