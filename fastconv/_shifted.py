@@ -1,20 +1,26 @@
-"""Stride-1 convolution as a GEMM whose B is read straight from the zero-padded input: B is never packed.
+"""Convolution as a GEMM whose patches are read straight from the zero-padded input: never packed.
 
 Pad each input plane to ``Hp x Wp = (P + dh*(R-1)) x (Q + dw*(S-1))`` and number the output positions across
 the padded width, ``j = p * Wp + q``. The patch matrix's row for tap ``(c, r, s)`` is then, for every ``j``,
 plane ``c`` of the padded input read at ``j + r*dh*Wp + s*dw``: the flattened plane shifted by one offset, a
-contiguous run. So the micro-kernel (``_gemm._micro_kernel``'s MR x NR register tile, A packed by
-``_pack_a``) loads its NR values of B for each tap from the padded input itself, at ``offsets[tap]``::
+contiguous run. At a stride the same holds of the padded input's stride phases (``_pad_phases``): tap
+``(r, s)`` reads phase ``(r*dh % sh, s*dw % sw)`` at row ``r*dh // sh`` and column ``s*dw // sw``
+(``tap_offsets``). Two contractions use it::
 
-    # Forward:  [Kg, Cg*R*S] [Cg*R*S, Hp*Wp] -> [Kg, Hp*Wp]     y~ = W @ shifted(x_padded); y = y~[:, :P, :Q]
+    # Forward:         [Kg, Cg*R*S] [Cg*R*S, Hp*Wp] -> [Kg, Hp*Wp]     y~ = W @ shifted(x); y = y~[:, :P, :Q]
+    # Weight gradient: [Cg*R*S, P*Q] [P*Q, Kg]      -> [Cg*R*S, Kg]    dWᵀ = shifted(x) @ dyᵀ (q < Q only)
 
-The ``Wp - Q`` positions at the end of each output row are computed and discarded: ``Wp / Q`` times the
-work (1.06 on 32x32 images with a 3x3 filter, 1.29 on 7x7), against a copy of every input value per tap when B
-is packed from patches (``_im2col.py``), which on layers with few output channels (a 32 x 288 A) cost more
-than the products. Each tile sums every tap in its registers, so C is written once, bias added on the way.
+The forward micro-kernel (``_gemm._micro_kernel``'s MR x NR register tile, A packed by ``_pack_a``) loads its
+NR values of B for each tap from the padded input itself; the ``Wp - Q`` positions at the end of each output
+row are computed and discarded (``Wp / Q`` times the work: 1.06 on 32x32 images with a 3x3 filter, 1.29 on
+7x7), against a copy of every input value per tap when B is packed from patches (``_im2col.py``), which on
+layers with few filters (a 32 x 288 A) cost more than the products. Each tile sums every tap in its registers,
+so C is written once, bias added on the way. The weight gradient's tile broadcasts 8 taps' values from the
+padded input against 32 filters of the transposed output gradient, over the valid positions only.
 
 Footprint: the padded input of a block of images (``COLUMN_BUFFER_BYTES`` at most) and NR values past it,
-which the last tile of the last plane reads for positions it discards.
+which the last tile of the last plane reads for positions it discards; for the weight gradient also the
+transposed output gradient and per-task partial sums, each bounded alike (``weight_grad_layout``).
 """
 
 import functools
