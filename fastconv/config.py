@@ -35,23 +35,24 @@ NC = 2048
 COLUMN_BUFFER_BYTES = 32 * 2**20
 
 #: The forward pass by GEMM in float32 reads B straight from the padded input (``_shifted.py``), not from packed
-#: patches, when a group has at most SHIFTED_MAX_OUT_PER_GROUP filters and the positions it computes past the output
-#: (at the end of each row, and in the last tile of NR of each image) cost less than packing, whose cost per
-#: product falls as filters grow: ``(computed - P*Q) * Kg <= SHIFTED_WASTE_BUDGET * P*Q``. At a stride, only
-#: for at most SHIFTED_MAX_STRIDED_TAPS taps per group (``Cg * R * S``): the taps of a tile then read as many
-#: stride phases, whose cache lines no longer fit in L1. Measured (float32, 2 threads), packed patches ->
-#: padded input: 32x32x32x32 -> 32 3x3 2.28-2.33 -> 1.57-1.61 ms, 32x3x32x32 -> 32 0.38-0.40 -> 0.29-0.32,
-#: 8x32x28x28 -> 32 0.55-0.58 -> 0.36-0.38, 8x64x16x16 -> 64 0.52-0.59 -> 0.45-0.49, 8x128x28x28 -> 128
-#: 4.8-5.2 -> 4.6-4.7, 8x64x56x56 -> 64 5.5-5.7 -> 4.5-4.7, 8x3x224x224 -> 64 7x7 s2 5.64-5.78 -> 4.86-4.88,
-#: 1x3x224x224 0.73-0.77 -> 0.59, ConvNeXt's 4x4 s4 (3 -> 96) 0.91-0.95 -> 0.85-0.86; even on 8x128x14x14
-#: (budget 39); slower with 256 or 512 filters whatever the width (8x256x28x28 16.6-17.3 -> 18.0-18.2 ms,
-#: 8x512x14x14 17.3-18.6 -> 19.7-20.5: each task streams all of A through the cache), and at stride 2 with
-#: 32-64 channels (8x64x56x56 -> 128 3x3 2.66-2.83 -> 2.78-2.84, 32x32x32x32 -> 64 1.02-1.10 -> 1.27-1.30,
-#: 2x2 s2 64 -> 128 1.13-1.17 -> 1.32-1.35). With more filters it pays still on small batches, where A, read
-#: once per tile of NR positions, makes at most SHIFTED_MAX_A_TRAFFIC bytes in all: one launch, no panel of B
-#: packed by each of the tasks that share it (algorithm='gemm'): 1x512x7x7 3x3 0.87-0.89 -> 0.75-0.78 ms,
-#: 2x512x7x7 1.53-1.55 -> 1.38, 1x256x7x7 0.41 -> 0.36-0.37, 1x256x14x14 0.76 -> 0.67-0.68; but 4x512x7x7
-#: (38 MiB of A) 2.50-2.55 -> 2.63.
+#: patches, when a group has at most SHIFTED_MAX_OUT_PER_GROUP filters and the positions it computes past the
+#: output (at the end of each row, and in the last tile of NR of each image) cost less than packing, whose cost
+#: per product falls as filters grow: ``(computed - P*Q) * Kg <= SHIFTED_WASTE_BUDGET * P*Q``. Measured (float32,
+#: 2 threads), packed patches -> padded input: 32x32x32x32 -> 32 3x3 2.28-2.33 -> 1.57-1.61 ms, 32x3x32x32 -> 32
+#: 0.38-0.40 -> 0.29-0.32, 8x32x28x28 -> 32 0.55-0.58 -> 0.36-0.38, 8x64x16x16 -> 64 0.52-0.59 -> 0.45-0.49,
+#: 8x128x28x28 -> 128 4.8-5.2 -> 4.6-4.7, 8x64x56x56 -> 64 5.5-5.7 -> 4.5-4.7, 8x3x224x224 -> 64 7x7 s2
+#: 5.64-5.78 -> 4.86-4.88, 1x3x224x224 0.73-0.77 -> 0.59, ConvNeXt's 4x4 s4 (3 -> 96) 0.91-0.95 -> 0.85-0.86;
+#: 8x128x14x14 the same either way (1.29-1.40 / 1.36-1.38; 39 wasted positions per output, left out); slower
+#: with 256 or 512 filters whatever the width (8x256x28x28 16.6-17.3 -> 18.0-18.2 ms, 8x512x14x14 17.3-18.6 ->
+#: 19.7-20.5: each task streams all of A through the cache).
+#: At a stride, only for at most SHIFTED_MAX_STRIDED_TAPS taps per group (``Cg * R * S``): with more, the taps
+#: of a tile read four phases per channel and it measured slower (8x64x56x56 -> 128 3x3 s2 2.66-2.83 ->
+#: 2.78-2.84, 32x32x32x32 -> 64 s2 1.02-1.10 -> 1.27-1.30, 2x2 s2 64 -> 128 1.13-1.17 -> 1.32-1.35), and not for
+#: want of L1: summing the taps in blocks of 144, whose lines fit, gained nothing.
+#: With more filters it pays still on small batches, where A, read once per tile of NR positions, makes at most
+#: SHIFTED_MAX_A_TRAFFIC bytes in all: one launch, no panel of B packed by each of the tasks that share it
+#: (algorithm='gemm'): 1x512x7x7 3x3 0.87-0.89 -> 0.75-0.78 ms, 2x512x7x7 1.53-1.55 -> 1.38, 1x256x7x7 0.41 ->
+#: 0.36-0.37, 1x256x14x14 0.76 -> 0.67-0.68; but 4x512x7x7 (38 MiB of A) 2.50-2.55 -> 2.63.
 SHIFTED_MAX_OUT_PER_GROUP = 128
 SHIFTED_WASTE_BUDGET = 20
 SHIFTED_MAX_STRIDED_TAPS = 160
