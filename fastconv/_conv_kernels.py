@@ -163,20 +163,30 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
                 )  # fmt: skip
 
 
+def _padded_blocks(x, geometry, Hp, Wp, image_bytes):
+    """``(n0, n1, xp)`` for each block of images of ``x``, as many as the column buffer holds at
+    ``image_bytes`` per image (one at least): ``xp`` their padded stride phases (``_shifted._pad_phases``),
+    in scratch both drivers of ``_shifted.py`` share."""
+    N, C, _, _ = x.shape
+    sh, sw, pt, pl, _, _ = geometry
+    images = max(1, min(N, COLUMN_BUFFER_BYTES // image_bytes))
+    for n0 in range(0, N, images):
+        n1 = min(N, n0 + images)
+        xp = scratch("padded input", (n1 - n0) * C * sh * sw * Hp * Wp + NR, x.dtype)
+        _pad_phases(x[n0:n1], *(np.int64(v) for v in (pt, pl, sh, sw, Hp, Wp)), xp)
+        yield n0, n1, xp
+
+
 def _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y):
     """The forward pass by ``_shifted.py``: the input's padded stride phases made a block of images at a time
     (as many as fill the column buffer), each block one parallel GEMM per group with B read from them."""
-    N, C, _, _ = x.shape
+    C = x.shape[1]
     _, _, P, Q = y.shape
-    sh, sw, pt, pl, _, _ = geometry
+    sh, sw = geometry[:2]
     Hp, Wp = padded_shape(P, Q, R, S, geometry)
     plane, planes = Hp * Wp, C * sh * sw  # planes per image
     offsets = tap_offsets(C // groups, R, S, Hp, Wp, geometry)
-    images = max(1, min(N, COLUMN_BUFFER_BYTES // (planes * plane * y.itemsize)))
-    for n0 in range(0, N, images):
-        n1 = min(N, n0 + images)
-        xp = scratch("padded input", (n1 - n0) * planes * plane + NR, y.dtype)
-        _pad_phases(x[n0:n1], *(np.int64(v) for v in (pt, pl, sh, sw, Hp, Wp)), xp)
+    for n0, n1, xp in _padded_blocks(x, geometry, Hp, Wp, planes * plane * y.itemsize):
         for g in range(groups):
             _shifted_gemm(
                 ap[g], Kg, crs, xp, np.int64(planes), np.int64(plane), np.int64(g * planes // groups), offsets,
@@ -195,18 +205,14 @@ def _conv2d_weight_shifted(x, grad_output, geometry, groups, grad_weight, layout
     _, K, P, Q = grad_output.shape
     _, Cg, R, S = grad_weight.shape
     Kg, crs = K // groups, Cg * R * S
-    sh, sw, pt, pl, _, _ = geometry
+    sh, sw = geometry[:2]
     Hp, Wp, rows, blocks, image_bytes = layout
     plane, planes = Hp * Wp, C * sh * sw
     offsets = tap_offsets(Cg, R, S, Hp, Wp, geometry)
     taps, width = _round_up(crs, TILE_TAPS), _round_up(Kg, TILE_FILTERS)
-    images = max(1, min(N, COLUMN_BUFFER_BYTES // image_bytes))
     sums = scratch("weight gradient sums", (groups, taps, width), grad_weight.dtype, zeros=True)
     dy_blocks = grad_output.reshape(N, K, P * Q)
-    for n0 in range(0, N, images):
-        n1 = min(N, n0 + images)
-        xp = scratch("padded input", (n1 - n0) * planes * plane + NR, x.dtype)
-        _pad_phases(x[n0:n1], *(np.int64(v) for v in (pt, pl, sh, sw, Hp, Wp)), xp)
+    for n0, n1, xp in _padded_blocks(x, geometry, Hp, Wp, image_bytes):
         dyt = scratch("transposed output gradient", (n1 - n0, P * Q, width), x.dtype)
         partial = scratch("partial sums", ((n1 - n0) * blocks, taps, width), x.dtype)
         for g in range(groups):

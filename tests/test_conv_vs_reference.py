@@ -197,7 +197,7 @@ def test_stride_one_patches_packed_or_read_from_the_padded_input(
     monkeypatch.setattr(conv_module, "shifted_weight_grad_pays", lambda *args: shifted)
     x, w, b = _conv_case(rng, N, (C, K, groups), ((H, W), (R, S)), dtype)
     params = dict(padding=padding, dilation=dilation, groups=groups)
-    _check_forward_and_input_gradient(rng, x, w, b, params)
+    _check_gemm_paths(rng, x, w, b, params)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -212,10 +212,11 @@ def test_strided_patches_packed_or_read_from_padded_stride_phases(
     monkeypatch.setattr(_conv_kernels, "shifted_pays", lambda *args: shifted)
     monkeypatch.setattr(conv_module, "shifted_weight_grad_pays", lambda *args: shifted)
     x, w, b = _conv_case(rng, N, (C, K, 1), ((H + 4, W + 3), (R, S)), dtype)
-    _check_forward_and_input_gradient(rng, x, w, b, dict(stride=stride, padding=padding, dilation=dilation))
+    _check_gemm_paths(rng, x, w, b, dict(stride=stride, padding=padding, dilation=dilation))
 
 
-def _check_forward_and_input_gradient(rng, x, w, b, params):
+def _check_gemm_paths(rng, x, w, b, params):
+    """conv2d by GEMM (with and without a bias), its input gradient and its weight gradient, on one layer."""
     expected = reference.conv2d(x, w, b, **params)
     assert_close(fastconv.conv2d(x, w, b, **params, algorithm="gemm"), expected)
     assert_close(fastconv.conv2d(x, w, None, **params, algorithm="gemm"), reference.conv2d(x, w, None, **params))
