@@ -351,6 +351,30 @@ def _tile_rows(P, Q, end, t):
 
 
 @njit(cache=True, inline="always")
+def task_share(task, tiles, channels, block):
+    """``(g, first, last, c0, c1)``: task ``(group g, chunk of NR tiles first:last, block c0:c1 of the group's
+    output channels)``, of ``tiles`` tiles and ``channels`` channels per group in blocks of ``block``."""
+    chunks = -(-tiles // NR)
+    blocks = -(-channels // block)
+    chunk, c0 = task // blocks % chunks, task % blocks * block
+    return task // (chunks * blocks), chunk * NR, min(tiles, chunk * NR + NR), c0, min(channels, c0 + block)
+
+
+@njit(cache=True, inline="always")
+def chunk_runs(P, Q, first, last, runs):
+    """The runs of 2x2 tiles ``first:last`` of a batch of P x Q outputs, one per tile row ``(n, th)`` they
+    cover: ``runs[i] = (n, th, tw, run)`` for ``i`` below the count returned. Decoded once per chunk: the
+    same for every channel, and the divisions cost as much as transforming a short run."""
+    n_runs = 0
+    t = first
+    while t < last:
+        runs[n_runs, 0], runs[n_runs, 1], runs[n_runs, 2], runs[n_runs, 3] = _tile_rows(P, Q, last, t)
+        t += runs[n_runs, 3]
+        n_runs += 1
+    return n_runs
+
+
+@njit(cache=True, inline="always")
 def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
     """Task ``(group, chunk of NR tiles, block of k_block output channels)`` of ``_winograd_tasks``.
 
@@ -362,23 +386,8 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
     _, K, P, Q = y.shape
     Cg = C // groups
     Kg = K // groups
-    TH, TW = -(-P // 2), -(-Q // 2)
-    tiles = N * TH * TW
-    chunks = -(-tiles // NR)
-    k_blocks = -(-Kg // k_block)
-    g = task // (chunks * k_blocks)
-    chunk = task // k_blocks % chunks
-    k0 = task % k_blocks * k_block
-    k1 = min(Kg, k0 + k_block)
-    first, last = chunk * NR, min(tiles, chunk * NR + NR)
-    # The chunk's runs of tiles, one per tile row (n, th) it covers, decoded once: the same for every channel,
-    # and the divisions cost as much as transforming a short run.
-    n_runs = 0
-    t = first
-    while t < last:
-        runs[n_runs, 0], runs[n_runs, 1], runs[n_runs, 2], runs[n_runs, 3] = _tile_rows(P, Q, last, t)
-        t += runs[n_runs, 3]
-        n_runs += 1
+    g, first, last, k0, k1 = task_share(task, N * -(-P // 2) * -(-Q // 2), Kg, k_block)
+    n_runs = chunk_runs(P, Q, first, last, runs)
     for pc in range(0, Cg, KC):
         kc = min(KC, Cg - pc)
         for p in range(kc):
