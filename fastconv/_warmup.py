@@ -12,7 +12,8 @@ def _calls(dtype):
     """One small call per compiled path (driver, algorithm, packing variant) of the public API: dense (from
     the padded input, and from packed patches), 1x1, strided (from padded stride phases, and patches packed
     from the stride phases), Winograd and depthwise forward; weight gradients from the padded input, from
-    packed patches, by direct loops and by Winograd; strided input gradient (col2im)."""
+    packed patches, by direct loops and by Winograd; strided input gradient (col2im, and Winograd on the stride
+    phases)."""
     from .conv import conv2d, conv2d_backward, conv2d_weight, conv_transpose2d, conv_transpose2d_backward
     from .gemm import gemm
 
@@ -29,6 +30,8 @@ def _calls(dtype):
     x_many, w_many = np.ones((72, 64, 3, 3), dtype), np.ones((129, 64, 3, 3), dtype)
     x_taps, w_taps = np.ones((1, 20, 5, 52), dtype), np.ones((2, 20, 3, 3), dtype)
     dy_many = np.ones((1, 33, 32, 32), dtype)  # more filters than the padded input's weight gradient takes
+    # 4x4 stride 2 with 16 channels out and 64 tiles per stride phase: Winograd on the phases (_subpixel.py).
+    x_decoder, w_decoder = np.ones((1, 2, 16, 16), dtype), np.ones((2, 16, 4, 4), dtype)
     return [
         ("conv2d", lambda: conv2d(x, w)),
         ("conv2d packed patches", lambda: conv2d(x_many, w_many, padding=1, algorithm="gemm")),
@@ -44,6 +47,7 @@ def _calls(dtype):
         ("conv2d_backward depthwise", lambda: conv2d_backward(x, w[:, :1], dy_strided, stride=2, groups=2)),
         ("conv_transpose2d", lambda: conv_transpose2d(dy, w)),
         ("conv_transpose2d_backward", lambda: conv_transpose2d_backward(dy, w, x)),
+        ("conv_transpose2d 4x4 s2", lambda: conv_transpose2d(x_decoder, w_decoder, stride=2, padding=1)),
         ("gemm", lambda: gemm(x[0, 0], x[0, 0])),
     ]
 

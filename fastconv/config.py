@@ -110,3 +110,16 @@ GATHER_MAX_WIDTH = 24
 #: at least this many tasks, so that a batch of few channels (a 3-channel image's gradient) still keeps every
 #: thread busy; more tasks than that only add overhead on small planes.
 COL2IM_MIN_TASKS = 32
+
+#: The input gradient of a 4x4 stride-2 layer (conv_transpose2d's 4x4 stride-2 forward pass) is computed by
+#: Winograd F(2x2, 2x2) on its four stride phases (``_subpixel.py``) when each group has at least this many
+#: channels of dx (conv_transpose2d's output) and each phase at least this many 2x2 tiles in the batch.
+#: Measured against GEMM + col2im (float32, 2 threads, conv_transpose2d, input -> output channels): 8x256x8x8
+#: -> 128 1.58-1.76 -> 1.10-1.13 ms, 8x128x16x16 -> 64 1.64-1.76 -> 1.13-1.14, 8x64x32x32 -> 32 2.17-2.39 ->
+#: 1.48-1.49, 8x8x32x32 -> 8 0.34 -> 0.25, 8x4x32x32 -> 64 3.2-3.4 -> 1.3; equal at 8 channels out
+#: (8x64x32x32 -> 8 0.56-0.57 / 0.55-0.56), slower with fewer (-> 4 0.34-0.35 -> 0.41-0.44, 8x256x16x16 -> 4
+#: 0.25-0.26 -> 0.46-0.48); with 64 tiles per phase 16x512x4x4 -> 256 3.4-3.6 -> 2.5-2.6 and 4x256x8x8 ->
+#: 128 0.83-0.85 -> 0.57-0.60, with 32 slower (8x512x4x4 -> 256 2.0-2.1 -> 2.3, 2x256x8x8 -> 128 0.48-0.50
+#: -> 0.53).
+SUBPIXEL_MIN_OUT_CHANNELS = 16
+SUBPIXEL_MIN_TILES = 64

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from conftest import assert_close, random_array, requires_torch, torch
 
 import fastconv
+from conftest import assert_close, random_array, requires_torch, torch
 
 # (C, K, groups, H, W, R, S, stride, padding, dilation)
 CONV_CASES = [
@@ -16,6 +16,7 @@ CONV_CASES = [
     (2, 3, 1, 12, 10, 3, 3, 1, 2, 2),
     (4, 8, 2, 7, 7, 3, 3, 1, "same", (2, 1)),
     (3, 2, 1, 7, 9, 2, 4, 3, "valid", 1),
+    (16, 8, 1, 23, 24, 4, 4, 2, 1, 1),  # the input gradient by Winograd on its four stride phases
 ]
 
 
@@ -57,6 +58,7 @@ TRANSPOSE_CASES = [
     (3, 5, 1, 5, 6, 3, 3, (2, 3), (1, 0), (1, 2), 1),
     (4, 4, 4, 6, 6, 3, 3, 1, 1, 0, 2),  # depthwise, dilated
     (2, 3, 1, 3, 4, 3, 2, 1, 0, 1, 2),  # output_padding < dilation at stride 1
+    (8, 16, 1, 12, 11, 4, 4, 2, 1, 1, 1),  # DCGAN's 4x4 s2 by Winograd on the four stride phases
 ]
 
 

@@ -1,0 +1,114 @@
+"""The 4x4 stride-2 input gradient (conv_transpose2d's forward pass) by Winograd on its four stride phases."""
+
+import numpy as np
+import pytest
+
+import fastconv
+from conftest import assert_close, random_array
+from fastconv import _conv_kernels, _subpixel, reference
+from fastconv._validate import parse_conv2d
+from fastconv.config import KC, MR, NR
+
+CASES = [  # (N, C_in, H, W, C_out, padding, output_padding, groups) of conv_transpose2d, 4x4 filters, stride 2
+    (1, 1, 1, 1, 1, 0, 0, 1),  # one pixel: a single tile per phase, all of it padding but one value
+    (2, 3, 5, 6, 5, 1, 0, 1),  # DCGAN's padding; C_out not a multiple of MR
+    (2, 3, 5, 6, 5, 1, 1, 1),  # output_padding: odd output, the phases differ in size
+    (2, 4, 4, 7, 6, 0, 1, 1),  # no padding: every phase reads one row above the input
+    (2, 4, 6, 5, 6, 2, 0, 1),  # padding 2: the phases' tiles start inside the input
+    (1, 4, 6, 6, 4, 3, 1, 1),  # padding 3: the output is cropped on every side
+    (3, 8, 5, 4, 12, 1, 0, 2),  # groups
+    (1, 2, 3, 150, 3, 1, 0, 1),  # a row of 75 tiles per phase: runs longer than a vector, over two chunks
+    (4, 3, 9, 9, 2, 1, 1, 1),  # many chunks, the last one partial
+    (1, KC + 8, 2, 3, 5, 1, 0, 1),  # more input channels than KC: two blocks of the shared dimension
+]
+
+
+@pytest.fixture
+def everywhere(monkeypatch):
+    """Take the sub-pixel path for every 4x4 stride-2 layer, however few its channels and tiles."""
+    monkeypatch.setattr(_subpixel, "SUBPIXEL_MIN_OUT_CHANNELS", 1)
+    monkeypatch.setattr(_subpixel, "SUBPIXEL_MIN_TILES", 1)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("N, C, H, W, K, padding, output_padding, groups", CASES)
+def test_conv_transpose2d_by_phases_matches_the_reference(
+    rng, everywhere, N, C, H, W, K, padding, output_padding, groups, dtype, bias
+):
+    x = random_array(rng, (N, C, H, W), dtype)
+    w = random_array(rng, (C, K // groups, 4, 4), dtype)
+    b = random_array(rng, (K,), dtype) if bias else None
+    params = dict(stride=2, padding=padding, output_padding=output_padding, groups=groups)
+    assert_close(fastconv.conv_transpose2d(x, w, b, **params), reference.conv_transpose2d(x, w, b, **params))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_conv2d_input_of_a_4x4_stride_2_layer_by_phases_matches_the_reference(rng, everywhere, dtype):
+    """conv2d's input gradient, asymmetric padding included: the phases' filters and offsets follow the top and
+    left padding alone."""
+    w = random_array(rng, (6, 4, 4, 4), dtype)
+    for size, padding in [((2, 4, 11, 10), 1), ((2, 4, 12, 9), ((0, 3), (2, 1))), ((1, 4, 8, 8), ((3, 0), (1, 2)))]:
+        _, geometry, _ = parse_conv2d("conv2d", size, w, 2, padding, 1, 1)
+        dy = random_array(rng, geometry.output_shape, dtype)
+        expected = reference.conv2d_input(size, w, dy, stride=2, padding=padding)
+        assert_close(fastconv.conv2d_input(size, w, dy, stride=2, padding=padding), expected)
+
+
+def test_the_cases_cross_the_blocking_edges():
+    def tiles(N, H, W, padding, output_padding):  # per phase, the largest
+        return N * -(-(H + 1 - padding + output_padding // 2) // 2) * -(-(W + 1 - padding + output_padding // 2) // 2)
+
+    counts = [tiles(N, H, W, p, op) for N, _, H, W, _, p, op, _ in CASES]
+    assert max(counts) > NR and any(t % NR for t in counts if t > NR)
+    assert any(C > KC for _, C, *_ in CASES)
+    assert any(K % MR for *_, K, _, _, _ in CASES)
+
+
+def test_channels_shared_out_between_tasks_when_the_chunks_are_too_few(rng, everywhere, monkeypatch):
+    """With more threads than the phases' chunks (16 threads, 4 chunks), each chunk's channels of dx are split
+    into blocks of 12 (40 = 12 + 12 + 12 + 4)."""
+    assert _subpixel._channel_block(40, 4, 16) == 12 and _subpixel._channel_block(40, 4, 2) == 40
+    monkeypatch.setattr(_subpixel, "_channel_block", lambda Cg, chunks, threads: 12)
+    x = random_array(rng, (1, 6, 5, 5), "float64")
+    w = random_array(rng, (6, 40, 4, 4), "float64")
+    expected = reference.conv_transpose2d(x, w, stride=2, padding=1)
+    assert_close(fastconv.conv_transpose2d(x, w, stride=2, padding=1), expected)
+
+
+def test_blocks_of_images_padded_one_at_a_time_give_the_same_result(rng, everywhere, monkeypatch):
+    x = random_array(rng, (5, 6, 7, 8), "float64")
+    w = random_array(rng, (6, 8, 4, 4), "float64")
+    whole = fastconv.conv_transpose2d(x, w, stride=2, padding=1)
+    monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", 2 * 6 * 10 * 11 * 8)  # two images per block
+    np.testing.assert_array_equal(fastconv.conv_transpose2d(x, w, stride=2, padding=1), whole)
+    assert_close(whole, reference.conv_transpose2d(x, w, stride=2, padding=1))
+
+
+def test_auto_takes_the_phases_for_decoder_layers_with_enough_channels_and_tiles():
+    def pays(N, C_in, H, C_out):
+        w = np.empty((C_in, C_out, 4, 4), np.float32)  # conv2d's filters of the input gradient: C_in first
+        _, geometry, _ = parse_conv2d("conv2d", (N, C_out, 2 * H, 2 * H), w, 2, 1, 1, 1)
+        return _subpixel.subpixel_applies(geometry) and _subpixel.subpixel_pays(geometry)
+
+    assert pays(8, 256, 8, 128) and pays(8, 128, 16, 64) and pays(8, 64, 32, 32)
+    assert not pays(8, 512, 4, 256)  # 32 tiles per phase: the products' NR columns half empty
+    assert not pays(8, 64, 32, 3)  # an RGB output: too few rows for the micro-kernel
+
+
+def test_float32_error_stays_near_the_direct_sum(rng):
+    """The transforms only add and subtract: on a 256-channel decoder layer the error stays within three times
+    the GEMM path's, against float64 (measured: 1.0e-6 and 4.3e-7 of the largest output)."""
+    x = rng.standard_normal((4, 256, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((256, 32, 4, 4)).astype(np.float32)
+    exact = reference.conv_transpose2d(x.astype(np.float64), w.astype(np.float64), stride=2, padding=1)
+    by_phases = fastconv.conv_transpose2d(x, w, stride=2, padding=1)
+    _, geometry, _ = parse_conv2d("conv2d", (4, 32, 16, 16), w, 2, 1, 1, 1)
+    assert _subpixel.subpixel_pays(geometry)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_subpixel, "SUBPIXEL_MIN_TILES", 10**9)
+        by_gemm = fastconv.conv_transpose2d(x, w, stride=2, padding=1)
+    scale = np.abs(exact).max()
+    error, gemm_error = (np.abs(y - exact).max() / scale for y in (by_phases, by_gemm))
+    assert error < 2e-6, error
+    assert error <= 3 * gemm_error, (error, gemm_error)
