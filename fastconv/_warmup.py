@@ -11,9 +11,9 @@ _SUPPORTED = ("float32", "float64")
 def _calls(dtype):
     """One small call per compiled path (driver, algorithm, packing variant) of the public API: dense (from
     the padded input, and from packed patches), 1x1, strided (from padded stride phases, and patches packed
-    from the stride phases), Winograd and depthwise forward; weight gradients from the padded input, from
-    packed patches, by direct loops and by Winograd; strided input gradient (col2im, and Winograd on the stride
-    phases)."""
+    from the stride phases), Winograd (3x3, and 4x4 stride 2) and depthwise forward; weight gradients from the
+    padded input, from packed patches, by direct loops and by Winograd; strided input gradient (col2im, and
+    Winograd on the stride phases)."""
     from .conv import conv2d, conv2d_backward, conv2d_weight, conv_transpose2d, conv_transpose2d_backward
     from .gemm import gemm
 
@@ -30,7 +30,8 @@ def _calls(dtype):
     x_many, w_many = np.ones((72, 64, 3, 3), dtype), np.ones((129, 64, 3, 3), dtype)
     x_taps, w_taps = np.ones((1, 20, 5, 52), dtype), np.ones((2, 20, 3, 3), dtype)
     dy_many = np.ones((1, 33, 32, 32), dtype)  # more filters than the padded input's weight gradient takes
-    # 4x4 stride 2 with 16 channels out and 64 tiles per stride phase: Winograd on the phases (_subpixel.py).
+    # 4x4 stride 2 with 16 channels out and 64 tiles per stride phase: Winograd on the phases
+    # (_winograd_strided.py), for conv_transpose2d; conv2d's forward pass takes it when asked.
     x_decoder, w_decoder = np.ones((1, 2, 16, 16), dtype), np.ones((2, 16, 4, 4), dtype)
     return [
         ("conv2d", lambda: conv2d(x, w)),
@@ -39,6 +40,7 @@ def _calls(dtype):
         ("conv2d strided", lambda: conv2d(x_wide, w, stride=2)),
         ("conv2d strided packed", lambda: conv2d(x_taps, w_taps, stride=2)),
         ("conv2d winograd", lambda: conv2d(x, w, algorithm="winograd")),
+        ("conv2d 4x4 s2 winograd", lambda: conv2d(x_decoder, w_decoder[:, :2], stride=2, algorithm="winograd")),
         ("conv2d depthwise", lambda: conv2d(x, w[:, :1], groups=2)),
         ("conv2d_backward", lambda: conv2d_backward(x_wide, w, dy_wide)),
         ("conv2d_backward strided", lambda: conv2d_backward(x, w, dy_strided, stride=2)),

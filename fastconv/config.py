@@ -112,7 +112,7 @@ GATHER_MAX_WIDTH = 24
 COL2IM_MIN_TASKS = 32
 
 #: The input gradient of a 4x4 stride-2 layer (conv_transpose2d's 4x4 stride-2 forward pass) is computed by
-#: Winograd F(2x2, 2x2) on its four stride phases (``_subpixel.py``) when each group has at least this many
+#: Winograd F(2x2, 2x2) on its four stride phases (``_winograd_strided.py``) when each group has at least this many
 #: channels of dx (conv_transpose2d's output) and each phase at least this many 2x2 tiles in the batch.
 #: Measured against GEMM + col2im (float32, 2 threads, conv_transpose2d, input -> output channels): 8x256x8x8
 #: -> 128 1.58-1.76 -> 1.10-1.13 ms, 8x128x16x16 -> 64 1.64-1.76 -> 1.13-1.14, 8x64x32x32 -> 32 2.17-2.39 ->
@@ -123,3 +123,15 @@ COL2IM_MIN_TASKS = 32
 #: -> 0.53).
 SUBPIXEL_MIN_OUT_CHANNELS = 16
 SUBPIXEL_MIN_TILES = 64
+
+#: ``algorithm="auto"`` computes the forward pass of a 4x4 stride-2 layer by Winograd F(2x2, 2x2) over the
+#: input's stride phases (``_winograd_strided.py``) with at least this many input and output channels per
+#: group and this many 2x2 output tiles in the batch. Measured against the GEMM path (float32, 2 threads,
+#: conv2d 4x4 s2 p1, input -> output channels): 8x64x32x32 -> 128 1.50-1.63 -> 0.99-1.08 ms, 8x128x16x16 ->
+#: 256 1.38-1.40 -> 1.05-1.09, 8x32x64x64 -> 64 1.72-2.1 -> 1.14-1.26, 1x64x64x64 -> 128 0.73-0.76 ->
+#: 0.48-0.50, 8x16x64x64 -> 32 0.60 -> 0.42-0.43, 16x64x16x16 -> 64 (256 tiles) 0.47-0.49 -> 0.35-0.37,
+#: 8x64x16x16 -> 64 (128 tiles) 0.26 -> 0.24-0.25, 8x64x32x32 -> 16 0.51 -> 0.26; 8x16x64x64 -> 64 0.89-0.90
+#: -> 0.73; slower with fewer channels in (8x8x64x64 -> 64 0.40 -> 0.54, 3 channels 0.21 -> 0.44) or 64 tiles
+#: (4x64x16x16 -> 64 0.15 -> 0.19), equal at 8 channels out.
+STRIDED_WINOGRAD_MIN_CHANNELS = 16
+STRIDED_WINOGRAD_MIN_TILES = 128

@@ -14,9 +14,17 @@ from ._conv_kernels import _channel_sums, _conv2d_forward, _conv2d_input, _conv2
 from ._direct import conv2d_direct, conv2d_direct_weight, direct_workspace
 from ._parallel import run
 from ._shifted import shifted_weight_grad_pays, weight_grad_layout
-from ._subpixel import _conv2d_input_subpixel, subpixel_applies, subpixel_pays, subpixel_workspace
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
 from ._winograd_grad import conv2d_weight_winograd, winograd_weight_grad_pays, winograd_weight_grad_workspace
+from ._winograd_strided import (
+    _conv2d_input_subpixel,
+    _conv2d_strided,
+    input_grad_pays,
+    input_grad_workspace,
+    strided_winograd_applies,
+    strided_winograd_pays,
+    strided_workspace,
+)
 from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP, KC, NC
 
 #: What ``conv2d``'s ``algorithm`` accepts.
@@ -62,16 +70,18 @@ def _workspace_bytes(geometry, dtype, direct=False):
 def _choose_algorithm(algorithm, geometry):
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, but got algorithm={algorithm!r}")
-    if algorithm == "winograd" and not winograd_applies(geometry):
+    if algorithm == "winograd" and not (winograd_applies(geometry) or strided_winograd_applies(geometry)):
         raise ValueError(
-            "algorithm='winograd' needs 3x3 filters, stride 1 and dilation 1, but got filters of size "
-            f"{geometry.weight_shape[2:]}, stride={geometry.stride} and dilation={geometry.dilation}"
+            "algorithm='winograd' needs 3x3 filters at stride 1 or 4x4 filters at stride 2, and dilation 1, but got "
+            f"filters of size {geometry.weight_shape[2:]}, stride={geometry.stride} and dilation={geometry.dilation}"
         )
     if algorithm == "auto":
         out_per_group = geometry.weight_shape[0] // geometry.groups
         if geometry.groups > 1 and out_per_group <= DIRECT_MAX_OUT_PER_GROUP:
             return "direct"
-        return "winograd" if winograd_applies(geometry) and winograd_pays(geometry) else "gemm"
+        if winograd_applies(geometry):
+            return "winograd" if winograd_pays(geometry) else "gemm"
+        return "winograd" if strided_winograd_applies(geometry) and strided_winograd_pays(geometry) else "gemm"
     return algorithm
 
 
@@ -100,9 +110,13 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d
     """
     algorithm = _choose_algorithm(algorithm, geometry)
     direct = algorithm == "direct"
-    workspace = (
-        winograd_workspace(geometry, dtype) if algorithm == "winograd" else _workspace_bytes(geometry, dtype, direct)
-    )
+    strided = algorithm == "winograd" and not winograd_applies(geometry)  # 4x4 stride 2: by its stride phases
+    if strided:
+        workspace = strided_workspace(geometry, dtype)
+    elif algorithm == "winograd":
+        workspace = winograd_workspace(geometry, dtype)
+    else:
+        workspace = _workspace_bytes(geometry, dtype, direct)
     v.check_memory(purpose, geometry.output_shape, dtype, (x, weight), workspace)
     if direct:
         return _run_direct(conv2d_direct, x, weight, bias, geometry, geometry.output_shape, dtype)
@@ -111,7 +125,9 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d
     y = np.empty(geometry.output_shape, dtype) if overwrite else _initial(geometry.output_shape, dtype, bias)
     if y.size and x.size:
         args = (v.kernel_ready(x, dtype), v.kernel_ready(weight, dtype), geometry.kernel_geometry, geometry.groups)
-        if algorithm == "winograd":
+        if strided:
+            run(_conv2d_strided, *args, np.bool_(not overwrite), y)
+        elif algorithm == "winograd":
             run(_conv2d_winograd, *args, np.bool_(not overwrite), y, swapped)
         else:
             run(_conv2d_forward, *args, np.bool_(not overwrite), y)
@@ -179,7 +195,7 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
         swapped = _choose_algorithm("auto", as_conv2d) == "winograd"
         filters = weight if swapped else _flip_for_input_grad(weight, geometry.groups)
         return _forward(grad_output, filters, bias, as_conv2d, dtype, purpose="the input gradient", swapped=swapped)
-    if subpixel_applies(geometry) and subpixel_pays(geometry):
+    if strided_winograd_applies(geometry) and input_grad_pays(geometry):
         return _input_grad_subpixel(grad_output, weight, bias, geometry, dtype)
     workspace = _workspace_bytes(geometry, dtype)
     v.check_memory("the input gradient", geometry.input_shape, dtype, (grad_output, weight), workspace)
@@ -198,8 +214,8 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
 
 
 def _input_grad_subpixel(grad_output, weight, bias, geometry, dtype):
-    """conv2d's input gradient of a 4x4 stride-2 layer, by Winograd on its four stride phases (``_subpixel.py``)."""
-    workspace = subpixel_workspace(geometry, grad_output.shape, dtype)
+    """conv2d's input gradient of a 4x4 stride-2 layer, by Winograd on its four stride phases."""
+    workspace = input_grad_workspace(geometry, grad_output.shape, dtype)
     v.check_memory("the input gradient", geometry.input_shape, dtype, (grad_output, weight), workspace)
     # Every pixel of dx is written once: without a bias, nothing to zero first.
     overwrite = bias is None and grad_output.size
@@ -276,14 +292,15 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
         Input and output channels split into this many independent convolutions.
     algorithm : {'auto', 'gemm', 'winograd', 'direct'}, keyword-only
         How to compute it; every choice gives the same result up to float rounding. ``'gemm'``: implicit
-        im2col and the blocked GEMM, the fast path for dense layers. ``'winograd'``: Winograd F(2x2, 3x3),
-        2.25 times fewer multiplications, for 3x3 filters at stride 1 and dilation 1 only (else
-        ``ValueError``); its transforms only add and halve, so its error stays within about three times the
-        direct sum's (float32: under 1e-6 of the largest output for 512 input channels); as they subtract, an
-        infinite input gives NaN, not inf, in the outputs of the 2x2 tiles that read it. ``'direct'``:
-        direct loops per output plane, the fast path for depthwise and other convolutions with a few output
-        channels per group. ``'auto'`` (default) picks by shape: direct for many small groups, Winograd for
-        3x3 stride-1 layers with enough channels and pixels, else gemm.
+        im2col and the blocked GEMM, the fast path for dense layers. ``'winograd'``: for 3x3 filters at stride
+        1, Winograd F(2x2, 3x3), 2.25 times fewer multiplications; for 4x4 filters at stride 2, Winograd
+        F(2x2, 2x2) over the input's four stride phases, 1.78 times fewer; dilation 1 only (else
+        ``ValueError``). Its transforms only add, subtract and halve, so its error stays within about three
+        times the direct sum's (float32: under 1e-6 of the largest output for 512 input channels); as they
+        subtract, an infinite input gives NaN, not inf, in the outputs of the 2x2 tiles that read it.
+        ``'direct'``: direct loops per output plane, the fast path for depthwise and other convolutions with a
+        few output channels per group. ``'auto'`` (default) picks by shape: direct for many small groups,
+        Winograd for 3x3 stride-1 and 4x4 stride-2 layers with enough channels and pixels, else gemm.
 
     Returns
     -------

@@ -60,7 +60,10 @@ def _conv_case(rng, N, channels, sizes, dtype, bias=True):
 
 
 def _winograd_applies(w, stride=1, dilation=1, **_):
-    return w.shape[2:] == (3, 3) and stride in (1, (1, 1)) and dilation in (1, (1, 1))
+    """3x3 filters at stride 1 (F(2x2, 3x3)) or 4x4 filters at stride 2 (F(2x2, 2x2) on the stride phases)."""
+    if dilation not in (1, (1, 1)):
+        return False
+    return (w.shape[2:] == (3, 3) and stride in (1, (1, 1))) or (w.shape[2:] == (4, 4) and stride in (2, (2, 2)))
 
 
 def _check_conv2d_family(x, w, b, **params):
@@ -70,7 +73,9 @@ def _check_conv2d_family(x, w, b, **params):
     assert_close(y, expected_y)
     for algorithm in ALGORITHMS:
         if algorithm == "winograd" and not _winograd_applies(w, **params):
-            with pytest.raises(ValueError, match="algorithm='winograd' needs 3x3 filters, stride 1 and dilation 1"):
+            with pytest.raises(
+                ValueError, match="algorithm='winograd' needs 3x3 filters at stride 1 or 4x4 filters at stride 2"
+            ):
                 fastconv.conv2d(x, w, b, **params, algorithm=algorithm)
         else:
             assert_close(fastconv.conv2d(x, w, b, **params, algorithm=algorithm), expected_y)

@@ -1,11 +1,13 @@
-"""The 4x4 stride-2 input gradient (conv_transpose2d's forward pass) by Winograd on its four stride phases."""
+"""4x4 stride-2 layers by Winograd F(2x2, 2x2) on their stride phases: conv2d's forward pass, and its input
+gradient (conv_transpose2d's forward pass)."""
 
 import numpy as np
 import pytest
 
 import fastconv
 from conftest import assert_close, random_array
-from fastconv import _conv_kernels, _subpixel, reference
+from fastconv import _conv_kernels, _winograd_strided, reference
+from fastconv import conv as conv_module
 from fastconv._validate import parse_conv2d
 from fastconv.config import KC, MR, NR
 
@@ -26,8 +28,8 @@ CASES = [  # (N, C_in, H, W, C_out, padding, output_padding, groups) of conv_tra
 @pytest.fixture
 def everywhere(monkeypatch):
     """Take the sub-pixel path for every 4x4 stride-2 layer, however few its channels and tiles."""
-    monkeypatch.setattr(_subpixel, "SUBPIXEL_MIN_OUT_CHANNELS", 1)
-    monkeypatch.setattr(_subpixel, "SUBPIXEL_MIN_TILES", 1)
+    monkeypatch.setattr(_winograd_strided, "SUBPIXEL_MIN_OUT_CHANNELS", 1)
+    monkeypatch.setattr(_winograd_strided, "SUBPIXEL_MIN_TILES", 1)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -68,8 +70,8 @@ def test_the_cases_cross_the_blocking_edges():
 def test_channels_shared_out_between_tasks_when_the_chunks_are_too_few(rng, everywhere, monkeypatch):
     """With more threads than the phases' chunks (16 threads, 4 chunks), each chunk's channels of dx are split
     into blocks of 12 (40 = 12 + 12 + 12 + 4)."""
-    assert _subpixel._channel_block(40, 4, 16) == 12 and _subpixel._channel_block(40, 4, 2) == 40
-    monkeypatch.setattr(_subpixel, "_channel_block", lambda Cg, chunks, threads: 12)
+    assert _winograd_strided._channel_block(40, 4, 16) == 12 and _winograd_strided._channel_block(40, 4, 2) == 40
+    monkeypatch.setattr(_winograd_strided, "_channel_block", lambda Cg, chunks, threads: 12)
     x = random_array(rng, (1, 6, 5, 5), "float64")
     w = random_array(rng, (6, 40, 4, 4), "float64")
     expected = reference.conv_transpose2d(x, w, stride=2, padding=1)
@@ -89,7 +91,7 @@ def test_auto_takes_the_phases_for_decoder_layers_with_enough_channels_and_tiles
     def pays(N, C_in, H, C_out):
         w = np.empty((C_in, C_out, 4, 4), np.float32)  # conv2d's filters of the input gradient: C_in first
         _, geometry, _ = parse_conv2d("conv2d", (N, C_out, 2 * H, 2 * H), w, 2, 1, 1, 1)
-        return _subpixel.subpixel_applies(geometry) and _subpixel.subpixel_pays(geometry)
+        return _winograd_strided.strided_winograd_applies(geometry) and _winograd_strided.input_grad_pays(geometry)
 
     assert pays(8, 256, 8, 128) and pays(8, 128, 16, 64) and pays(8, 64, 32, 32)
     assert not pays(8, 512, 4, 256)  # 32 tiles per phase: the products' NR columns half empty
@@ -104,11 +106,53 @@ def test_float32_error_stays_near_the_direct_sum(rng):
     exact = reference.conv_transpose2d(x.astype(np.float64), w.astype(np.float64), stride=2, padding=1)
     by_phases = fastconv.conv_transpose2d(x, w, stride=2, padding=1)
     _, geometry, _ = parse_conv2d("conv2d", (4, 32, 16, 16), w, 2, 1, 1, 1)
-    assert _subpixel.subpixel_pays(geometry)
+    assert _winograd_strided.input_grad_pays(geometry)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_subpixel, "SUBPIXEL_MIN_TILES", 10**9)
+        patch.setattr(_winograd_strided, "SUBPIXEL_MIN_TILES", 10**9)
         by_gemm = fastconv.conv_transpose2d(x, w, stride=2, padding=1)
     scale = np.abs(exact).max()
     error, gemm_error = (np.abs(y - exact).max() / scale for y in (by_phases, by_gemm))
     assert error < 2e-6, error
     assert error <= 3 * gemm_error, (error, gemm_error)
+
+
+FORWARD_CASES = [  # (N, C, H, W, K, padding, groups) of conv2d, 4x4 filters, stride 2
+    (1, 1, 4, 4, 1, 0, 1),  # one output pixel: one tile, its last row and column overhanging
+    (2, 3, 9, 10, 5, 1, 1),  # odd output height; K not a multiple of MR
+    (2, 4, 11, 8, 6, ((0, 3), (2, 1)), 1),  # asymmetric padding
+    (2, 4, 7, 7, 6, "same", 1),
+    (3, 8, 12, 12, 12, 2, 2),  # groups
+    (1, 2, 8, 300, 3, 1, 1),  # a row of 75 tiles: runs longer than a vector, over two chunks
+    (1, KC // 4 + 2, 6, 6, 5, 1, 1),  # 4C phase planes past KC: two blocks of the shared dimension
+]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("N, C, H, W, K, padding, groups", FORWARD_CASES)
+def test_forward_by_phases_matches_the_reference(rng, N, C, H, W, K, padding, groups, dtype, bias):
+    x = random_array(rng, (N, C, H, W), dtype)
+    w = random_array(rng, (K, C // groups, 4, 4), dtype)
+    b = random_array(rng, (K,), dtype) if bias else None
+    params = dict(stride=2, padding=padding, groups=groups)
+    expected = reference.conv2d(x, w, b, **params)
+    assert_close(fastconv.conv2d(x, w, b, **params, algorithm="winograd"), expected)
+
+
+def test_forward_blocks_of_images_give_the_same_result(rng, monkeypatch):
+    x = random_array(rng, (5, 3, 10, 9), "float64")
+    w = random_array(rng, (7, 3, 4, 4), "float64")
+    whole = fastconv.conv2d(x, w, stride=2, padding=1, algorithm="winograd")
+    monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", 2 * 4 * 3 * 7 * 7 * 8)  # two images per block
+    np.testing.assert_array_equal(fastconv.conv2d(x, w, stride=2, padding=1, algorithm="winograd"), whole)
+    assert_close(whole, reference.conv2d(x, w, stride=2, padding=1))
+
+
+def test_auto_takes_the_phases_for_the_forward_pass_with_enough_channels_and_tiles():
+    def chosen(N, C, H, K):
+        _, geometry, _ = parse_conv2d("conv2d", (N, C, H, H), np.empty((K, C, 4, 4)), 2, 1, 1, 1)
+        return conv_module._choose_algorithm("auto", geometry)
+
+    assert chosen(8, 64, 32, 128) == chosen(1, 64, 64, 128) == "winograd"
+    assert chosen(8, 3, 64, 64) == "gemm"  # an RGB input: too few channels for the transforms to pay
+    assert chosen(4, 64, 16, 64) == "gemm"  # 64 tiles: one chunk, its channels split between the threads
