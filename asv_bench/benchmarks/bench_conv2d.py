@@ -24,9 +24,10 @@ class Conv2d:
 
 
 class Conv2dAlgorithms:
-    """Each kernel a 3x3 stride-1 layer can run on, whichever ``"auto"`` picks: a regression in either shows."""
+    """Each kernel a 3x3 stride-1 or 4x4 stride-2 layer can run on, whichever ``"auto"`` picks: a regression in
+    either shows."""
 
-    params = [["3x3_64ch_56px", "3x3_256ch_14px"], ["gemm", "winograd"]]
+    params = [["3x3_64ch_56px", "3x3_256ch_14px", "4x4_s2_64to128_32px"], ["gemm", "winograd"]]
     param_names = ["layer", "algorithm"]
 
     def setup(self, layer, algorithm):

@@ -16,6 +16,8 @@ CONV_LAYERS = {
     "3x3_512ch_7px_batch1": (1, 512, 7, 7, 512, 3, 3, 1, 1, 1),
     # Few filters: B read straight from the padded input (_shifted.py), forward and weight gradient.
     "3x3_32ch_32px_cifar": (32, 32, 32, 32, 32, 3, 3, 1, 1, 1),
+    # 4x4 stride 2 (a DCGAN / PatchGAN discriminator): Winograd over the input's stride phases.
+    "4x4_s2_64to128_32px": (8, 64, 32, 32, 128, 4, 4, 2, 1, 1),
 }
 
 
