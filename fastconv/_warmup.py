@@ -12,8 +12,8 @@ def _calls(dtype):
     """One small call per compiled path (driver, algorithm, packing variant) of the public API: dense (from
     the padded input, and from packed patches), 1x1, strided (from padded stride phases, and patches packed
     from the stride phases), Winograd (3x3, and 4x4 stride 2) and depthwise forward; weight gradients from the
-    padded input, from packed patches, by direct loops and by Winograd; strided input gradient (col2im, and
-    Winograd on the stride phases)."""
+    padded input, from packed patches, by direct loops and by Winograd (3x3, and 4x4 stride 2); strided input
+    gradient (col2im, and Winograd on the stride phases)."""
     from .conv import conv2d, conv2d_backward, conv2d_weight, conv_transpose2d, conv_transpose2d_backward
     from .gemm import gemm
 
@@ -33,6 +33,7 @@ def _calls(dtype):
     # 4x4 stride 2 with 16 channels out and 64 tiles per stride phase: Winograd on the phases
     # (_winograd_strided.py), for conv_transpose2d; conv2d's forward pass takes it when asked.
     x_decoder, w_decoder = np.ones((1, 2, 16, 16), dtype), np.ones((2, 16, 4, 4), dtype)
+    x_phases, dy_phases = np.ones((2, 16, 32, 32), dtype), np.ones((2, 33, 16, 16), dtype)  # and its weight gradient
     return [
         ("conv2d", lambda: conv2d(x, w)),
         ("conv2d packed patches", lambda: conv2d(x_many, w_many, padding=1, algorithm="gemm")),
@@ -46,6 +47,7 @@ def _calls(dtype):
         ("conv2d_backward strided", lambda: conv2d_backward(x, w, dy_strided, stride=2)),
         ("conv2d_weight packed patches", lambda: conv2d_weight(x_wide, (33, 2, 3, 3), dy_many)),
         ("conv2d_weight winograd", lambda: conv2d_weight(x_deep, (64, 64, 3, 3), x_deep, padding=1)),
+        ("conv2d_weight 4x4 s2", lambda: conv2d_weight(x_phases, (33, 16, 4, 4), dy_phases, stride=2, padding=1)),
         ("conv2d_backward depthwise", lambda: conv2d_backward(x, w[:, :1], dy_strided, stride=2, groups=2)),
         ("conv_transpose2d", lambda: conv_transpose2d(dy, w)),
         ("conv_transpose2d_backward", lambda: conv_transpose2d_backward(dy, w, x)),

@@ -1,6 +1,6 @@
 """Winograd F(2x2, 2x2) for 4x4 stride-2 layers (DCGAN's and PatchGAN's convolutions, most decoders'
-transposed convolutions): each split into stride-1 2x2 convolutions over stride phases, with 1.78 times fewer
-multiplications than the GEMM.
+transposed convolutions): the forward pass, the input gradient and the weight gradient each split into
+stride-1 2x2 convolutions over stride phases, with 1.78 times fewer multiplications than the GEMM.
 
 **Input gradient (conv_transpose2d's forward pass).** conv2d's input gradient at stride 2 adds each pixel of
 ``dy`` times the 4x4 filter into ``dx`` at steps of 2: of the 16 taps, the 4 with ``r ≡ h + pt`` and ``s ≡ w +
@@ -41,9 +41,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._conv_kernels import _padded_blocks
-from ._gemm import _panel_rows, _round_up
+from ._gemm import _micro_kernel, _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
+from ._shifted import TILE_FILTERS
 from ._simd import Vector, load, store, vector_type
 from ._winograd import chunk_runs, task_share
 from .config import (
@@ -104,6 +105,30 @@ def _workspace(dtype, padded, phases, groups, rows, planes_per_group):
     filters = phases * groups * XI * (_round_up(rows, MR) * planes_per_group + 16)
     per_thread_values = XI * (min(KC, planes_per_group) * NR + 16) + XI * (_round_up(rows, MR) + 1) * NR
     return dtype.itemsize * (padded + filters + numba.config.NUMBA_NUM_THREADS * per_thread_values)
+
+
+def weight_grad_pays(geometry):
+    """Whether this (applicable) layer's weight gradient should take ``conv2d_weight_strided``: more filters
+    per group than the padded-input weight gradient's tile takes (``_shifted.TILE_FILTERS``, its own fast path),
+    at least ``config.STRIDED_WINOGRAD_MIN_CHANNELS`` input channels per group and
+    ``config.STRIDED_WINOGRAD_MIN_TILES`` 2x2 tiles of output (the GEMMs' depth)."""
+    K, Cg = geometry.weight_shape[:2]
+    N, _, P, Q = geometry.output_shape
+    enough = Cg >= STRIDED_WINOGRAD_MIN_CHANNELS and _tiles(N, P, Q) >= STRIDED_WINOGRAD_MIN_TILES
+    return enough and K // geometry.groups > TILE_FILTERS
+
+
+def weight_grad_workspace(geometry, dtype):
+    """Bytes of scratch ``conv2d_weight_strided`` allocates."""
+    N, C, _, _ = geometry.input_shape
+    K = geometry.weight_shape[0]
+    Kg = K // geometry.groups
+    Hp, Wp = _strided_layout(*geometry.output_shape[2:])
+    chunk = min(TILE_CHUNK, _tiles(N, *geometry.output_shape[2:]))
+    padded = _bounded(4 * C * Hp * Wp, N, dtype)
+    values = XI * 4 * C * Kg + geometry.groups * XI * (_round_up(Kg, NR) * chunk + 16)
+    per_thread_values = XI * (PLANE_BLOCK * chunk + 4 * NR)
+    return dtype.itemsize * (padded + values + numba.config.NUMBA_NUM_THREADS * per_thread_values)
 
 
 def _bounded(per_image, images, dtype):
@@ -504,3 +529,204 @@ def _conv2d_strided(x, weight, geometry, groups, accumulate, y):
     phases = np.array([(0, 0, P, Q, 0, 0)], np.int64)
     _, _, pt, pl, _, _ = geometry
     _run_phases(x, (2, 2, pt, pl, 1, 1), layout, 4 * C, phases, ONE, groups, up, accumulate, y)
+
+
+# The weight gradient of a 4x4 stride-2 layer, by the same phases: with dM = A dY Aᵀ (a 2x2 tile of the output
+# gradient spread to 3x3, additions only) and V = Bᵀ d B (a 3x3 tile of a phase plane),
+#
+#     dUᵀ[xi] = Σ_tiles V[xi] dM[xi]ᵀ      9 GEMMs: [4 Cg, tiles] [tiles, Kg] -> [4 Cg, Kg]
+#     df = Gᵀ dU G                        per plane and filter, 3x3 back to 2x2: weight[k, c, 2d + α, 2e + β]
+#
+# Tasks own blocks of rows (planes) of dUᵀ and sum over every tile themselves, so no partial sums: the output
+# gradient's transforms are packed once per chunk of tiles, as the GEMMs' B, and shared.
+
+#: Tiles per chunk: the depth of the GEMMs, and of the packed transforms of the output gradient (9 x Kg x this).
+TILE_CHUNK = 512
+#: Planes (rows of dUᵀ) per task.
+PLANE_BLOCK = 32
+
+
+@intrinsic
+def _transform_run_panel(typingctx, xp, start, plane, Wp, count, a, a0):
+    """``a[xi, a0 + u * MR + i] = (Bᵀ d B)[xi]`` for ``u < count`` and ``i < MR``, ``d`` the 3x3 tile at flat
+    index ``start + i * plane + 2u`` of ``xp`` (rows ``Wp`` apart): ``_transform_run`` for MR planes at once,
+    their values interleaved as a packed A micro-panel holds them (tiles its columns, MR planes its rows).
+    Whole vectors: reads as ``_transform_run``, writes up to (lanes - 1) * MR values past the run."""
+    dtype = xp.dtype
+
+    def codegen(context, builder, signature, args):
+        _, start, plane, Wp, count, _, a0 = args
+        vector, lanes, size = vector_type(context, dtype)
+        double = llvm_ir.VectorType(vector.element, 2 * lanes)
+        int32 = llvm_ir.IntType(32)
+        columns = llvm_ir.VectorType(int32, lanes)
+        even, odd = (llvm_ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
+        # Two rounds of zips: planes (0, 1) and (2, 3) pairwise, then the pairs, MR = 4 values per tile.
+        pairs = llvm_ir.Constant(
+            llvm_ir.VectorType(int32, 2 * lanes), [v for u in range(lanes) for v in (u, lanes + u)]
+        )
+        fours = llvm_ir.Constant(
+            llvm_ir.VectorType(int32, 4 * lanes),
+            [v for u in range(lanes) for v in (2 * u, 2 * u + 1, 2 * lanes + 2 * u, 2 * lanes + 2 * u + 1)],
+        )
+        index = llvm_ir.IntType(64)
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        rows = context.make_array(signature.args[5])(context, builder, args[5])
+        row_stride = builder.sdiv(cgutils.unpack_tuple(builder, rows.strides)[0], index(size))
+        blocks = builder.sdiv(builder.add(count, index(lanes - 1)), index(lanes))
+        with cgutils.for_range(builder, blocks) as loop:
+            u = builder.mul(loop.index, index(lanes))
+            transformed = []
+            for i in range(MR):
+                first = builder.add(builder.add(start, builder.mul(index(i), plane)), builder.mul(u, index(2)))
+                d = []
+                for r in range(3):
+                    row = builder.gep(data, [builder.add(first, builder.mul(index(r), Wp))])
+                    left, right = load(builder, double, row, 0, size), load(builder, double, row, 2, size)
+                    d += [builder.shuffle_vector(left, left, even), builder.shuffle_vector(left, left, odd)]
+                    d += [builder.shuffle_vector(right, right, even)]
+                transformed.append(_bt_d_b.py_func(tuple(Vector(builder, value) for value in d)))
+            column = builder.add(a0, builder.mul(u, index(MR)))
+            for xi in range(XI):
+                t = [transformed[i][xi].value for i in range(MR)]
+                value = builder.shuffle_vector(
+                    builder.shuffle_vector(t[0], t[1], pairs), builder.shuffle_vector(t[2], t[3], pairs), fours
+                )
+                store(builder, value, rows.data, builder.add(builder.mul(index(xi), row_stride), column), size)
+        return context.get_dummy_value()
+
+    if MR != 4:
+        raise numba.core.errors.TypingError("_transform_run_panel interleaves 4 planes: MR must be 4")
+    return types.none(xp, start, plane, Wp, count, a, a0), codegen
+
+
+@njit(cache=True)
+def _pack_grad_output_tiles(dy, k, kk, first, last, bp, offset):
+    """``dM = A dY Aᵀ`` of channel ``k``'s tiles ``first:last`` (2x2 tiles of ``dy``, in batch order; zeros past
+    the edge of an odd-sized output) into column ``kk % NR`` of micro-panel ``offset`` of ``bp`` (9, ...):
+    the packed B of the GEMMs, tiles its rows, NR filters its columns."""
+    _, _, P, Q = dy.shape
+    TH, TW = -(-P // 2), -(-Q // 2)
+    zero = dy.dtype.type(0)
+    for t in range(first, last):
+        n, th, tw = t // (TH * TW), t // TW % TH, t % TW
+        p, q = 2 * th, 2 * tw
+        y00 = dy[n, k, p, q]
+        y01 = dy[n, k, p, q + 1] if q + 1 < Q else zero
+        y10 = dy[n, k, p + 1, q] if p + 1 < P else zero
+        y11 = dy[n, k, p + 1, q + 1] if p + 1 < P and q + 1 < Q else zero
+        r1a, r1b = y00 + y10, y01 + y11
+        at = offset + (t - first) * NR + kk % NR
+        bp[0, at], bp[1, at], bp[2, at] = y00, y00 + y01, y01
+        bp[3, at], bp[4, at], bp[5, at] = r1a, r1a + r1b, r1b
+        bp[6, at], bp[7, at], bp[8, at] = y10, y10 + y11, y11
+
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _pack_grad_output(dy, groups, first, last, bp):
+    """The output gradient's transformed tiles ``first:last`` of every group into ``bp`` (groups, 9,
+    round_up(Kg, NR) * tiles + pad), in parallel over filters; filters past Kg pad the last micro-panel with
+    zeros."""
+    K = dy.shape[1]
+    Kg = K // groups
+    K_pad = _round_up(Kg, NR)
+    nb = last - first
+    for task in prange(groups * K_pad):
+        g, kk = task // K_pad, task % K_pad
+        offset = kk // NR * NR * nb
+        if kk < Kg:
+            _pack_grad_output_tiles(dy, g * Kg + kk, kk, first, last, bp[g], offset)
+        else:
+            for t in range(nb):
+                for xi in range(XI):
+                    bp[g, xi, offset + t * NR + kk % NR] = 0
+
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _weight_grad_tasks(xp, layout, planes, TH, TW, first, last, groups, accumulate, bp, a, du):
+    """``duᵀ (+)=`` the 9 GEMMs of tiles ``first:last`` (of the block of images padded in ``xp``, ``planes``
+    phase planes per image as ``layout``, TH x TW tiles each): tasks ``(group, block of PLANE_BLOCK planes)``,
+    each transforming its planes' tiles into its thread's packed A panels ``a`` (threads, 9, PLANE_BLOCK *
+    tiles + pad) and multiplying them by the shared ``bp`` into its rows of ``du`` (1, 9 * planes, Kg): row
+    ``xi * planes + plane``. Every element of ``du`` is summed by one task, over the tiles in order."""
+    Hp, Wp = layout[0], layout[1]
+    Pg = planes // groups
+    Kg = du.shape[2]
+    nb = last - first
+    blocks = -(-Pg // PLANE_BLOCK)
+    for task in prange(groups * blocks):
+        g, j0 = task // blocks, task % blocks * PLANE_BLOCK
+        j1 = min(Pg, j0 + PLANE_BLOCK)
+        panel = a[numba.get_thread_id()]
+        # Micro-panel by micro-panel, each run of tiles along a tile row in order: what a run's whole vectors
+        # write past its end, the next run (or micro-panel) overwrites.
+        for ir in range(j0, j1, MR):
+            t = first
+            while t < last:
+                n, th, tw = t // (TH * TW), t // TW % TH, t % TW
+                run = min(last - t, TW - tw)
+                start = ((n * planes + g * Pg + ir) * Hp + 2 * th) * Wp + 2 * tw
+                _transform_run_panel(xp, start, Hp * Wp, Wp, run, panel, (ir - j0) * nb + (t - first) * MR)
+                t += run
+        for xi in range(XI):
+            for ir in range(j0, j1, MR):
+                a_panel = panel[xi, (ir - j0) * nb : (ir - j0 + MR) * nb]
+                for jr in range(0, Kg, NR):
+                    b_panel = bp[g, xi, jr * nb : (jr + NR) * nb]
+                    row = xi * planes + g * Pg + ir
+                    _micro_kernel(nb, a_panel, b_panel, du, row, jr, MR, min(NR, Kg - jr), accumulate)
+
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _weight_from_du(du, planes, groups, dw):
+    """``dw[k, c, 2d + α, 2e + β] = (Gᵀ dU G)[d, e]`` of plane ``4c + 2α + β`` and filter ``k``, whose 9
+    transformed gradients are ``du[0, xi * planes + plane, k % Kg]``; in float64, rounded once. In parallel
+    over input channels, each reading its 36 rows of ``du`` along the filters and writing each filter's 16
+    values (a cache line of float32) together."""
+    K, Cg = dw.shape[:2]
+    Kg = K // groups
+    for task in prange(groups * Cg):
+        g, c = task // Cg, task % Cg
+        for k in range(Kg):
+            for alpha in range(2):
+                for beta in range(2):
+                    u = du[0, g * 4 * Cg + 4 * c + 2 * alpha + beta :: planes, k]  # its 9 values, xi by xi
+                    m0, m1, m2 = np.float64(u[0]), np.float64(u[1]), np.float64(u[2])
+                    m3, m4, m5 = np.float64(u[3]), np.float64(u[4]), np.float64(u[5])
+                    m6, m7, m8 = np.float64(u[6]), np.float64(u[7]), np.float64(u[8])
+                    s0 = (m0 + m3, m1 + m4, m2 + m5)  # Gᵀ dU: rows combined
+                    s1 = (m3 + m6, m4 + m7, m5 + m8)
+                    f = dw[g * Kg + k, c]
+                    f[alpha, beta], f[alpha, beta + 2] = s0[0] + s0[1], s0[1] + s0[2]
+                    f[alpha + 2, beta], f[alpha + 2, beta + 2] = s1[0] + s1[1], s1[1] + s1[2]
+
+
+def conv2d_weight_strided(x, grad_output, geometry, groups, grad_weight):
+    """``grad_weight = conv2d_weight(x, grad_output)`` for 4x4 filters, stride 2, no dilation, by Winograd
+    F(2x2, 2x2) over the input's stride phases. ``grad_weight`` is overwritten."""
+    N, C, _, _ = x.shape
+    K = grad_output.shape[1]
+    _, _, P, Q = grad_output.shape
+    Kg, planes = K // groups, 4 * C
+    dtype = grad_weight.dtype
+    Hp, Wp = _strided_layout(P, Q)
+    layout = np.array((Hp, Wp), np.int64)
+    TH, TW = -(-P // 2), -(-Q // 2)
+    du = scratch("strided winograd gradients", (1, XI * planes, Kg), dtype)
+    chunk = min(TILE_CHUNK, N * TH * TW)
+    bp = scratch("strided winograd output gradient", (groups, XI, _round_up(Kg, NR) * chunk + 16), dtype)
+    a = per_thread((XI, PLANE_BLOCK * chunk + 4 * NR), dtype, name="strided winograd planes")
+    _, _, pt, pl, _, _ = geometry
+    first_sum = True
+    for n0, n1, xp in _padded_blocks(x, (2, 2, pt, pl, 1, 1), Hp, Wp, planes * Hp * Wp * dtype.itemsize):
+        tiles = (n1 - n0) * TH * TW
+        dy = grad_output[n0:n1]
+        for t0 in range(0, tiles, chunk):
+            t1 = min(tiles, t0 + chunk)
+            _pack_grad_output(dy, groups, np.int64(t0), np.int64(t1), bp)
+            _weight_grad_tasks(
+                xp, layout, planes, np.int64(TH), np.int64(TW), np.int64(t0), np.int64(t1), groups,
+                np.bool_(not first_sum), bp, a, du,
+            )  # fmt: skip
+            first_sum = False
+    _weight_from_du(du, planes, groups, grad_weight)

@@ -132,6 +132,13 @@ SUBPIXEL_MIN_TILES = 64
 #: 0.48-0.50, 8x16x64x64 -> 32 0.60 -> 0.42-0.43, 16x64x16x16 -> 64 (256 tiles) 0.47-0.49 -> 0.35-0.37,
 #: 8x64x16x16 -> 64 (128 tiles) 0.26 -> 0.24-0.25, 8x64x32x32 -> 16 0.51 -> 0.26; 8x16x64x64 -> 64 0.89-0.90
 #: -> 0.73; slower with fewer channels in (8x8x64x64 -> 64 0.40 -> 0.54, 3 channels 0.21 -> 0.44) or 64 tiles
-#: (4x64x16x16 -> 64 0.15 -> 0.19), equal at 8 channels out.
+#: (4x64x16x16 -> 64 0.15 -> 0.19), equal at 8 channels out. The weight gradient of such a layer likewise, with
+#: more than 32 filters per group (fewer take the padded-input weight gradient, ``_shifted.py``). Measured
+#: against the GEMM path (conv2d_weight, same layers): 8x64x32x32 -> 128 1.75-1.77 -> 1.18-1.29 ms, 8x128x16x16
+#: -> 256 1.41-1.42 -> 1.25, 8x32x64x64 -> 64 2.14-2.18 -> 1.51, 1x64x64x64 -> 128 0.85-0.86 -> 0.61-0.72,
+#: 8x64x16x16 -> 64 0.50 -> 0.25, 2x64x32x32 -> 128 0.77 -> 0.36, 16x128x16x16 -> 128 1.52-1.55 -> 1.19-1.22,
+#: 8x64x32x32 -> 48 0.91 -> 0.63-0.65; slower with 8 input channels (8x8x32x32 -> 64 0.16 -> 0.26), 32 filters
+#: (8x16x64x64 -> 32, against the padded input: 0.59-0.62 -> 1.02-1.05) or 32 tiles (8x256x8x8 -> 512 1.43-1.45
+#: -> 2.84), equal at 16 input channels.
 STRIDED_WINOGRAD_MIN_CHANNELS = 16
 STRIDED_WINOGRAD_MIN_TILES = 128

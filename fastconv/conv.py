@@ -19,11 +19,14 @@ from ._winograd_grad import conv2d_weight_winograd, winograd_weight_grad_pays, w
 from ._winograd_strided import (
     _conv2d_input_subpixel,
     _conv2d_strided,
+    conv2d_weight_strided,
     input_grad_pays,
     input_grad_workspace,
     strided_winograd_applies,
     strided_winograd_pays,
     strided_workspace,
+    weight_grad_pays,
+    weight_grad_workspace,
 )
 from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP, KC, NC
 
@@ -230,21 +233,27 @@ def _weight_grad(x, grad_output, geometry, dtype):
     """conv2d's weight gradient: sum over the batch of grad_output · patches(x)ᵀ -> (K, C // groups, R, S)."""
     direct = _choose_algorithm("auto", geometry) == "direct"
     winograd = not direct and winograd_applies(geometry) and winograd_weight_grad_pays(geometry)
-    shifted = not (direct or winograd) and shifted_weight_grad_pays(geometry, dtype)
+    strided = not direct and strided_winograd_applies(geometry) and weight_grad_pays(geometry)
+    shifted = not (direct or winograd or strided) and shifted_weight_grad_pays(geometry, dtype)
     if winograd:
         workspace = winograd_weight_grad_workspace(geometry, dtype)
+    elif strided:
+        workspace = weight_grad_workspace(geometry, dtype)
     elif shifted:  # padded input, transposed output gradient, partial sums: a column buffer each at most
         workspace = 3 * COLUMN_BUFFER_BYTES
     else:
         workspace = _workspace_bytes(geometry, dtype, direct)
     v.check_memory("the weight gradient", geometry.weight_shape, dtype, (x, grad_output), workspace)
-    dw = np.zeros(geometry.weight_shape, dtype)
+    # Zeros where the kernel adds into it; the stride-phase Winograd writes every value.
+    dw = (np.empty if strided else np.zeros)(geometry.weight_shape, dtype)
     if dw.size and grad_output.size:
         layout = ()
         if direct:
             kernel = conv2d_direct_weight
         elif shifted:
             kernel, layout = _conv2d_weight_shifted, (weight_grad_layout(geometry, np.dtype(dtype).itemsize),)
+        elif strided:
+            kernel = conv2d_weight_strided
         else:
             kernel = conv2d_weight_winograd if winograd else _conv2d_weight
         run(
@@ -256,6 +265,8 @@ def _weight_grad(x, grad_output, geometry, dtype):
             dw,
             *layout,
         )
+    elif strided:
+        dw[...] = 0
     return dw
 
 

@@ -153,6 +153,7 @@ def test_results_do_not_depend_on_the_thread_count(rng):
     dy_48 = random_array(rng, (2, 48, 40, 40), "float32")  # 48 filters: the weight gradient by packed patches
     dy_wide = random_array(rng, (1, 64, 46, 46), "float32")
     w_4x4 = random_array(rng, (16, 16, 4, 4), "float32")  # conv_transpose2d 4x4 s2: Winograd on the phases
+    dy_4x4 = random_array(rng, (2, 48, 20, 20), "float32")  # and conv2d_weight 4x4 s2: 200 tiles, 48 filters
 
     def run():
         return [
@@ -164,6 +165,7 @@ def test_results_do_not_depend_on_the_thread_count(rng):
             fastconv.conv2d_weight(x_wide, (64, 64, 3, 3), dy_wide, padding=1),
             fastconv.conv2d_weight(x, (48, 8, 3, 3), dy_48, padding=1),
             fastconv.conv_transpose2d(dy, w_4x4, None, stride=2, padding=1),
+            fastconv.conv2d_weight(dy, (48, 16, 4, 4), dy_4x4, stride=2, padding=1),
         ]
 
     saved = numba.get_num_threads()

@@ -156,3 +156,62 @@ def test_auto_takes_the_phases_for_the_forward_pass_with_enough_channels_and_til
     assert chosen(8, 64, 32, 128) == chosen(1, 64, 64, 128) == "winograd"
     assert chosen(8, 3, 64, 64) == "gemm"  # an RGB input: too few channels for the transforms to pay
     assert chosen(4, 64, 16, 64) == "gemm"  # 64 tiles: one chunk, its channels split between the threads
+
+
+@pytest.fixture
+def weight_grad_everywhere(monkeypatch):
+    """Take the stride-phase Winograd weight gradient for every 4x4 stride-2 layer."""
+    monkeypatch.setattr(conv_module, "weight_grad_pays", lambda geometry: True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("N, C, H, W, K, padding, groups", FORWARD_CASES + [(2, 9, 9, 12, 70, 1, 1)])
+def test_weight_gradient_by_phases_matches_the_reference(
+    rng, weight_grad_everywhere, N, C, H, W, K, padding, groups, dtype
+):
+    """Including 36 phase planes (a block of 32 and a partial one) and 70 filters (two micro-panels of B, the
+    second padded with zeros)."""
+    x = random_array(rng, (N, C, H, W), dtype)
+    w = random_array(rng, (K, C // groups, 4, 4), dtype)
+    params = dict(stride=2, padding=padding, groups=groups)
+    dy = random_array(rng, reference.conv2d(x, w, **params).shape, dtype)
+    expected = reference.conv2d_weight(x, w.shape, dy, **params)
+    assert_close(fastconv.conv2d_weight(x, w.shape, dy, **params), expected)
+
+
+def test_weight_gradient_over_chunks_of_tiles_and_blocks_of_images(rng, weight_grad_everywhere, monkeypatch):
+    x = random_array(rng, (5, 3, 10, 9), "float64")
+    w = random_array(rng, (7, 3, 4, 4), "float64")
+    dy = random_array(rng, (5, 7, 5, 4), "float64")
+    whole = fastconv.conv2d_weight(x, w.shape, dy, stride=2, padding=1)
+    assert_close(whole, reference.conv2d_weight(x, w.shape, dy, stride=2, padding=1))
+    monkeypatch.setattr(_winograd_strided, "TILE_CHUNK", 5)  # 6 tiles per image: chunks across images
+    chunked = fastconv.conv2d_weight(x, w.shape, dy, stride=2, padding=1)
+    monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", 2 * 4 * 3 * 7 * 5 * 8)  # two images per block
+    blocked = fastconv.conv2d_weight(x, w.shape, dy, stride=2, padding=1)
+    for result in (chunked, blocked):
+        assert_close(result, whole)
+
+
+def test_auto_takes_the_phases_for_weight_gradients_with_more_filters_than_the_padded_input_path():
+    def pays(N, C, H, K):
+        _, geometry, _ = parse_conv2d("conv2d", (N, C, H, H), np.empty((K, C, 4, 4)), 2, 1, 1, 1)
+        return _winograd_strided.weight_grad_pays(geometry)
+
+    assert pays(8, 64, 32, 128) and pays(8, 64, 32, 48) and pays(2, 64, 32, 128)
+    assert not pays(8, 64, 32, 32)  # 32 filters: the padded-input weight gradient's tile
+    assert not pays(8, 8, 32, 64)  # 8 input channels: 32 phase planes, too few for the transforms to pay
+    assert not pays(8, 256, 8, 512)  # 32 tiles: GEMMs too shallow
+
+
+def test_weight_gradient_error_in_float32_stays_near_the_gemm_path(rng, monkeypatch):
+    x = rng.standard_normal((4, 64, 32, 32)).astype(np.float32)
+    w = rng.standard_normal((64, 64, 4, 4)).astype(np.float32)
+    dy = rng.standard_normal((4, 64, 16, 16)).astype(np.float32)
+    exact = reference.conv2d_weight(x.astype(np.float64), w.shape, dy.astype(np.float64), stride=2, padding=1)
+    by_phases = fastconv.conv2d_weight(x, w.shape, dy, stride=2, padding=1)
+    monkeypatch.setattr(conv_module, "weight_grad_pays", lambda geometry: False)
+    by_gemm = fastconv.conv2d_weight(x, w.shape, dy, stride=2, padding=1)
+    scale = np.abs(exact).max()
+    error, gemm_error = (np.abs(dw - exact).max() / scale for dw in (by_phases, by_gemm))
+    assert error < 3 * gemm_error and error < 2e-6, (error, gemm_error)
