@@ -302,6 +302,24 @@ def _bt_d_b(d):
     return a0 - b0, a1 - b1, a2 - b2, b0, b1, b2, c0 - b0, c1 - b1, c2 - b2
 
 
+def _transformed_tiles(context, builder, dtype, data, first, Wp):
+    """LLVM code for ``Bᵀ d B`` of a vector register of 3x3 tiles, tile ``l`` at flat index ``first + 2l`` of
+    ``data`` (rows ``Wp`` apart): each of the three rows read as two double-width vectors, at ``2l`` and ``2l +
+    2``, split into even and odd columns (the tiles' three columns, one tile per lane). The 9 ``Vector``
+    positions."""
+    vector, lanes, size = vector_type(context, dtype)
+    double = llvm_ir.VectorType(vector.element, 2 * lanes)
+    columns = llvm_ir.VectorType(llvm_ir.IntType(32), lanes)
+    even, odd = (llvm_ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
+    d = []
+    for r in range(3):
+        row = builder.gep(data, [builder.add(first, builder.mul(llvm_ir.IntType(64)(r), Wp))])
+        left, right = load(builder, double, row, 0, size), load(builder, double, row, 2, size)
+        d += [builder.shuffle_vector(left, left, even), builder.shuffle_vector(left, left, odd)]
+        d += [builder.shuffle_vector(right, right, even)]
+    return _bt_d_b.py_func(tuple(Vector(builder, value) for value in d))
+
+
 @intrinsic
 def _transform_run(typingctx, xp, start, Wp, count, v, v0):
     """``v[xi, v0 + u] = (Bᵀ d_u B)[xi]`` for ``u < count``, the 3x3 tiles ``d_u`` of the padded plane in ``xp``
@@ -313,10 +331,7 @@ def _transform_run(typingctx, xp, start, Wp, count, v, v0):
 
     def codegen(context, builder, signature, args):
         _, start, Wp, count, _, v0 = args
-        vector, lanes, size = vector_type(context, dtype)
-        double = llvm_ir.VectorType(vector.element, 2 * lanes)
-        columns = llvm_ir.VectorType(llvm_ir.IntType(32), lanes)
-        even, odd = (llvm_ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
+        _, lanes, size = vector_type(context, dtype)
         index = llvm_ir.IntType(64)
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         rows = context.make_array(signature.args[4])(context, builder, args[4])
@@ -324,14 +339,7 @@ def _transform_run(typingctx, xp, start, Wp, count, v, v0):
         blocks = builder.sdiv(builder.add(count, index(lanes - 1)), index(lanes))
         with cgutils.for_range(builder, blocks) as loop:
             u = builder.mul(loop.index, index(lanes))
-            first = builder.add(start, builder.mul(u, index(2)))
-            d = []
-            for i in range(3):
-                row = builder.gep(data, [builder.add(first, builder.mul(index(i), Wp))])
-                left, right = load(builder, double, row, 0, size), load(builder, double, row, 2, size)
-                d += [builder.shuffle_vector(left, left, even), builder.shuffle_vector(left, left, odd)]
-                d += [builder.shuffle_vector(right, right, even)]
-            t = _bt_d_b.py_func(tuple(Vector(builder, value) for value in d))
+            t = _transformed_tiles(context, builder, dtype, data, builder.add(start, builder.mul(u, index(2))), Wp)
             column = builder.add(v0, u)
             for xi in range(XI):
                 store(builder, t[xi].value, rows.data, builder.add(builder.mul(index(xi), row_stride), column), size)
@@ -556,11 +564,8 @@ def _transform_run_panel(typingctx, xp, start, plane, Wp, count, a, a0):
 
     def codegen(context, builder, signature, args):
         _, start, plane, Wp, count, _, a0 = args
-        vector, lanes, size = vector_type(context, dtype)
-        double = llvm_ir.VectorType(vector.element, 2 * lanes)
+        _, lanes, size = vector_type(context, dtype)
         int32 = llvm_ir.IntType(32)
-        columns = llvm_ir.VectorType(int32, lanes)
-        even, odd = (llvm_ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
         # Two rounds of zips: planes (0, 1) and (2, 3) pairwise, then the pairs, MR = 4 values per tile.
         pairs = llvm_ir.Constant(
             llvm_ir.VectorType(int32, 2 * lanes), [v for u in range(lanes) for v in (u, lanes + u)]
@@ -579,13 +584,7 @@ def _transform_run_panel(typingctx, xp, start, plane, Wp, count, a, a0):
             transformed = []
             for i in range(MR):
                 first = builder.add(builder.add(start, builder.mul(index(i), plane)), builder.mul(u, index(2)))
-                d = []
-                for r in range(3):
-                    row = builder.gep(data, [builder.add(first, builder.mul(index(r), Wp))])
-                    left, right = load(builder, double, row, 0, size), load(builder, double, row, 2, size)
-                    d += [builder.shuffle_vector(left, left, even), builder.shuffle_vector(left, left, odd)]
-                    d += [builder.shuffle_vector(right, right, even)]
-                transformed.append(_bt_d_b.py_func(tuple(Vector(builder, value) for value in d)))
+                transformed.append(_transformed_tiles(context, builder, dtype, data, first, Wp))
             column = builder.add(a0, builder.mul(u, index(MR)))
             for xi in range(XI):
                 t = [transformed[i][xi].value for i in range(MR)]
