@@ -173,11 +173,11 @@ def _transform_filters(weight, task, Kg, Cg, pt, pl, up):
     u = up[:, g]
     phase_stride = u.strides[0] // u.itemsize
     pa, pb = pt % 2, pl % 2
+    phases = ((pa * 2 + pb, pa * 2 + 1 - pb), ((1 - pa) * 2 + pb, (1 - pa) * 2 + 1 - pb))  # [ea][eb]
     for pc in range(0, Kg, KC):
         kc = min(KC, Kg - pc)
         for kk in range(kc):
             offset = pc * m_pad + ir * kc + kk * MR
-            phases = ((pa * 2 + pb, pa * 2 + 1 - pb), ((1 - pa) * 2 + pb, (1 - pa) * 2 + 1 - pb))
             filters = weight[g * Kg + pc + kk, ir:]
             if ir + MR <= Cg:
                 destinations = (
