@@ -33,6 +33,10 @@ from ._parallel import PRANGE_ONLY
 from ._simd import NARROW, _narrow_tile
 from .config import KC, MC, MR, NC, NR
 
+#: B micro-panels with at most this many times NARROW valid columns go to the narrow micro-kernel, a pass per
+#: NARROW columns (``_panel_rows``).
+NARROW_PASSES = 2
+
 # Arguments typed as plain int64 and bool, not as Numba literals: a literal argument (a bare 0 or True) would
 # compile the callee once more, for that one value.
 ZERO = np.int64(0)
@@ -301,21 +305,27 @@ def _write_back(tile, c, i0, j0, m_valid, n_valid, accumulate):
 def _panel_rows(ap, m, pc, kc, first, last, b_panel, c, i0, j0, n_valid, accumulate):
     """``C[i0 + first : i0 + last, j0 : j0 + n_valid] (+)= A~ @ B~`` for rows ``first:last`` (multiples of MR)
     of A packed by ``_pack_a`` and one micro-panel of B: by the micro-kernel, or by the narrow one, two A
-    micro-panels at a time, when B's micro-panel has at most NARROW valid columns (the last of a B whose width
-    is not a multiple of NR). Measured, float32, 2 threads, against the micro-kernel alone: gemm 512x392x4608
-    (its last micro-panel of B 8 columns wide) 4.85-5.11 -> 4.44 ms, 512x200x512 0.32 -> 0.27 ms; conv2d by
-    GEMM 8x256x14x14 -> 512 3x3 s2 3.02-3.04 -> 2.88 ms, 8x512x7x7 -> 512 3x3 6.15-6.17 -> 5.72-5.83 ms.
+    micro-panels at a time, a pass per NARROW columns, when B's micro-panel has at most NARROW_PASSES * NARROW
+    valid columns (the last of a B whose width is not a multiple of NR). Measured, float32, 2 threads, against
+    the micro-kernel alone: gemm 512x392x4608 (its last micro-panel of B 8 columns wide) 4.85-5.11 -> 4.44 ms,
+    512x200x512 0.32 -> 0.27 ms; conv2d by GEMM 8x256x14x14 -> 512 3x3 s2 3.02-3.04 -> 2.88 ms, 8x512x7x7 -> 512
+    3x3 6.15-6.17 -> 5.72-5.83 ms. Two passes for 17-32 columns, against the micro-kernel: gemm 512x32x4096
+    0.81-0.90 -> 0.62-0.87 ms, 512x96x2048 0.67-0.75 -> 0.57-0.66, 256x25x8192 1.43-1.70 -> 1.00-1.33,
+    1024x160x1024 0.91-0.95 -> 0.81-0.94; conv_transpose2d 2x256x8x8 -> 128 4x4 s2 by phases (32 tiles a
+    phase) 0.55-0.60 -> 0.42-0.49.
     """
     m_pad = _round_up(m, MR)
-    if n_valid <= NARROW:
+    if n_valid <= NARROW_PASSES * NARROW:
         tile = numba.carray(_stack_tile(c.dtype), (2 * MR, NARROW))
         for ir in range(first, last, 2 * MR):
             start = pc * m_pad + ir * kc
             a_panel = ap[start : start + kc * MR]
             # Past the last micro-panel of A, the last one again: its products are not written back.
             a_next = ap[start + kc * MR : start + 2 * kc * MR] if ir + MR < m_pad else a_panel
-            _narrow_tile(kc, a_panel, a_next, b_panel, _data(tile))
-            _write_back(tile, c, i0 + ir, j0, min(2 * MR, m - ir), n_valid, accumulate)
+            rows = min(2 * MR, min(last, m) - ir)  # rows past last belong to another task: not written
+            for jj in range(0, n_valid, NARROW):  # NARROW columns of B a pass
+                _narrow_tile(kc, a_panel, a_next, b_panel[jj:], _data(tile))
+                _write_back(tile, c, i0 + ir, j0 + jj, rows, min(NARROW, n_valid - jj), accumulate)
         return
     for ir in range(first, last, MR):
         start = pc * m_pad + ir * kc

@@ -405,7 +405,7 @@ def _phase_task(xp, layout, planes, phases, step, groups, c_block, accumulate, u
                 for xi in range(XI):
                     v[xi, u] = 0
         for xi in range(XI):
-            _panel_rows(up[index, g, xi], Cg, pc, kc, c0, c1, v[xi, : kc * NR], m, -c0, xi * NR, WHOLE_PANEL, pc > 0)
+            _panel_rows(up[index, g, xi], Cg, pc, kc, c0, c1, v[xi, : kc * NR], m, -c0, xi * NR, last - first, pc > 0)
     for c in range(c0, c1):
         offset = 0
         for i in range(n_runs):
