@@ -75,14 +75,23 @@ def _tiles(N, P, Q):
     return N * -(-P // 2) * -(-Q // 2)
 
 
+def _image_fits(planes, Hp, Wp):
+    """Whether one image's padded planes fit the column buffer (in float32; float64 takes twice that at most):
+    blocks of images bound the scratch, but a block holds one image at least."""
+    return planes * Hp * Wp * 4 <= COLUMN_BUFFER_BYTES
+
+
 def strided_winograd_pays(geometry):
     """Whether ``algorithm="auto"`` should compute this (applicable) layer's forward pass by
     ``_conv2d_strided``: at least ``config.STRIDED_WINOGRAD_MIN_CHANNELS`` input and output channels per group
-    and ``config.STRIDED_WINOGRAD_MIN_TILES`` 2x2 tiles of output in the batch."""
+    and ``config.STRIDED_WINOGRAD_MIN_TILES`` 2x2 tiles of output in the batch, and one image's stride phases
+    within the column buffer."""
     K, Cg = geometry.weight_shape[:2]
-    N, _, P, Q = geometry.output_shape
+    N, C, _, _ = geometry.input_shape
+    _, _, P, Q = geometry.output_shape
     channels = min(K // geometry.groups, Cg)
-    return channels >= STRIDED_WINOGRAD_MIN_CHANNELS and _tiles(N, P, Q) >= STRIDED_WINOGRAD_MIN_TILES
+    enough = channels >= STRIDED_WINOGRAD_MIN_CHANNELS and _tiles(N, P, Q) >= STRIDED_WINOGRAD_MIN_TILES
+    return enough and _image_fits(4 * C, *_strided_layout(P, Q))
 
 
 def _phase_tiles(geometry):
@@ -95,9 +104,12 @@ def input_grad_pays(geometry):
     """Whether ``_conv2d_input_subpixel`` should compute this (applicable) layer's input gradient: at least
     ``config.SUBPIXEL_MIN_OUT_CHANNELS`` channels of dx per group (fewer leave the micro-kernel's MR rows and
     the output transform little to share), and ``config.SUBPIXEL_MIN_TILES`` 2x2 tiles per phase in the batch
-    (fewer leave the NR columns of the products half empty)."""
-    Cg = geometry.weight_shape[1]
-    return Cg >= SUBPIXEL_MIN_OUT_CHANNELS and _phase_tiles(geometry) >= SUBPIXEL_MIN_TILES
+    (fewer leave the NR columns of the products half empty), and one image's padded output gradient within the
+    column buffer."""
+    K, Cg = geometry.weight_shape[:2]
+    _, _, P, Q = geometry.output_shape
+    enough = Cg >= SUBPIXEL_MIN_OUT_CHANNELS and _phase_tiles(geometry) >= SUBPIXEL_MIN_TILES
+    return enough and _image_fits(K, *padded_layout(geometry, P, Q)[:2])
 
 
 def _workspace(dtype, padded, phases, groups, rows, planes_per_group):
@@ -111,11 +123,13 @@ def weight_grad_pays(geometry):
     """Whether this (applicable) layer's weight gradient should take ``conv2d_weight_strided``: more filters
     per group than the padded-input weight gradient's tile takes (``_shifted.TILE_FILTERS``, its own fast path),
     at least ``config.STRIDED_WINOGRAD_MIN_CHANNELS`` input channels per group and
-    ``config.STRIDED_WINOGRAD_MIN_TILES`` 2x2 tiles of output (the GEMMs' depth)."""
+    ``config.STRIDED_WINOGRAD_MIN_TILES`` 2x2 tiles of output (the GEMMs' depth), and one image's stride phases
+    within the column buffer."""
     K, Cg = geometry.weight_shape[:2]
-    N, _, P, Q = geometry.output_shape
+    N, C, _, _ = geometry.input_shape
+    _, _, P, Q = geometry.output_shape
     enough = Cg >= STRIDED_WINOGRAD_MIN_CHANNELS and _tiles(N, P, Q) >= STRIDED_WINOGRAD_MIN_TILES
-    return enough and K // geometry.groups > TILE_FILTERS
+    return enough and K // geometry.groups > TILE_FILTERS and _image_fits(4 * C, *_strided_layout(P, Q))
 
 
 def weight_grad_workspace(geometry, dtype):

@@ -156,6 +156,7 @@ def test_auto_takes_the_phases_for_the_forward_pass_with_enough_channels_and_til
     assert chosen(8, 64, 32, 128) == chosen(1, 64, 64, 128) == "winograd"
     assert chosen(8, 3, 64, 64) == "gemm"  # an RGB input: too few channels for the transforms to pay
     assert chosen(4, 64, 16, 64) == "gemm"  # 64 tiles: one chunk, its channels split between the threads
+    assert chosen(1, 64, 512, 64) == "gemm"  # one image's stride phases (67 MB) past the column buffer
 
 
 @pytest.fixture
@@ -202,6 +203,7 @@ def test_auto_takes_the_phases_for_weight_gradients_with_more_filters_than_the_p
     assert not pays(8, 64, 32, 32)  # 32 filters: the padded-input weight gradient's tile
     assert not pays(8, 8, 32, 64)  # 8 input channels: 32 phase planes, too few for the transforms to pay
     assert not pays(8, 256, 8, 512)  # 32 tiles: GEMMs too shallow
+    assert not pays(1, 64, 512, 128)  # one image's stride phases (67 MB) past the column buffer
 
 
 def test_weight_gradient_error_in_float32_stays_near_the_gemm_path(rng, monkeypatch):
