@@ -244,8 +244,8 @@ def _weight_grad(x, grad_output, geometry, dtype):
     else:
         workspace = _workspace_bytes(geometry, dtype, direct)
     v.check_memory("the weight gradient", geometry.weight_shape, dtype, (x, grad_output), workspace)
-    # Zeros where the kernel adds into it; the stride-phase Winograd writes every value.
-    dw = (np.empty if strided else np.zeros)(geometry.weight_shape, dtype)
+    # The stride-phase Winograd writes every value; the other kernels add into zeros.
+    dw = np.empty(geometry.weight_shape, dtype) if strided else np.zeros(geometry.weight_shape, dtype)
     if dw.size and grad_output.size:
         layout = ()
         if direct:
