@@ -161,6 +161,7 @@ def test_results_do_not_depend_on_the_thread_count(rng):
             *fastconv.conv2d_backward(x, w, dy, padding=1),
             fastconv.conv_transpose2d(dy, w, None, padding=1),
             fastconv.gemm(x.reshape(80, -1), x.reshape(-1, 80)),
+            fastconv.gemm(x.reshape(5, -1), x.reshape(-1, 5)),  # 5120-long K split into ranges
             fastconv.conv2d(x, w[:8, :1], padding=1, groups=8),  # depthwise: the direct kernel
             fastconv.conv2d_weight(x_wide, (64, 64, 3, 3), dy_wide, padding=1),
             fastconv.conv2d_weight(x, (48, 8, 3, 3), dy_48, padding=1),

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import assert_close, random_array
 from fastconv import config, gemm
-from fastconv._gemm import NARROW
+from fastconv._gemm import NARROW, NARROW_PASSES
+from fastconv._macro import _k_ranges
 
 SHAPES = [
     (1, 1, 1),
@@ -32,10 +33,10 @@ def test_gemm_matches_float64_product(rng, m, n, k, dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_narrow_micro_kernel_sums_as_the_wide_one(rng, dtype):
-    """A last micro-panel of B with at most NARROW columns takes the narrow micro-kernel, otherwise the wide
-    one: the same products added in the same order, so the same bits."""
+    """A last micro-panel of B with at most NARROW_PASSES * NARROW columns takes the narrow micro-kernel, a pass
+    per NARROW columns, otherwise the wide one: the same products added in the same order, so the same bits."""
     a = random_array(rng, (2 * config.MR + 1, 2 * config.KC + 3), dtype)
-    b = random_array(rng, (a.shape[1], config.NR + NARROW + 8), dtype)
+    b = random_array(rng, (a.shape[1], config.NR + NARROW_PASSES * NARROW + 8), dtype)
     narrow = gemm(a, b[:, : config.NR + NARROW])
     wide = gemm(a, b)
     np.testing.assert_array_equal(narrow, wide[:, : config.NR + NARROW])
@@ -73,3 +74,15 @@ def test_gemm_errors(a, b, error, words):
         gemm(a, b)
     for word in words:
         assert word in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_few_tiles_of_c_split_the_shared_dimension(rng, dtype):
+    """C of fewer than 4 tiles with a long K: ranges of K summed into partial products added in order."""
+    for m, n, k in [(20, 70, 5000), (config.MR + 1, NARROW + 3, 8 * config.KC + 5), (1, 1, 4 * config.KC + 1)]:
+        assert _k_ranges(m, n, k) > 1
+        a = random_array(rng, (m, k), dtype)
+        b = random_array(rng, (k, n), dtype)
+        assert_close(gemm(a, b), (a.astype(np.float64) @ b.astype(np.float64)).astype(dtype))
+    assert _k_ranges(config.MC, 4 * config.NR, 10**6) == 1  # enough tiles for every thread
+    assert _k_ranges(64, 64, config.KC) == 1  # too short to split
