@@ -46,6 +46,21 @@ def store(builder, value, pointer, offset, size):
     builder.store(value, builder.bitcast(address, value.type.as_pointer()), align=size)
 
 
+def deinterleaved_columns(context, builder, dtype, row, count):
+    """The first ``count`` of the vectors of columns ``2l``, ``2l + 1``, ``2l + 2``, ``2l + 3`` (lane ``l``) from
+    the pointer ``row``: two double-width loads, at 0 and 2, each split into its even and odd values. A vector
+    register of Winograd tiles reads each of its rows so (``_winograd``, ``_winograd_strided``)."""
+    vector, lanes, size = vector_type(context, dtype)
+    double = ir.VectorType(vector.element, 2 * lanes)
+    columns = ir.VectorType(ir.IntType(32), lanes)
+    even, odd = (ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
+    out = []
+    for offset in (0, 2):
+        value = load(builder, double, row, offset, size)
+        out += [builder.shuffle_vector(value, value, even), builder.shuffle_vector(value, value, odd)]
+    return out[:count]
+
+
 def _splat(builder, value, lanes):
     """A vector of ``lanes`` copies of the scalar ``value``."""
     vector = ir.VectorType(value.type, lanes)

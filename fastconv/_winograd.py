@@ -37,7 +37,7 @@ from numba.extending import intrinsic
 from ._gemm import _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from ._simd import Vector, _gather, _splat, load, store, vector_type
+from ._simd import Vector, _gather, _splat, deinterleaved_columns, store, vector_type
 from .config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
 
 _FASTMATH = {"contract"}
@@ -163,16 +163,11 @@ def _transform_tile_vector(typingctx, r0, r1, r2, r3, j, v, u):
     dtype = r0.dtype
 
     def codegen(context, builder, signature, args):
-        vector, lanes, size = vector_type(context, dtype)
-        double = llvm_ir.VectorType(vector.element, 2 * lanes)
-        columns = llvm_ir.VectorType(llvm_ir.IntType(32), lanes)
-        even, odd = (llvm_ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
+        _, _, size = vector_type(context, dtype)
         d = []
         for i in range(4):
             row = builder.gep(context.make_array(signature.args[i])(context, builder, args[i]).data, [args[4]])
-            for first in (load(builder, double, row, 0, size), load(builder, double, row, 2, size)):
-                d += [Vector(builder, builder.shuffle_vector(first, first, even))]
-                d += [Vector(builder, builder.shuffle_vector(first, first, odd))]
+            d += [Vector(builder, value) for value in deinterleaved_columns(context, builder, dtype, row, 4)]
         _store_positions(context, builder, signature.args[5], args[5], _bt_d_b.py_func(tuple(d)), args[6], size)
         return context.get_dummy_value()
 

@@ -41,11 +41,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._conv_kernels import _padded_blocks
-from ._gemm import _micro_kernel, _panel_rows, _round_up
+from ._gemm import ZERO, _micro_kernel, _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
 from ._shifted import TILE_FILTERS
-from ._simd import Vector, load, store, vector_type
+from ._simd import Vector, deinterleaved_columns, load, store, vector_type
 from ._winograd import chunk_runs, task_share
 from .config import (
     COLUMN_BUFFER_BYTES,
@@ -318,48 +318,66 @@ def _bt_d_b(d):
 
 def _transformed_tiles(context, builder, dtype, data, first, Wp):
     """LLVM code for ``Bᵀ d B`` of a vector register of 3x3 tiles, tile ``l`` at flat index ``first + 2l`` of
-    ``data`` (rows ``Wp`` apart): each of the three rows read as two double-width vectors, at ``2l`` and ``2l +
-    2``, split into even and odd columns (the tiles' three columns, one tile per lane). The 9 ``Vector``
-    positions."""
-    vector, lanes, size = vector_type(context, dtype)
-    double = llvm_ir.VectorType(vector.element, 2 * lanes)
-    columns = llvm_ir.VectorType(llvm_ir.IntType(32), lanes)
-    even, odd = (llvm_ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
+    ``data`` (rows ``Wp`` apart), its three columns read from each row by ``_simd.deinterleaved_columns``: the
+    9 ``Vector`` positions."""
     d = []
     for r in range(3):
         row = builder.gep(data, [builder.add(first, builder.mul(llvm_ir.IntType(64)(r), Wp))])
-        left, right = load(builder, double, row, 0, size), load(builder, double, row, 2, size)
-        d += [builder.shuffle_vector(left, left, even), builder.shuffle_vector(left, left, odd)]
-        d += [builder.shuffle_vector(right, right, even)]
+        d += deinterleaved_columns(context, builder, dtype, row, 3)
     return _bt_d_b.py_func(tuple(Vector(builder, value) for value in d))
 
 
-@intrinsic
-def _transform_run(typingctx, xp, start, Wp, count, v, v0):
-    """``v[xi, v0 + u] = (Bᵀ d_u B)[xi]`` for ``u < count``, the 3x3 tiles ``d_u`` of the padded plane in ``xp``
-    at flat index ``start + 2u`` (rows ``Wp`` apart): a vector register of tiles at a time, each of the three
-    rows read as two double-width vectors, at ``2u`` and ``2u + 2``, split into even and odd columns (the
-    tiles' three columns, one tile per lane). Whole vectors: reads up to 2 * lanes + 2 values past a row's
-    last tile and writes up to lanes - 1 columns of ``v`` past ``v0 + count`` (the caller's slack)."""
-    dtype = xp.dtype
+def _run_transform(planes):
+    """An intrinsic ``(xp, start, plane, Wp, count, out, out0)``: ``out[xi, out0 + u * planes + i] = (Bᵀ d B)[xi]``
+    for ``u < count`` and ``i < planes``, ``d`` the 3x3 tile at flat index ``start + i * plane + 2u`` of ``xp``
+    (rows ``Wp`` apart), a vector register of tiles at a time (``_transformed_tiles``). One plane: a packed B
+    micro-panel's row of tiles (``_transform_run``); MR planes: their values interleaved as a packed A
+    micro-panel holds them, tiles its columns and planes its rows (``_transform_run_panel``, two rounds of
+    zips: planes (0, 1) and (2, 3) pairwise, then the pairs). Whole vectors: reads up to 2 * lanes + 2 values
+    past a row's last tile and writes up to (lanes - 1) * planes values past the run (the caller's slack)."""
+    if planes not in (1, 4):  # the zips interleave 4 planes: MR must be 4
+        raise ValueError(f"_run_transform interleaves 1 or 4 planes, not {planes}")
 
-    def codegen(context, builder, signature, args):
-        _, start, Wp, count, _, v0 = args
-        _, lanes, size = vector_type(context, dtype)
-        index = llvm_ir.IntType(64)
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        rows = context.make_array(signature.args[4])(context, builder, args[4])
-        row_stride = builder.sdiv(cgutils.unpack_tuple(builder, rows.strides)[0], index(size))
-        blocks = builder.sdiv(builder.add(count, index(lanes - 1)), index(lanes))
-        with cgutils.for_range(builder, blocks) as loop:
-            u = builder.mul(loop.index, index(lanes))
-            t = _transformed_tiles(context, builder, dtype, data, builder.add(start, builder.mul(u, index(2))), Wp)
-            column = builder.add(v0, u)
-            for xi in range(XI):
-                store(builder, t[xi].value, rows.data, builder.add(builder.mul(index(xi), row_stride), column), size)
-        return context.get_dummy_value()
+    def typer(typingctx, xp, start, plane, Wp, count, out, out0):
+        dtype = xp.dtype
 
-    return types.none(xp, start, Wp, count, v, v0), codegen
+        def codegen(context, builder, signature, args):
+            _, start, plane, Wp, count, _, out0 = args
+            _, lanes, size = vector_type(context, dtype)
+            int32, index = llvm_ir.IntType(32), llvm_ir.IntType(64)
+            pairs = llvm_ir.Constant(
+                llvm_ir.VectorType(int32, 2 * lanes), [v for u in range(lanes) for v in (u, lanes + u)]
+            )
+            fours = llvm_ir.Constant(
+                llvm_ir.VectorType(int32, 4 * lanes),
+                [v for u in range(lanes) for v in (2 * u, 2 * u + 1, 2 * lanes + 2 * u, 2 * lanes + 2 * u + 1)],
+            )
+            data = context.make_array(signature.args[0])(context, builder, args[0]).data
+            rows = context.make_array(signature.args[5])(context, builder, args[5])
+            row_stride = builder.sdiv(cgutils.unpack_tuple(builder, rows.strides)[0], index(size))
+            blocks = builder.sdiv(builder.add(count, index(lanes - 1)), index(lanes))
+            with cgutils.for_range(builder, blocks) as loop:
+                u = builder.mul(loop.index, index(lanes))
+                transformed = []
+                for i in range(planes):
+                    first = builder.add(builder.add(start, builder.mul(index(i), plane)), builder.mul(u, index(2)))
+                    transformed.append(_transformed_tiles(context, builder, dtype, data, first, Wp))
+                column = builder.add(out0, builder.mul(u, index(planes)))
+                for xi in range(XI):
+                    t = [transformed[i][xi].value for i in range(planes)]
+                    if planes > 1:
+                        t = [builder.shuffle_vector(t[0], t[1], pairs), builder.shuffle_vector(t[2], t[3], pairs)]
+                        t = [builder.shuffle_vector(t[0], t[1], fours)]
+                    store(builder, t[0], rows.data, builder.add(builder.mul(index(xi), row_stride), column), size)
+            return context.get_dummy_value()
+
+        return types.none(xp, start, plane, Wp, count, out, out0), codegen
+
+    return intrinsic(typer)
+
+
+_transform_run = _run_transform(1)
+_transform_run_panel = _run_transform(MR)
 
 
 @njit(cache=True)
@@ -413,7 +431,7 @@ def _phase_task(xp, layout, planes, phases, step, groups, c_block, accumulate, u
             for i in range(n_runs):
                 n, th, tw, run = runs[i, 0], runs[i, 1], runs[i, 2], runs[i, 3]
                 start = ((n * planes + plane) * Hp + 2 * th + row0) * Wp + 2 * tw + col0
-                _transform_run(xp, start, Wp, run, v, base)
+                _transform_run(xp, start, ZERO, Wp, run, v, base)
                 base += run
             for u in range(base, (p + 1) * NR):  # tiles past the last: zeros (after the runs' slack)
                 for xi in range(XI):
@@ -429,18 +447,14 @@ def _phase_task(xp, layout, planes, phases, step, groups, c_block, accumulate, u
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _phase_tasks(xp, layout, planes, phases, step, groups, c_block, accumulate, up, v, m, runs, y):
+def _phase_tasks(xp, layout, planes, phases, step, groups, c_block, per_phase, accumulate, up, v, m, runs, y):
     """``y (+)=`` the stride-1 2x2 convolutions of the padded planes in ``xp`` (``planes`` per image, laid out as
     ``layout = (Hp, Wp)``) by the filters transformed in ``up[phase]``, for each phase of the table ``phases``
     (rows ``(a, b, Pa, Qb, row0, col0)``: the phase writes ``y``'s pixels ``(step i + a, step j + b)``, ``i <
     Pa``, ``j < Qb``, its tile ``(0, 0)`` reading the planes from ``(row0, col0)``). The tasks
-    ``_phase_task`` in parallel, each thread with its own scratch rows of ``v`` (9, min(KC, planes/groups) * NR
-    + pad), ``m`` (9, c_block + 1, NR) and ``runs`` (NR, 4)."""
-    N, C = y.shape[:2]
-    most = 0
-    for i in range(phases.shape[0]):
-        most = max(most, N * -(-phases[i, 2] // 2) * -(-phases[i, 3] // 2))
-    per_phase = groups * -(-most // NR) * -(-(C // groups) // c_block)
+    ``_phase_task``, ``per_phase`` of each phase (as many as the largest phase needs), in parallel, each thread
+    with its own scratch rows of ``v`` (9, min(KC, planes/groups) * NR + pad), ``m`` (9, c_block + 1, NR) and
+    ``runs`` (NR, 4)."""
     for task in prange(phases.shape[0] * per_phase):
         t = numba.get_thread_id()
         _phase_task(
@@ -481,14 +495,18 @@ def _run_phases(x, padding, layout, planes, phases, step, groups, up, accumulate
     planes per image) a block of images at a time, as many as the column buffer holds."""
     C, dtype = y.shape[1], y.dtype
     Cg, Kg = C // groups, planes // groups
-    tiles = max(y.shape[0] * -(-Pa // 2) * -(-Qb // 2) for Pa, Qb in phases[:, 2:4])
-    c_block = _channel_block(Cg, len(phases) * groups * -(-tiles // NR), numba.config.NUMBA_NUM_THREADS)
+    chunks = groups * -(-max(_tiles(y.shape[0], Pa, Qb) for Pa, Qb in phases[:, 2:4]) // NR)  # per phase
+    c_block = _channel_block(Cg, len(phases) * chunks, numba.config.NUMBA_NUM_THREADS)
+    per_phase = np.int64(chunks * -(-Cg // c_block))
     v = per_thread((XI, min(KC, Kg) * NR + 16), dtype, name="subpixel inputs")
     m = per_thread((XI, c_block + 1, NR), dtype, name="subpixel products")
     runs = per_thread((NR, 4), np.int64, name="subpixel runs")
     Hp, Wp = (int(value) for value in layout)
     for n0, n1, xp in _padded_blocks(x, padding, Hp, Wp, planes * Hp * Wp * dtype.itemsize):
-        _phase_tasks(xp, layout, planes, phases, step, groups, c_block, np.bool_(accumulate), up, v, m, runs, y[n0:n1])
+        block = y[n0:n1]
+        _phase_tasks(
+            xp, layout, planes, phases, step, groups, c_block, per_phase, np.bool_(accumulate), up, v, m, runs, block
+        )
 
 
 def padded_layout(geometry, P, Q):
@@ -566,51 +584,6 @@ def _conv2d_strided(x, weight, geometry, groups, accumulate, y):
 TILE_CHUNK = 512
 #: Planes (rows of dUᵀ) per task.
 PLANE_BLOCK = 32
-
-
-@intrinsic
-def _transform_run_panel(typingctx, xp, start, plane, Wp, count, a, a0):
-    """``a[xi, a0 + u * MR + i] = (Bᵀ d B)[xi]`` for ``u < count`` and ``i < MR``, ``d`` the 3x3 tile at flat
-    index ``start + i * plane + 2u`` of ``xp`` (rows ``Wp`` apart): ``_transform_run`` for MR planes at once,
-    their values interleaved as a packed A micro-panel holds them (tiles its columns, MR planes its rows).
-    Whole vectors: reads as ``_transform_run``, writes up to (lanes - 1) * MR values past the run."""
-    dtype = xp.dtype
-
-    def codegen(context, builder, signature, args):
-        _, start, plane, Wp, count, _, a0 = args
-        _, lanes, size = vector_type(context, dtype)
-        int32 = llvm_ir.IntType(32)
-        # Two rounds of zips: planes (0, 1) and (2, 3) pairwise, then the pairs, MR = 4 values per tile.
-        pairs = llvm_ir.Constant(
-            llvm_ir.VectorType(int32, 2 * lanes), [v for u in range(lanes) for v in (u, lanes + u)]
-        )
-        fours = llvm_ir.Constant(
-            llvm_ir.VectorType(int32, 4 * lanes),
-            [v for u in range(lanes) for v in (2 * u, 2 * u + 1, 2 * lanes + 2 * u, 2 * lanes + 2 * u + 1)],
-        )
-        index = llvm_ir.IntType(64)
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        rows = context.make_array(signature.args[5])(context, builder, args[5])
-        row_stride = builder.sdiv(cgutils.unpack_tuple(builder, rows.strides)[0], index(size))
-        blocks = builder.sdiv(builder.add(count, index(lanes - 1)), index(lanes))
-        with cgutils.for_range(builder, blocks) as loop:
-            u = builder.mul(loop.index, index(lanes))
-            transformed = []
-            for i in range(MR):
-                first = builder.add(builder.add(start, builder.mul(index(i), plane)), builder.mul(u, index(2)))
-                transformed.append(_transformed_tiles(context, builder, dtype, data, first, Wp))
-            column = builder.add(a0, builder.mul(u, index(MR)))
-            for xi in range(XI):
-                t = [transformed[i][xi].value for i in range(MR)]
-                value = builder.shuffle_vector(
-                    builder.shuffle_vector(t[0], t[1], pairs), builder.shuffle_vector(t[2], t[3], pairs), fours
-                )
-                store(builder, value, rows.data, builder.add(builder.mul(index(xi), row_stride), column), size)
-        return context.get_dummy_value()
-
-    if MR != 4:
-        raise numba.core.errors.TypingError("_transform_run_panel interleaves 4 planes: MR must be 4")
-    return types.none(xp, start, plane, Wp, count, a, a0), codegen
 
 
 @njit(cache=True)
