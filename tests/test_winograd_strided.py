@@ -25,6 +25,11 @@ CASES = [  # (N, C_in, H, W, C_out, padding, output_padding, groups) of conv_tra
 ]
 
 
+def rms_error(actual, exact):
+    """Root-mean-square error relative to the largest exact value: steadier from seed to seed than the largest."""
+    return np.sqrt(np.mean((actual - exact) ** 2)) / np.abs(exact).max()
+
+
 @pytest.fixture
 def everywhere(monkeypatch):
     """Take the sub-pixel path for every 4x4 stride-2 layer, however few its channels and tiles."""
@@ -111,8 +116,8 @@ def test_float32_error_stays_near_the_direct_sum(rng):
         patch.setattr(_winograd_strided, "SUBPIXEL_MIN_TILES", 10**9)
         by_gemm = fastconv.conv_transpose2d(x, w, stride=2, padding=1)
     scale = np.abs(exact).max()
-    error, gemm_error = (np.abs(y - exact).max() / scale for y in (by_phases, by_gemm))
-    assert error < 2e-6, error
+    assert np.abs(by_phases - exact).max() < 2e-6 * scale
+    error, gemm_error = (rms_error(y, exact) for y in (by_phases, by_gemm))
     assert error <= 3 * gemm_error, (error, gemm_error)
 
 
@@ -215,5 +220,6 @@ def test_weight_gradient_error_in_float32_stays_near_the_gemm_path(rng, monkeypa
     monkeypatch.setattr(conv_module, "weight_grad_pays", lambda geometry: False)
     by_gemm = fastconv.conv2d_weight(x, w.shape, dy, stride=2, padding=1)
     scale = np.abs(exact).max()
-    error, gemm_error = (np.abs(dw - exact).max() / scale for dw in (by_phases, by_gemm))
-    assert error < 3 * gemm_error and error < 2e-6, (error, gemm_error)
+    assert np.abs(by_phases - exact).max() < 2e-6 * scale
+    error, gemm_error = (rms_error(dw, exact) for dw in (by_phases, by_gemm))
+    assert error < 2 * gemm_error, (error, gemm_error)  # measured over 12 seeds: 1.48-1.51
