@@ -56,7 +56,6 @@ from ._shifted import (
     _pad_phases,
     _shifted_gemm,
     _shifted_weight_grad,
-    _transpose_images,
     padded_shape,
     shifted_pays,
     tap_offsets,
@@ -196,10 +195,10 @@ def _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y):
 
 def _conv2d_weight_shifted(x, grad_output, geometry, groups, grad_weight, layout):
     """``grad_weight = conv2d_weight(x, grad_output)`` by ``_shifted.py``: the patches read from the input's
-    padded stride phases, the output gradient transposed (filters rounded up to TILE_FILTERS), a block of
-    images at a time (each of the three buffers bounded by the column buffer), as ``layout`` (of
-    ``_shifted.weight_grad_layout``) says. Tasks of a fixed number of output rows sum into partial gradients of
-    their own, added in order: the result depends on the shape alone.
+    padded stride phases, the output gradient read as it is, a block of images at a time (each of the two
+    buffers bounded by the column buffer), as ``layout`` (of ``_shifted.weight_grad_layout``) says. Tasks of a
+    fixed number of output rows sum into partial gradients of their own, added in order: the result depends on
+    the shape alone.
     """
     N, C, _, _ = x.shape
     _, K, P, Q = grad_output.shape
@@ -209,22 +208,22 @@ def _conv2d_weight_shifted(x, grad_output, geometry, groups, grad_weight, layout
     Hp, Wp, rows, blocks, image_bytes = layout
     plane, planes = Hp * Wp, C * sh * sw
     offsets = tap_offsets(Cg, R, S, Hp, Wp, geometry)
-    taps, width = _round_up(crs, TILE_TAPS), _round_up(Kg, TILE_FILTERS)
-    sums = scratch("weight gradient sums", (groups, taps, width), grad_weight.dtype, zeros=True)
+    tiles = (-(-crs // TILE_TAPS), -(-Kg // TILE_FILTERS), TILE_TAPS * TILE_FILTERS)
+    sums = scratch("weight gradient sums", (groups, *tiles), grad_weight.dtype, zeros=True)
     dy_blocks = grad_output.reshape(N, K, P * Q)
     for n0, n1, xp in _padded_blocks(x, geometry, Hp, Wp, image_bytes):
-        dyt = scratch("transposed output gradient", (n1 - n0, P * Q, width), x.dtype)
-        partial = scratch("partial sums", ((n1 - n0) * blocks, taps, width), x.dtype)
-        for g in range(groups):
-            _transpose_images(dy_blocks[n0:n1], np.int64(g * Kg), dyt)
-            _shifted_weight_grad(
-                xp, np.int64(planes * plane), np.int64(g * planes // groups * plane), offsets, dyt, np.int64(Wp),
-                np.int64(Q), np.int64(P), np.int64(rows), partial,
-            )  # fmt: skip
-            with np.errstate(all="ignore"):  # inf - inf makes NaN here as in the kernels: no warning for it
-                for task in range(partial.shape[0]):  # in order: the same sums whatever the thread count
-                    sums[g] += partial[task]
-    grad_weight.reshape(groups, Kg, crs)[...] = sums[:, :crs, :Kg].transpose(0, 2, 1)
+        partial = scratch("partial sums", ((n1 - n0) * blocks, groups, *tiles), x.dtype)
+        _shifted_weight_grad(
+            xp, np.int64(planes * plane), np.int64(planes // groups * plane), offsets, dy_blocks[n0:n1],
+            np.int64(Wp), np.int64(P), np.int64(Q), np.int64(rows), partial,
+        )  # fmt: skip
+        with np.errstate(all="ignore"):  # inf - inf makes NaN here as in the kernels: no warning for it
+            for task in range(partial.shape[0]):  # in order: the same sums whatever the thread count
+                sums += partial[task]
+    # (g, tap tile, filter tile, tap, filter) -> (g, filter, tap)
+    by_filter = sums.reshape(groups, tiles[0], tiles[1], TILE_TAPS, TILE_FILTERS).transpose(0, 2, 4, 1, 3)
+    by_filter = by_filter.reshape(groups, tiles[1] * TILE_FILTERS, tiles[0] * TILE_TAPS)
+    grad_weight.reshape(groups, Kg, crs)[...] = by_filter[:, :Kg, :crs]
 
 
 def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_input):

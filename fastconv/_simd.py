@@ -329,3 +329,88 @@ def _gather_taps(typingctx, panel, panel_start, x, pixel, offsets, h_offsets, w_
         return context.get_dummy_value()
 
     return types.none(panel, panel_start, x, pixel, offsets, h_offsets, w_offsets, first, h, w, H, W), codegen
+
+
+def _masked_load(builder, vector, size, pointer, offset, mask):
+    """``llvm.masked.load`` of a ``vector`` at ``pointer + offset``: lanes off in ``mask`` are 0, not read."""
+    lanes, int32 = vector.count, ir.IntType(32)
+    function = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(vector, [vector.as_pointer(), int32, ir.VectorType(ir.IntType(1), lanes), vector]),
+        f"llvm.masked.load.v{lanes}f{8 * size}.p0",
+    )
+    address = builder.bitcast(builder.gep(pointer, [offset]), vector.as_pointer())
+    return builder.call(function, [address, int32(size), mask, ir.Constant(vector, [0.0] * lanes)])
+
+
+def _lane_sum(builder, value):
+    """The sum of a vector's lanes, by halves: a fixed order, the same bits every time."""
+    lanes = value.type.count
+    while lanes > 1:
+        lanes //= 2
+        halves = [ir.Constant(ir.VectorType(ir.IntType(32), lanes), list(range(k, k + lanes))) for k in (0, lanes)]
+        value = builder.fadd(*(builder.shuffle_vector(value, value, half) for half in halves))
+    return builder.extract_element(value, ir.IntType(32)(0))
+
+
+@intrinsic
+def _run_products(typingctx, a, a_starts, b, b_starts, rows, a_stride, b_stride, length, out):
+    """``out[i * len(b_starts) + j] = sum over row < rows, q < length of a[a_starts[i] + row * a_stride + q] *
+    b[b_starts[j] + row * b_stride + q]``: every product of a few runs of ``a`` with a few runs of ``b``, summed.
+
+    ``a`` and ``b`` are arrays read through their data pointers; ``a_starts`` and ``b_starts`` are tuples of
+    int64 (the tile's rows and columns); ``out`` is a 1-D array of their product's size. Vectors run along
+    the runs, one accumulator per product, held in registers over every row; each row ends with one vector
+    masked to its last 1 to lanes - 1 values (zeros on both sides, so no value past the run is read), and
+    each accumulator's lanes are summed by halves at the end: a fixed order, the same bits every call.
+    """
+    dtype = a.dtype
+    n_a, n_b = a_starts.count, b_starts.count
+
+    def codegen(context, builder, signature, args):
+        a, a_starts, b, b_starts, rows, a_stride, b_stride, length, out = args
+        vector, lanes, size = vector_type(context, dtype)
+        index = ir.IntType(64)
+        a_data, b_data, out_data = (
+            context.make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 2, 8)
+        )
+        a_rows = [builder.gep(a_data, [s]) for s in cgutils.unpack_tuple(builder, a_starts, n_a)]
+        b_rows = [builder.gep(b_data, [s]) for s in cgutils.unpack_tuple(builder, b_starts, n_b)]
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{lanes}f{8 * size}"
+        )
+        accumulators = [  # promoted to registers by LLVM
+            cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(n_a * n_b)
+        ]
+
+        def accumulate(a_values, b_values):
+            for i, a_value in enumerate(a_values):
+                for j, b_value in enumerate(b_values):
+                    accumulator = accumulators[i * n_b + j]
+                    builder.store(builder.call(fma, [a_value, b_value, builder.load(accumulator)]), accumulator)
+
+        whole = builder.udiv(length, index(lanes))
+        rest = builder.sub(length, builder.mul(whole, index(lanes)))
+        mask = _lane_mask(builder, rest, lanes)
+        with cgutils.for_range(builder, rows) as row:
+            # The row's pointers once, so that the vector loop holds only them and its offset in registers.
+            a_row, b_row = builder.mul(row.index, a_stride), builder.mul(row.index, b_stride)
+            a_here = [builder.gep(p, [a_row]) for p in a_rows]
+            b_here = [builder.gep(p, [b_row]) for p in b_rows]
+            with cgutils.for_range(builder, whole) as step:
+                offset = builder.mul(step.index, index(lanes))
+                accumulate(
+                    [load(builder, vector, p, offset, size) for p in a_here],
+                    [load(builder, vector, p, offset, size) for p in b_here],
+                )
+            with builder.if_then(builder.icmp_signed(">", rest, index(0))):
+                offset = builder.mul(whole, index(lanes))
+                accumulate(
+                    [_masked_load(builder, vector, size, p, offset, mask) for p in a_here],
+                    [_masked_load(builder, vector, size, p, offset, mask) for p in b_here],
+                )
+        for k, accumulator in enumerate(accumulators):
+            builder.store(_lane_sum(builder, builder.load(accumulator)), builder.gep(out_data, [index(k)]))
+        return context.get_dummy_value()
+
+    return types.none(a, a_starts, b, b_starts, rows, a_stride, b_stride, length, out), codegen

@@ -44,7 +44,7 @@ from ._conv_kernels import _padded_blocks
 from ._gemm import ZERO, _micro_kernel, _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from ._shifted import TILE_FILTERS
+from ._shifted import SHIFTED_WEIGHT_GRAD_MAX_FILTERS
 from ._simd import Vector, deinterleaved_columns, load, store, vector_type
 from ._winograd import chunk_runs, task_share
 from .config import (
@@ -121,7 +121,8 @@ def _workspace(dtype, padded, phases, groups, rows, planes_per_group):
 
 def weight_grad_pays(geometry):
     """Whether this (applicable) layer's weight gradient should take ``conv2d_weight_strided``: more filters
-    per group than the padded-input weight gradient's tile takes (``_shifted.TILE_FILTERS``, its own fast path),
+    per group than the padded-input weight gradient takes (``_shifted.SHIFTED_WEIGHT_GRAD_MAX_FILTERS``: its
+    own fast path),
     at least ``config.STRIDED_WINOGRAD_MIN_CHANNELS`` input channels per group and
     ``config.STRIDED_WINOGRAD_MIN_TILES`` 2x2 tiles of output (the GEMMs' depth), and one image's stride phases
     within the column buffer."""
@@ -129,7 +130,8 @@ def weight_grad_pays(geometry):
     N, C, _, _ = geometry.input_shape
     _, _, P, Q = geometry.output_shape
     enough = Cg >= STRIDED_WINOGRAD_MIN_CHANNELS and _tiles(N, P, Q) >= STRIDED_WINOGRAD_MIN_TILES
-    return enough and K // geometry.groups > TILE_FILTERS and _image_fits(4 * C, *_strided_layout(P, Q))
+    wide = K // geometry.groups > SHIFTED_WEIGHT_GRAD_MAX_FILTERS
+    return enough and wide and _image_fits(4 * C, *_strided_layout(P, Q))
 
 
 def weight_grad_workspace(geometry, dtype):

@@ -239,8 +239,8 @@ def _weight_grad(x, grad_output, geometry, dtype):
         workspace = winograd_weight_grad_workspace(geometry, dtype)
     elif strided:
         workspace = weight_grad_workspace(geometry, dtype)
-    elif shifted:  # padded input, transposed output gradient, partial sums: a column buffer each at most
-        workspace = 3 * COLUMN_BUFFER_BYTES
+    elif shifted:  # padded input, partial sums: a column buffer each at most
+        workspace = 2 * COLUMN_BUFFER_BYTES
     else:
         workspace = _workspace_bytes(geometry, dtype, direct)
     v.check_memory("the weight gradient", geometry.weight_shape, dtype, (x, grad_output), workspace)

@@ -248,15 +248,16 @@ def test_padded_input_in_blocks_of_images(rng, monkeypatch, images_per_block, dt
 @pytest.mark.parametrize("images_per_block", [0, 1, 2])
 def test_weight_gradient_from_the_padded_input_in_blocks_of_images(rng, monkeypatch, images_per_block, dtype):
     """The weight gradient by ``_shifted.py`` works on as many images as the column buffer holds (at least one)
-    and sums the blocks' partial gradients in order; 40 filters make two tiles of TILE_FILTERS."""
-    x, w, _ = _conv_case(rng, 3, (4, 40, 1), ((9, 10), (3, 3)), dtype)
+    and sums the blocks' partial gradients in order; 27 taps and 41 filters end in partial tiles of TILE_TAPS
+    and TILE_FILTERS (4 each)."""
+    x, w, _ = _conv_case(rng, 3, (3, 41, 1), ((9, 10), (3, 3)), dtype)
     monkeypatch.setattr(conv_module, "shifted_weight_grad_pays", lambda *args: True)
-    # Per image, the largest buffer is the partial sums: 4 tasks of 2 output rows x 40 taps x 64 filters.
-    monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", max(1, images_per_block * 4 * 40 * 64 * x.itemsize))
+    # Per image, the largest buffer is the partial sums: 4 tasks of 2 output rows x 28 taps x 44 filters.
+    monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", max(1, images_per_block * 4 * 28 * 44 * x.itemsize))
     blocks = []
     pad = _conv_kernels._pad_phases
     monkeypatch.setattr(_conv_kernels, "_pad_phases", lambda x, *args: blocks.append(len(x)) or pad(x, *args))
-    dy = random_array(rng, (3, 40, 7, 5), dtype)
+    dy = random_array(rng, (3, 41, 7, 5), dtype)
     params = dict(stride=(1, 2), padding=(0, 1))
     expected = reference.conv2d_weight(x, w.shape, dy, **params)
     assert_close(fastconv.conv2d_weight(x, w.shape, dy, **params), expected)
@@ -311,15 +312,16 @@ def test_padded_input_is_read_for_few_filters_per_group_and_little_waste():
     assert not shifted_pays(g.kernel_geometry, g.input_shape, g.weight_shape, 1, 32, 32, np.float64)
 
 
-def test_weight_gradient_reads_the_padded_input_for_at_most_a_tile_of_filters():
-    from fastconv._shifted import TILE_FILTERS, shifted_weight_grad_pays
+def test_weight_gradient_reads_the_padded_input_for_few_filters():
+    from fastconv._shifted import SHIFTED_WEIGHT_GRAD_MAX_FILTERS as MOST
+    from fastconv._shifted import shifted_weight_grad_pays
 
     def pays(C, K, R=3, stride=1, groups=1, H=32):
         geometry = _validate.conv2d_geometry("conv2d", (8, C, H, H), (K, C // groups, R, R), stride, 1, 1, groups)
         return shifted_weight_grad_pays(geometry, np.float32)
 
-    assert pays(32, TILE_FILTERS) and pays(3, 16) and pays(64, 64, groups=2) and pays(32, 32, R=5, stride=2)
-    assert not pays(32, TILE_FILTERS + 1) and not pays(32, 32, R=1) and not pays(4096, 32, H=64)
+    assert pays(32, MOST) and pays(3, 16) and pays(64, 64, groups=2) and pays(32, 32, R=5, stride=2)
+    assert not pays(32, MOST + 1) and not pays(32, 32, R=1) and not pays(4096, 32, H=64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
