@@ -30,7 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._parallel import PRANGE_ONLY
-from ._simd import NARROW, _narrow_tile
+from ._simd import NARROW, _narrow_tile, _transposed_block
 from .config import KC, MC, MR, NC, NR
 
 #: B micro-panels with at most this many times NARROW valid columns go to the narrow micro-kernel, a pass per
@@ -242,6 +242,25 @@ def _pack_b_panel(b, row0, col0, pc, kc, j0, n_valid, panel):
     for p in range(kc):
         for q in range(n_valid, NR):
             panel[p * NR + q] = 0
+
+
+@njit(cache=True)
+def _pack_b_panel_transposed(bt, pc, kc, j0, n_valid, panel):
+    """``_pack_b_panel`` for a B stored transposed: ``B = bt.T``, ``bt`` (n x k) C-contiguous, so each column of
+    B is contiguous (``gemm(a, w.T)``). Square blocks of 16 float32 (8 float64) are read from 16 rows of ``bt``
+    and written transposed (``_simd._transposed_block``); the last ``kc % 16`` rows value by value. Columns past
+    ``n_valid`` are zeros."""
+    k = bt.shape[1]
+    lanes = 64 // bt.itemsize
+    source, target = _data(bt), _data(panel)
+    whole = kc - kc % lanes
+    for p in range(0, whole, lanes):
+        for j in range(0, NR, lanes):
+            rows = max(0, min(lanes, n_valid - j))
+            _transposed_block(target, p * NR + j, NR, source, (j0 + j) * k + pc + p, k, rows)
+    for p in range(whole, kc):
+        for j in range(NR):
+            panel[p * NR + j] = bt[j0 + j, pc + p] if j < n_valid else 0
 
 
 @njit(fastmath=_FASTMATH, cache=True)

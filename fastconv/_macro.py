@@ -39,6 +39,7 @@ from ._gemm import (
     _pack_a,
     _pack_a_serial,
     _pack_b_panel,
+    _pack_b_panel_transposed,
     _packed_a_size,
     _packed_b_size,
     _panel_rows,
@@ -122,13 +123,23 @@ def _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp):
     )  # fmt: skip
 
 
-def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, bp):
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _pack_b_transposed(bt, pc, kc, jc, nc, bp):
+    """``_pack_b`` for a B stored transposed (``B = bt.T``, ``bt`` n x k and C-contiguous): one task per
+    micro-panel (``_gemm._pack_b_panel_transposed``)."""
+    for jr in prange(-(-nc // NR)):
+        j = jr * NR
+        _pack_b_panel_transposed(bt, pc, kc, jc + j, min(NR, nc - j), bp[j * kc : j * kc + kc * NR])
+
+
+def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, bp, bt=None):
     """``C (+)= A @ B`` on blocked matrices (see ``_pack_a``), with A (m x k) already packed by ``_pack_a``,
     through a shared panel of B.
 
-    ``B`` is ``b[:, b_row0 : b_row0 + k, b_col0 : b_col0 + n]``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 :
-    c_col0 + n]``. ``bp`` is scratch of ``_packed_b_size(n)`` values. With ``accumulate`` false ``C`` is
-    overwritten (BLAS beta = 0, applied on the first ``pc`` block only), otherwise added to (beta = 1).
+    ``B`` is ``b[:, b_row0 : b_row0 + k, b_col0 : b_col0 + n]``, or, given ``bt`` (n x k, C-contiguous; then
+    ``b`` is any 3-D array of the dtype and the offsets are 0), ``bt.T``. ``C`` is ``c[:, c_row0 : c_row0 + m,
+    c_col0 : c_col0 + n]``. ``bp`` is scratch of ``_packed_b_size(n)`` values. With ``accumulate`` false ``C``
+    is overwritten (BLAS beta = 0, applied on the first ``pc`` block only), otherwise added to (beta = 1).
     """
     if k == 0 and not accumulate:
         _zero_columns(c, c_row0, m, c_col0, n)
@@ -138,7 +149,10 @@ def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, 
         nc = min(NC, n - jc)
         for pc in range(0, k, KC):
             kc = min(KC, k - pc)
-            _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp)
+            if bt is None:
+                _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp)
+            else:
+                _pack_b_transposed(bt, pc, kc, jc, nc, bp)
             _macro_kernel(
                 ap, m, pc, kc, SHARED, b, b_row0, no_x, no_taps, 1, 1, 1, 1, ZERO, nc, c, c_row0, c_col0 + jc,
                 np.bool_(accumulate or pc > 0), panels, no_pixels,
@@ -176,47 +190,56 @@ def _k_ranges(m, n, k):
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _split_k_tasks(a, b, ap, bp, partial):
+def _split_k_tasks(a, b, a_transposed, b_transposed, ap, bp, partial):
     """``partial[i] = A[:, ks_i] @ B[ks_i, :]`` for the ranges ``ks_i`` of the shared dimension, one task each,
-    A and B packed by the task into its thread's ``ap`` and ``bp``."""
+    A and B packed by the task into its thread's ``ap`` and ``bp``. ``A`` is ``a``, or ``a.T`` when
+    ``a_transposed``; ``B`` likewise."""
     ranges, m, n = partial.shape
-    k = a.shape[1]
-    a_blocks, b_blocks = a.reshape(1, m, k), b.reshape(1, k, n)
+    k = a.shape[0] if a_transposed else a.shape[1]
+    a_blocks = a.reshape(1, a.shape[0], a.shape[1])
+    b_blocks = b.reshape(1, b.shape[0], b.shape[1])
     for i in prange(ranges):
         t = numba.get_thread_id()
         k0, k1 = i * k // ranges, (i + 1) * k // ranges
         c = partial[i : i + 1]
         for pc in range(k0, k1, KC):
             kc = min(KC, k1 - pc)
-            _pack_a_serial(a_blocks, ZERO, m, pc, kc, FALSE, ap[t])
+            _pack_a_serial(a_blocks, ZERO, m, pc, kc, a_transposed, ap[t])
             for jc in range(0, n, NC):
                 nc = min(NC, n - jc)
                 for jr in range(0, nc, NR):
                     panel = bp[t, jr * kc : jr * kc + kc * NR]
-                    _pack_b_panel(b_blocks, ZERO, ZERO, pc, kc, jc + jr, min(NR, nc - jr), panel)
+                    if b_transposed:
+                        _pack_b_panel_transposed(b, pc, kc, jc + jr, min(NR, nc - jr), panel)
+                    else:
+                        _pack_b_panel(b_blocks, ZERO, ZERO, pc, kc, jc + jr, min(NR, nc - jr), panel)
                 _macro_kernel_serial(ap[t], m, ZERO, kc, bp[t], nc, c, ZERO, jc, pc > k0)
 
 
-def _gemm(a, b, c):
-    """``c = a @ b`` for C-contiguous 2-D arrays of one dtype."""
-    m, k = a.shape
-    n = b.shape[1]
+def _gemm(a, b, c, a_transposed=False, b_transposed=False):
+    """``c = A @ B`` for C-contiguous 2-D arrays of one dtype, ``A`` being ``a`` or, when ``a_transposed``, ``a.T``
+    (its rows packed as A's columns: no copy), and ``B`` likewise ``b`` or ``b.T``."""
+    m, n = c.shape
+    k = a.shape[0] if a_transposed else a.shape[1]
     ranges = _k_ranges(m, n, k)
     if ranges > 1:
         partial = scratch("partial products", (ranges, m, n), c.dtype)
         ap = per_thread((_packed_a_size(m, KC),), c.dtype, name="packed A")
         bp = per_thread((_packed_b_size(min(n, NC)),), c.dtype, name="packed B")
-        _split_k_tasks(a, b, ap, bp, partial)
+        _split_k_tasks(a, b, np.bool_(a_transposed), np.bool_(b_transposed), ap, bp, partial)
         c[...] = partial[0]
         with np.errstate(all="ignore"):  # inf - inf makes NaN here as in the kernels: no warning for it
             for i in range(1, ranges):
                 c += partial[i]
         return
     ap = scratch("packed A", _packed_a_size(m, k), c.dtype)
-    _pack_a(a.reshape(1, m, k), ZERO, m, ZERO, k, FALSE, ap)
-    b_blocks, c_blocks = b.reshape(1, k, n), c.reshape(1, m, n)  # blocked matrices of one block each
-    if packs_per_task(m, patches=False):
-        _gemm_per_task(ap, m, k, b_blocks, ZERO, n, c_blocks, ZERO, FALSE)
+    _pack_a(a.reshape(1, *a.shape), ZERO, m, ZERO, k, np.bool_(a_transposed), ap)
+    c_blocks = c.reshape(1, m, n)  # blocked matrices of one block each
+    if b_transposed:  # packed once into a shared panel, read by rows of b in square blocks
+        bp = scratch("shared panel", _packed_b_size(n), c.dtype)
+        _gemm_packed(ap, m, k, b.reshape(1, *b.shape), ZERO, ZERO, n, c_blocks, ZERO, ZERO, FALSE, bp, bt=b)
+    elif packs_per_task(m, patches=False):
+        _gemm_per_task(ap, m, k, b.reshape(1, k, n), ZERO, n, c_blocks, ZERO, FALSE)
     else:
         bp = scratch("shared panel", _packed_b_size(n), c.dtype)
-        _gemm_packed(ap, m, k, b_blocks, ZERO, ZERO, n, c_blocks, ZERO, ZERO, FALSE, bp)
+        _gemm_packed(ap, m, k, b.reshape(1, k, n), ZERO, ZERO, n, c_blocks, ZERO, ZERO, FALSE, bp)

@@ -414,3 +414,54 @@ def _run_products(typingctx, a, a_starts, b, b_starts, rows, a_stride, b_stride,
         return context.get_dummy_value()
 
     return types.none(a, a_starts, b, b_starts, rows, a_stride, b_stride, length, out), codegen
+
+
+def transpose_lanes(builder, rows):
+    """The transpose of a square block held as ``lanes`` vectors of ``lanes`` values: vector ``i`` of the
+    result holds lane ``i`` of every input vector. A butterfly: at each step, vectors ``b`` apart swap
+    blocks of ``b`` lanes (two-input shuffles, ``lanes * log2(lanes)`` of them)."""
+    lanes = len(rows)
+    rows = list(rows)
+    b = 1
+    while b < lanes:
+        first = ir.Constant(
+            ir.VectorType(ir.IntType(32), lanes), [lane if not lane & b else lanes + lane - b for lane in range(lanes)]
+        )
+        second = ir.Constant(
+            ir.VectorType(ir.IntType(32), lanes), [lane + b if not lane & b else lanes + lane for lane in range(lanes)]
+        )
+        for i in range(lanes):
+            if not i & b:
+                x, y = rows[i], rows[i + b]
+                rows[i], rows[i + b] = builder.shuffle_vector(x, y, first), builder.shuffle_vector(x, y, second)
+        b *= 2
+    return rows
+
+
+@intrinsic
+def _transposed_block(typingctx, panel, panel_start, panel_stride, source, source_start, source_stride, rows):
+    """``panel[panel_start + p * panel_stride + j] = source[source_start + j * source_stride + p]`` for ``p, j <
+    lanes`` (16 float32 or 8 float64): a square block of a matrix stored by rows, written transposed; rows ``j
+    >= rows`` of ``source`` are not read, their values written as 0. Packs a micro-panel of a B stored
+    transposed (``_gemm._pack_b_panel_transposed``): ``lanes`` loads, ``lanes * log2(lanes)`` shuffles and
+    ``lanes`` stores for ``lanes**2`` values, where a copy value by value or gathers cost a load each."""
+    dtype = panel.dtype
+
+    def codegen(context, builder, signature, args):
+        panel, panel_start, panel_stride, source, source_start, source_stride, rows = args
+        vector, lanes, size = vector_type(context, dtype)
+        index = ir.IntType(64)
+        source = builder.gep(source, [source_start])
+        panel = builder.gep(panel, [panel_start])
+        values = []
+        for j in range(lanes):
+            slot = cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes))
+            with builder.if_then(builder.icmp_signed("<", index(j), rows), likely=True):
+                builder.store(load(builder, vector, source, builder.mul(index(j), source_stride), size), slot)
+            values.append(builder.load(slot))
+        for p, value in enumerate(transpose_lanes(builder, values)):
+            store(builder, value, panel, builder.mul(index(p), panel_stride), size)
+        return context.get_dummy_value()
+
+    signature = types.none(panel, panel_start, panel_stride, source, source_start, source_stride, rows)
+    return signature, codegen

@@ -54,6 +54,7 @@ def _calls(dtype):
         ("conv_transpose2d 4x4 s2", lambda: conv_transpose2d(x_decoder, w_decoder, stride=2, padding=1)),
         ("gemm", lambda: gemm(x[0, 0], x[0, 0])),
         ("gemm split K", lambda: gemm(np.ones((1, 2048), dtype), np.ones((2048, 1), dtype))),
+        ("gemm by columns", lambda: gemm(x[0, 0], x[0, 0].T)),
     ]
 
 

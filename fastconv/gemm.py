@@ -20,7 +20,14 @@ def gemm(a, b):
     Returns
     -------
     numpy.ndarray, shape (m, n)
-        In ``np.result_type(a, b, np.float32)``: float32 or float64.
+        In ``np.result_type(a, b, np.float32)``: float32 or float64. In C order, except when both operands are
+        stored by columns (transposed views, Fortran order): ``a @ b`` is then ``(b.T @ a.T).T``, computed
+        from the operands as they are, and returned in Fortran order.
+
+    Notes
+    -----
+    An operand stored by columns is read as it is, not copied: ``gemm(x, w.T)`` packs ``w``'s rows as the
+    columns of B, square blocks transposed in registers.
 
     Raises
     ------
@@ -36,6 +43,9 @@ def gemm(a, b):
     >>> gemm(np.arange(6).reshape(2, 3), np.ones((3, 2)))
     array([[ 3.,  3.],
            [12., 12.]])
+    >>> gemm(np.arange(6).reshape(2, 3), np.ones((2, 3)).T)  # a transposed view: not copied
+    array([[ 3.,  3.],
+           [12., 12.]])
     """
     a = v.as_array("a", a)
     b = v.as_array("b", b)
@@ -47,7 +57,19 @@ def gemm(a, b):
             f"a has {a.shape[1]} columns but b has {b.shape[0]} rows"
         )
     dtype = v.result_dtype(a=a, b=b)
+    a_transposed, b_transposed = _stored_by_columns(a), _stored_by_columns(b)
+    if a_transposed and b_transposed:
+        return gemm(b.T, a.T).T  # two operands stored by rows: no copy of either, a view of the product
     c = np.empty((a.shape[0], b.shape[1]), dtype)
     if c.size:
-        run(_gemm, v.kernel_ready(a, dtype), v.kernel_ready(b, dtype), c)
+        # An operand stored by columns (a transposed view, Fortran order) is packed from its transpose.
+        a = v.kernel_ready(a.T, dtype) if a_transposed else v.kernel_ready(a, dtype)
+        b = v.kernel_ready(b.T, dtype) if b_transposed else v.kernel_ready(b, dtype)
+        run(_gemm, a, b, c, a_transposed, b_transposed)
     return c
+
+
+def _stored_by_columns(x):
+    """Whether 2-D ``x`` is stored column by column (Fortran order, as the transpose of a C array is) and
+    not row by row."""
+    return x.flags.f_contiguous and not x.flags.c_contiguous

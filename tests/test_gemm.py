@@ -50,6 +50,26 @@ def test_gemm_accepts_any_layout_and_promotes(rng):
     assert gemm(np.ones((2, 2), np.uint8), np.ones((2, 2), np.float32)).dtype == np.float32
 
 
+@pytest.mark.parametrize("layout", ["TN", "NT", "TT"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_operands_stored_by_columns_give_the_same_bits(rng, layout, dtype):
+    """Transposed views are packed as they are, not copied: A's rows read as columns (``_pack_a``'s transposed
+    packing), B's columns in square blocks transposed in registers (``_simd._transposed_block``), both
+    together as ``(b.T @ a.T).T``. The panels hold the same values as from C-ordered copies, so the products
+    are the same bits. Shapes: rows of B's blocks past the matrix, shared dimensions not a multiple of the
+    block, split-K, a single row or column."""
+    shapes = [s for s in SHAPES if min(s) > 0] + [(20, 70, 5000), (1, 37, 40), (37, 1, 40)]
+    for m, n, k in shapes:
+        a = random_array(rng, (m, k), dtype)
+        b = random_array(rng, (k, n), dtype)
+        a_view = np.ascontiguousarray(a.T).T if layout[0] == "T" else a
+        b_view = np.ascontiguousarray(b.T).T if layout[1] == "T" else b
+        result = gemm(a_view, b_view)
+        np.testing.assert_array_equal(result, gemm(a, b))
+        if layout == "TT" and min(m, n) > 1:
+            assert result.flags.f_contiguous
+
+
 def test_gemm_never_writes_inputs(rng):
     a = random_array(rng, (9, 8), "float32")
     b = random_array(rng, (8, 7), "float32")
