@@ -32,6 +32,7 @@ from ._gemm import (
     _n_tiles,
     _pack_a,
     _pack_a_serial,
+    _pack_b_panel_transposed,
     _packed_a_size,
     _packed_b_size,
     _round_up,
@@ -293,8 +294,13 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
     ap = per_thread((_packed_a_size(Kg, KC),), grad_weight.dtype, name="packed A")
     bp = per_thread((_packed_b_size(crs),), grad_weight.dtype, name="packed B")
     dy_blocks = grad_output.reshape(N, K, P * Q)
-    taps = transposed_tap_table(Cg, R, S, geometry, x.shape[2], x.shape[3])
-    _weight_grad_tasks(x, dy_blocks, taps, geometry[0], geometry[1], P, Q, column_ranges, ap, bp, partial)
+    columns = _plain_columns(x, R, S, geometry, P, Q)
+    if columns is None:
+        taps = transposed_tap_table(Cg, R, S, geometry, x.shape[2], x.shape[3])
+        _weight_grad_tasks(x, dy_blocks, taps, geometry[0], geometry[1], P, Q, column_ranges, FALSE, ap, bp, partial)
+    else:
+        no_taps = np.empty((3, 0), np.int64)
+        _weight_grad_tasks(columns, dy_blocks, no_taps, 1, 1, P, Q, column_ranges, TRUE, ap, bp, partial)
     if pixel_ranges > 1:
         dw[0] = partial[0]
         with np.errstate(all="ignore"):  # inf - inf makes NaN here as in the kernels: no warning for it
@@ -302,18 +308,43 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
                 dw[0] += partial[i]
 
 
+def _plain_columns(x, R, S, geometry, P, Q):
+    """The weight gradient's patch matrix as a plain array, channels by pixels, when it is one: ``x`` itself
+    for a 1x1 stride-1 layer; its stride phases (space-to-depth, in scratch) for a patchify layer (filter the
+    size of the stride, no padding, no dilation, a whole number of strides) or its subsampled pixels for an
+    unpadded strided 1x1 layer, where they fit the column buffer. Else ``None`` (patches gathered)."""
+    N, C, H, W = x.shape
+    sh, sw = geometry[:2]
+    if _pointwise(R, S, geometry, P, Q, x):
+        return x
+    unpadded = geometry[2:] == (0, 0, 1, 1)
+    patchify = (R, S) == (sh, sw) and unpadded and (P * sh, Q * sw) == (H, W)
+    subsample = R == S == 1 and unpadded
+    if not (patchify or subsample) or N * C * R * S * P * Q * x.itemsize > COLUMN_BUFFER_BYTES:
+        return None
+    columns = scratch("plain columns", (N, C * R * S, P, Q), x.dtype)
+    if patchify:
+        _space_to_depth(x, np.int64(sh), np.int64(sw), columns)
+    else:
+        _subsample(x, np.int64(sh), np.int64(sw), columns)
+    return columns
+
+
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, ap, bp, partial):
+def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, plain, ap, bp, partial):
     """``partial[i][:, :, cols j] += dy · patches(x)ᵀ`` over pixel range ``i``, for every task ``(i, j)``.
 
     ``dy_blocks`` is grad_output as (N, K, P*Q); ``partial`` is (pixel_ranges, groups, Kg, Cg*R*S), each a
     blocked matrix whose column ``g * Cg*R*S + c`` is group g's column c; ``taps`` is ``transposed_tap_table`` of one
     group's taps; ``ap`` and ``bp`` hold one packed panel of A and of B per thread. Column ranges start at
-    multiples of NR, so B's micro-panels stay whole.
+    multiples of NR, so B's micro-panels stay whole. With ``plain``, ``x`` (N, groups * Cg*R*S, P, Q) is the
+    patch matrix itself, channels by pixels (``_plain_columns``): B, its transpose, is packed in square blocks
+    (``_pack_b_panel_transposed``), not gathered.
     """
     pixel_ranges, groups, Kg, crs = partial.shape
     Cg = x.shape[1] // groups
     pixels = dy_blocks.shape[0] * P * Q
+    x_blocks = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
     for task in prange(pixel_ranges * column_ranges):
         i, j = task // column_ranges, task % column_ranges
         thread = numba.get_thread_id()
@@ -326,7 +357,12 @@ def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, ap, bp, 
                 _pack_a_serial(dy_blocks, g * Kg, Kg, pc, kc, FALSE, ap[thread])
                 for jc in range(c0, c1, NC):
                     nc = min(NC, c1 - jc)
-                    _pack_b_patches_transposed(x, g * Cg, taps, sh, sw, P, Q, pc, kc, jc, nc, bp[thread])
+                    if plain:
+                        for jr in range(0, nc, NR):
+                            panel = bp[thread, jr * kc : jr * kc + kc * NR]
+                            _pack_b_panel_transposed(x_blocks, g * crs, pc, kc, jc + jr, min(NR, nc - jr), panel)
+                    else:
+                        _pack_b_patches_transposed(x, g * Cg, taps, sh, sw, P, Q, pc, kc, jc, nc, bp[thread])
                     _macro_kernel_serial(ap[thread], Kg, ZERO, kc, bp[thread], nc, partial[i], ZERO, g * crs + jc, TRUE)
 
 

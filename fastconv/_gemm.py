@@ -245,22 +245,31 @@ def _pack_b_panel(b, row0, col0, pc, kc, j0, n_valid, panel):
 
 
 @njit(cache=True)
-def _pack_b_panel_transposed(bt, pc, kc, j0, n_valid, panel):
-    """``_pack_b_panel`` for a B stored transposed: ``B = bt.T``, ``bt`` (n x k) C-contiguous, so each column of
-    B is contiguous (``gemm(a, w.T)``). Square blocks of 16 float32 (8 float64) are read from 16 rows of ``bt``
-    and written transposed (``_simd._transposed_block``); the last ``kc % 16`` rows value by value. Columns past
-    ``n_valid`` are zeros."""
-    k = bt.shape[1]
+def _pack_b_panel_transposed(bt, row0, pc, kc, j0, n_valid, panel):
+    """``_pack_b_panel`` for a B stored transposed: ``B`` is the transpose of the blocked matrix ``bt[:, row0:]``
+    (see ``_pack_a``), so each column of B is contiguous: ``B[k, j] = bt[k // cols, row0 + j, k % cols]``.
+    ``gemm(a, w.T)`` gives one block; a weight gradient's images, channels by pixels, one block an image.
+
+    Square blocks of 16 float32 (8 float64) are read from 16 rows of ``bt`` and written transposed
+    (``_simd._transposed_block``); rows of the panel whose block would cross into the next block of ``bt``, and
+    the last ``kc % 16``, value by value. Columns past ``n_valid`` are zeros.
+    """
+    rows, cols = bt.shape[1], bt.shape[2]
     lanes = 64 // bt.itemsize
     source, target = _data(bt), _data(panel)
-    whole = kc - kc % lanes
-    for p in range(0, whole, lanes):
-        for j in range(0, NR, lanes):
-            rows = max(0, min(lanes, n_valid - j))
-            _transposed_block(target, p * NR + j, NR, source, (j0 + j) * k + pc + p, k, rows)
-    for p in range(whole, kc):
-        for j in range(NR):
-            panel[p * NR + j] = bt[j0 + j, pc + p] if j < n_valid else 0
+    p = 0
+    while p < kc:
+        block, col, left = _segment(cols, pc + p)
+        if min(left, kc - p) >= lanes:
+            start = (block * rows + row0 + j0) * cols + col
+            for j in range(0, NR, lanes):
+                count = max(0, min(lanes, n_valid - j))
+                _transposed_block(target, p * NR + j, NR, source, start + j * cols, cols, count)
+            p += lanes
+        else:
+            for j in range(NR):
+                panel[p * NR + j] = bt[block, row0 + j0 + j, col] if j < n_valid else 0
+            p += 1
 
 
 @njit(fastmath=_FASTMATH, cache=True)

@@ -127,9 +127,10 @@ def _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp):
 def _pack_b_transposed(bt, pc, kc, jc, nc, bp):
     """``_pack_b`` for a B stored transposed (``B = bt.T``, ``bt`` n x k and C-contiguous): one task per
     micro-panel (``_gemm._pack_b_panel_transposed``)."""
+    bt_blocks = bt.reshape(1, bt.shape[0], bt.shape[1])
     for jr in prange(-(-nc // NR)):
         j = jr * NR
-        _pack_b_panel_transposed(bt, pc, kc, jc + j, min(NR, nc - j), bp[j * kc : j * kc + kc * NR])
+        _pack_b_panel_transposed(bt_blocks, ZERO, pc, kc, jc + j, min(NR, nc - j), bp[j * kc : j * kc + kc * NR])
 
 
 def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, bp, bt=None):
@@ -210,7 +211,7 @@ def _split_k_tasks(a, b, a_transposed, b_transposed, ap, bp, partial):
                 for jr in range(0, nc, NR):
                     panel = bp[t, jr * kc : jr * kc + kc * NR]
                     if b_transposed:
-                        _pack_b_panel_transposed(b, pc, kc, jc + jr, min(NR, nc - jr), panel)
+                        _pack_b_panel_transposed(b_blocks, ZERO, pc, kc, jc + jr, min(NR, nc - jr), panel)
                     else:
                         _pack_b_panel(b_blocks, ZERO, ZERO, pc, kc, jc + jr, min(NR, nc - jr), panel)
                 _macro_kernel_serial(ap[t], m, ZERO, kc, bp[t], nc, c, ZERO, jc, pc > k0)
