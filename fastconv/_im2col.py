@@ -150,6 +150,19 @@ def _subsample(x, sh, sw, out):
                 dst[q] = src[q * sw]
 
 
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _scatter_phase(phase, a, b, sh, sw, x):
+    """``x[n, c, a + i * sh, b + j * sw] = phase[n, c, i, j]``: one stride phase written into its place in ``x``
+    (one phase of ``_space_to_depth`` undone), in parallel over planes."""
+    N, C, Ha, Wb = phase.shape
+    for plane in prange(N * C):
+        n, c = plane // C, plane % C
+        for i in range(Ha):
+            source, target = phase[n, c, i], x[n, c, a + i * sh]
+            for j in range(Wb):
+                target[b + j * sw] = source[j]
+
+
 def phase_shape(shape, sh, sw):
     """Shape of ``_space_to_depth``'s output for an input of ``shape`` (N, C, H, W)."""
     N, C, H, W = shape

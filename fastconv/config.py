@@ -142,3 +142,20 @@ SUBPIXEL_MIN_TILES = 64
 #: -> 2.84), equal at 16 input channels.
 STRIDED_WINOGRAD_MIN_CHANNELS = 16
 STRIDED_WINOGRAD_MIN_TILES = 128
+
+#: The input gradient of a strided layer (and so conv_transpose2d) is computed one stride phase of the input
+#: at a time, each a stride-1 convolution by the taps that reach it (``conv._input_grad_by_phases``), where
+#: the column matrix's GEMM is shallow, at most PHASES_MAX_FILTERS filters per group (its depth), the phases'
+#: convolutions have at least PHASES_MIN_CHANNELS outputs per group and PHASES_MIN_PIXELS pixels each, and
+#: there are PHASES_MIN_FLOPS of work to pay four launches. Elsewhere, a GEMM into a column matrix and col2im.
+#: Measured (float32, 2 threads, conv2d_input, ms, col2im -> phases): 8x64x56x56 -> 128 3x3 s2 4.53 -> 3.33,
+#: 32x32x32x32 -> 64 3x3 s2 1.97 -> 1.42, 8x64x112x112 -> 64 3x3 s2 10.7 -> 9.9, conv_transpose2d 8x128x28x28 ->
+#: 64 3x3 s2 4.31 -> 3.41, 8x64x32x32 -> 32 5x5 s2 5.29 -> 2.52, 4x64x64x64 -> 32 3x3 s2 4.12 -> 3.00; slower
+#: with deep GEMMs (8x128x28x28 -> 256 2.99 -> 3.59, 8x256x14x14 -> 512 2.71 -> 4.56, 8x512x4x4 -> 256 4x4
+#: conv_transpose2d 2.2 -> 17.5), RGB (the 7x7 s2 stem 10.2 -> 28.8), 14x14 phases (8x128x28x28 -> 128 1.75 ->
+#: 2.04, 8x32x28x28 -> 64 0.44 -> 0.47), 16 channels (8x16x64x64 -> 32 0.51 -> 0.62) or little work (1x64x56x56
+#: -> 128, 0.12 GFLOP, 0.51 -> 0.68; 16x64x32x32 -> 32, 0.15 GFLOP, was 1.18 -> 0.96).
+PHASES_MAX_FILTERS = 128
+PHASES_MIN_CHANNELS = 32
+PHASES_MIN_PIXELS = 256
+PHASES_MIN_FLOPS = 2e8

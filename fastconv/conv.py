@@ -12,6 +12,7 @@ import numpy as np
 from . import _validate as v
 from ._conv_kernels import _channel_sums, _conv2d_forward, _conv2d_input, _conv2d_weight, _conv2d_weight_shifted
 from ._direct import conv2d_direct, conv2d_direct_weight, direct_workspace
+from ._im2col import _scatter_phase
 from ._parallel import run
 from ._shifted import shifted_weight_grad_pays, weight_grad_layout
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
@@ -28,7 +29,16 @@ from ._winograd_strided import (
     weight_grad_pays,
     weight_grad_workspace,
 )
-from .config import COLUMN_BUFFER_BYTES, DIRECT_MAX_OUT_PER_GROUP, KC, NC
+from .config import (
+    COLUMN_BUFFER_BYTES,
+    DIRECT_MAX_OUT_PER_GROUP,
+    KC,
+    NC,
+    PHASES_MAX_FILTERS,
+    PHASES_MIN_CHANNELS,
+    PHASES_MIN_FLOPS,
+    PHASES_MIN_PIXELS,
+)
 
 #: What ``conv2d``'s ``algorithm`` accepts.
 ALGORITHMS = ("auto", "gemm", "winograd", "direct")
@@ -200,6 +210,8 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
         return _forward(grad_output, filters, bias, as_conv2d, dtype, purpose="the input gradient", swapped=swapped)
     if strided_winograd_applies(geometry) and input_grad_pays(geometry):
         return _input_grad_subpixel(grad_output, weight, bias, geometry, dtype)
+    if _phases_pay(geometry):
+        return _input_grad_by_phases(grad_output, weight, bias, geometry, dtype)
     workspace = _workspace_bytes(geometry, dtype)
     v.check_memory("the input gradient", geometry.input_shape, dtype, (grad_output, weight), workspace)
     dx = _initial(geometry.input_shape, dtype, bias)
@@ -213,6 +225,76 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
             _rows_per_chunk(geometry, dtype),
             dx,
         )
+    return dx
+
+
+def _phase_axis(a, s, pad, R, P, H):
+    """Phase ``a`` of the input gradient along one axis (stride ``s``, padding ``pad`` before, filter size ``R``,
+    ``P`` outputs, ``H`` inputs): ``(first tap, taps, before, after, size)``.
+
+    Input index ``s * i + a`` is reached by taps ``r = first + s * m``, ``m < taps``, from output ``i + d - m``
+    (``d = (a + pad - first) // s``): a stride-1 correlation of grad_output with those taps reversed, padded
+    by ``before`` and ``after`` (negative: cropped) so that it has ``size`` outputs.
+    """
+    size = max(0, -(-(H - a) // s))
+    first = (a + pad) % s
+    taps = max(0, -(-(R - first) // s))
+    before = taps - 1 - (a + pad - first) // s
+    after = size + taps - 1 - before - P
+    return first, taps, before, after, size
+
+
+def _phases_pay(geometry):
+    """Whether a strided layer's input gradient should be computed by stride phases (``config.py`` gives the rule
+    and the measurements): dilation 1, a shallow column-matrix GEMM, enough channels, pixels and work."""
+    N, C, H, W = geometry.input_shape
+    K, Cg, R, S = geometry.weight_shape
+    sh, sw = geometry.stride
+    _, _, P, Q = geometry.output_shape
+    return (
+        geometry.dilation == (1, 1)
+        and K // geometry.groups <= PHASES_MAX_FILTERS
+        and Cg >= PHASES_MIN_CHANNELS
+        and -(-H // sh) * -(-W // sw) >= PHASES_MIN_PIXELS
+        and 2 * N * K * P * Q * Cg * R * S >= PHASES_MIN_FLOPS
+    )
+
+
+def _input_grad_by_phases(grad_output, weight, bias, geometry, dtype):
+    """conv2d's input gradient at a stride, one stride phase of the input at a time.
+
+    Each phase ``(a, b)`` of the input, ``dx[:, :, a::sh, b::sw]``, is a stride-1 convolution of grad_output
+    with the taps that reach it (``_phase_axis``; for 3x3 at stride 2: 2x2, 2x1, 1x2 and 1x1 filters), run on
+    the forward kernels and scattered into place: no zeros multiplied, no column matrix, no col2im.
+    """
+    N, C, H, W = geometry.input_shape
+    K, Cg, R, S = geometry.weight_shape
+    P, Q = grad_output.shape[2:]
+    sh, sw = geometry.stride
+    (pt, _), (pl, _) = geometry.padding
+    rows = [_phase_axis(a, sh, pt, R, P, H) for a in range(sh)]
+    columns = [_phase_axis(b, sw, pl, S, Q, W) for b in range(sw)]
+
+    def phase(row, column):
+        """grad_output cropped and the geometry of its convolution, or None where no tap reaches the phase."""
+        (_, taps_r, top, bottom, size_h), (_, taps_s, left, right, size_w) = row, column
+        dy = grad_output[:, :, max(0, -top) : P + min(0, bottom), max(0, -left) : Q + min(0, right)]
+        if not (taps_r and taps_s and size_h and size_w) or min(dy.shape[2:]) < 1:
+            return None
+        padding = ((max(0, top), max(0, bottom)), (max(0, left), max(0, right)))
+        shape = (C, K // geometry.groups, taps_r, taps_s)
+        return dy, v.Conv2dGeometry(dy.shape, shape, (N, C, size_h, size_w), (1, 1), padding, (1, 1), geometry.groups)
+
+    phases = {(a, b): phase(row, column) for a, row in enumerate(rows) for b, column in enumerate(columns)}
+    every = all(p is not None for p in phases.values())
+    dx = np.empty(geometry.input_shape, dtype) if every else _initial(geometry.input_shape, dtype, bias)
+    for (a, b), found in phases.items():
+        if found is not None:
+            dy, phase_geometry = found
+            taps = weight[:, :, rows[a][0] :: sh, columns[b][0] :: sw]
+            filters = _flip_for_input_grad(taps, geometry.groups)
+            y = _forward(dy, filters, bias, phase_geometry, dtype, purpose="the input gradient")
+            run(_scatter_phase, y, np.int64(a), np.int64(b), np.int64(sh), np.int64(sw), dx)
     return dx
 
 

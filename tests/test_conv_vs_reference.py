@@ -7,7 +7,7 @@ import fastconv
 from conftest import assert_close, random_array
 from fastconv import _conv_kernels, _im2col, _validate, reference
 from fastconv import conv as conv_module
-from fastconv.config import GATHER_MAX_WIDTH, KC, MC, NR
+from fastconv.config import DIRECT_MAX_OUT_PER_GROUP, GATHER_MAX_WIDTH, KC, MC, NR
 from fastconv.conv import ALGORITHMS
 from fastconv.shapes import conv_output_size, same_padding, transpose_output_size
 
@@ -262,6 +262,49 @@ def test_weight_gradient_from_the_padded_input_in_blocks_of_images(rng, monkeypa
     expected = reference.conv2d_weight(x, w.shape, dy, **params)
     assert_close(fastconv.conv2d_weight(x, w.shape, dy, **params), expected)
     assert blocks == {0: [1, 1, 1], 1: [1, 1, 1], 2: [2, 1]}[images_per_block]
+
+
+PHASE_CASES = [  # (N, C, H, W, K, R, S, stride, padding, groups) of conv2d
+    (2, 3, 9, 8, 4, 3, 3, (2, 2), (1, 1), 1),  # ResNet's downsampling: 2x2, 2x1, 1x2 and 1x1 taps
+    (1, 4, 11, 10, 2, 5, 3, (2, 3), (2, 0), 1),  # unequal strides, odd sizes
+    (2, 2, 7, 9, 3, 1, 1, (2, 2), (0, 0), 1),  # 1x1: three phases no tap reaches (zeros)
+    (1, 2, 10, 11, 3, 2, 2, (3, 3), (0, 1), 1),  # filter smaller than the stride: empty phases
+    (2, 2, 6, 7, 2, 3, 3, (2, 2), (4, 3), 1),  # padding wider than the filter: phases cropped
+    (2, 6, 9, 9, 2 * (DIRECT_MAX_OUT_PER_GROUP + 1), 3, 3, (2, 2), (1, 1), 2),  # groups (not direct)
+]
+
+
+@pytest.mark.parametrize("case", PHASE_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_input_gradient_by_stride_phases(rng, monkeypatch, case, dtype):
+    """The input gradient one stride phase of the input at a time (``conv._input_grad_by_phases``), taken for
+    every layer here, against the reference: conv2d_input, and conv_transpose2d with bias and every
+    output_padding (an input one row or column longer: phases of unequal sizes)."""
+    N, C, H, W, K, R, S, stride, padding, groups = case
+    monkeypatch.setattr(conv_module, "_phases_pay", lambda geometry: True)
+    w = random_array(rng, (K, C // groups, R, S), dtype)
+    P, Q = (conv_output_size(n, k, s, p, p, 1) for n, k, s, p in zip((H, W), (R, S), stride, padding))
+    dy = random_array(rng, (N, K, P, Q), dtype)
+    params = dict(stride=stride, padding=padding, groups=groups)
+    expected = reference.conv2d_input((N, C, H, W), w, dy, **params)
+    assert_close(fastconv.conv2d_input((N, C, H, W), w, dy, **params), expected)
+    bias = random_array(rng, (C,), dtype)
+    for output_padding in [(0, 0), (stride[0] - 1, stride[1] - 1)]:
+        expected = reference.conv_transpose2d(dy, w, bias, output_padding=output_padding, **params)
+        assert_close(fastconv.conv_transpose2d(dy, w, bias, output_padding=output_padding, **params), expected)
+
+
+def test_stride_phases_pay_for_a_shallow_column_matrix():
+    def pays(N, C, H, K, R=3, stride=2, dilation=1):
+        geometry = _validate.conv2d_geometry("conv2d", (N, C, H, H), (K, C, R, R), stride, R // 2, dilation, 1)
+        return conv_module._phases_pay(geometry)
+
+    assert pays(8, 64, 56, 128) and pays(32, 32, 32, 64) and pays(8, 64, 32, 32, R=5)
+    assert not pays(8, 128, 28, 256)  # a deep GEMM: the column matrix pays
+    assert not pays(8, 3, 224, 64, R=7)  # RGB: too few outputs for the phases' convolutions
+    assert not pays(8, 128, 28, 128)  # 14x14 phases
+    assert not pays(1, 64, 56, 128)  # too little work for four launches
+    assert not pays(8, 64, 56, 128, dilation=2)
 
 
 @pytest.mark.parametrize("stride", [(1, 1), (2, 2), (3, 2)])
