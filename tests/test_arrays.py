@@ -207,9 +207,9 @@ def test_weight_gradient_split_over_pixel_ranges_matches_the_reference(rng, dtyp
     """Few filters and many pixels: the weight gradient is summed over fixed pixel ranges, then in order."""
     from fastconv._conv_kernels import _weight_grad_split
 
-    x = random_array(rng, (2, 4, 33, 31), dtype)
+    x = random_array(rng, (2, 4, 33, 33), dtype)
     w = random_array(rng, (6, 2, 3, 3), dtype)
     params = dict(stride=1, padding=1, groups=2)
-    dy = random_array(rng, (2, 6, 33, 31), dtype)
-    assert _weight_grad_split(3, 18, 2, 2 * 33 * 31)[0] > 1  # this case takes the split path
+    dy = random_array(rng, (2, 6, 33, 33), dtype)
+    assert _weight_grad_split(3, 18, 2, 2 * 33 * 33)[0] > 1  # this case takes the split path (4 ranges)
     assert_close(fastconv.conv2d_weight(x, w.shape, dy, **params), reference.conv2d_weight(x, w.shape, dy, **params))
