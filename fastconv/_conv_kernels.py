@@ -278,10 +278,11 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
     N, K, P, Q = grad_output.shape
     _, Cg, R, S = grad_weight.shape
     Kg = K // groups
-    if _pointwise(R, S, geometry, P, Q, x) and Kg < Cg:
+    if _pointwise(R, S, geometry, P, Q, x) and Kg < Cg and N * P * Q >= 4 * KC:
         # A pointwise layer's gradient is dy @ x.T, x's channels and dy's in the same roles: computed as its
-        # transpose, x @ dy.T, B's transposed packing reorders the fewer channels (8x256x56x56 -> 64: 4.2-4.4
-        # -> 2.9-3.1 ms).
+        # transpose, x @ dy.T, B holds the fewer channels (8x256x56x56 -> 64: 3.28 -> 2.99 ms, 8x512x28x28 ->
+        # 128 2.42 -> 2.32). Not with too few pixels for 4 ranges of them, where the columns are split and A,
+        # which every column task packs, would be the larger (8x1024x14x14 -> 256: 2.02 against 2.62 ms).
         transposed = np.zeros((groups * Cg, Kg, 1, 1), grad_weight.dtype)
         _conv2d_weight(grad_output, x, geometry, groups, transposed)
         grad_weight[...] = transposed.reshape(groups, Cg, Kg).transpose(0, 2, 1).reshape(grad_weight.shape)

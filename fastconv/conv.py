@@ -12,7 +12,7 @@ import numpy as np
 from . import _validate as v
 from ._conv_kernels import _channel_sums, _conv2d_forward, _conv2d_input, _conv2d_weight, _conv2d_weight_shifted
 from ._direct import conv2d_direct, conv2d_direct_weight, direct_workspace
-from ._im2col import _scatter_phase
+from ._im2col import _scatter_phase, _space_to_depth
 from ._parallel import run
 from ._shifted import shifted_weight_grad_pays, weight_grad_layout
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
@@ -630,6 +630,33 @@ def conv_transpose2d_backward(input, weight, grad_output, stride=1, padding=0, o
     dtype = v.result_dtype(input=x, weight=weight, grad_output=dy)
     x, weight, dy = (v.kernel_ready(a, dtype) for a in (x, weight, dy))
     # Roles swapped: conv_transpose2d's grad_output is conv2d's input, its input is conv2d's grad_output.
-    grad_input = _forward(dy, weight, None, geometry, dtype)
-    grad_weight = _weight_grad(dy, x, geometry, dtype)
+    phases = _patchify_phases(dy, geometry)
+    if phases is not None:  # both gradients 1x1 problems on grad_output's stride phases, split once
+        K, Cg, R, S = weight.shape
+        pointwise = v.conv2d_geometry(
+            "conv_transpose2d_backward", phases.shape, (K, Cg * R * S, 1, 1), 1, 0, 1, geometry.groups
+        )
+        grad_input = _forward(phases, weight.reshape(pointwise.weight_shape), None, pointwise, dtype)
+        grad_weight = _weight_grad(phases, x, pointwise, dtype).reshape(weight.shape)
+    else:
+        grad_input = _forward(dy, weight, None, geometry, dtype)
+        grad_weight = _weight_grad(dy, x, geometry, dtype)
     return v.unbatch(grad_input, batched), grad_weight, _bias_grad(dy, dtype)
+
+
+def _patchify_phases(x, geometry):
+    """For a patchify layer (filter the size of the stride, no padding, no dilation, a whole number of strides),
+    ``x``'s stride phases (space-to-depth), whose channel ``(c * R + r) * S + s`` is tap ``(c, r, s)``: the layer
+    is then a 1x1 convolution of them, and its weight gradient too. ``None`` for other layers, or where the
+    copy would pass the column buffer."""
+    N, C, H, W = geometry.input_shape
+    _, _, R, S = geometry.weight_shape
+    _, _, P, Q = geometry.output_shape
+    patchify = (R, S) == geometry.stride != (1, 1) and geometry.padding == ((0, 0), (0, 0))
+    if not (patchify and geometry.dilation == (1, 1) and (P * R, Q * S) == (H, W)):
+        return None
+    if x.nbytes > COLUMN_BUFFER_BYTES:
+        return None
+    phases = np.empty((N, C * R * S, P, Q), x.dtype)
+    run(_space_to_depth, x, np.int64(R), np.int64(S), phases)
+    return phases

@@ -294,6 +294,25 @@ def test_strided_input_gradient_by_stride_phases(rng, monkeypatch, case, dtype):
         assert_close(fastconv.conv_transpose2d(dy, w, bias, output_padding=output_padding, **params), expected)
 
 
+@pytest.mark.parametrize("case", [(2, 6, 3, 4, 4, 2, 2, 1), (1, 4, 2, 3, 6, 3, 2, 2), (2, 40, 4, 4, 36, 4, 4, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_patchify_transposed_backward_on_shared_stride_phases(rng, monkeypatch, case, dtype):
+    """conv_transpose2d_backward of a patchify layer (filter = stride, no padding) splits grad_output into its
+    stride phases once; both gradients are then 1x1 problems on them."""
+    N, C_in, H, W, C_out, R, S, groups = case
+    split = []
+    phases = conv_module._patchify_phases
+    monkeypatch.setattr(conv_module, "_patchify_phases", lambda *args: split.append(phases(*args)) or split[-1])
+    x = random_array(rng, (N, C_in, H, W), dtype)
+    w = random_array(rng, (C_in, C_out // groups, R, S), dtype)
+    dy = random_array(rng, (N, C_out, H * R, W * S), dtype)
+    params = dict(stride=(R, S), groups=groups)
+    expected = reference.conv_transpose2d_backward(x, w, dy, **params)
+    for got, want in zip(fastconv.conv_transpose2d_backward(x, w, dy, **params), expected):
+        assert_close(got, want)
+    assert len(split) == 1 and split[0] is not None
+
+
 def test_stride_phases_pay_for_a_shallow_column_matrix():
     def pays(N, C, H, K, R=3, stride=2, dilation=1):
         geometry = _validate.conv2d_geometry("conv2d", (N, C, H, H), (K, C, R, R), stride, R // 2, dilation, 1)
@@ -369,10 +388,12 @@ def test_weight_gradient_reads_the_padded_input_for_few_filters():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C, K, groups", [(12, 5, 1), (24, 10, 2), (8, 8, 1), (5, 12, 1)])
-def test_pointwise_weight_gradient_in_either_orientation(rng, C, K, groups, dtype):
-    """A 1x1 layer with fewer output than input channels computes its weight gradient transposed."""
-    x, w, _ = _conv_case(rng, 3, (C, K, groups), ((9, 7), (1, 1)), dtype)
-    dy = random_array(rng, (3, K, 9, 7), dtype)
+@pytest.mark.parametrize("H, W", [(9, 7), (33, 21)])
+def test_pointwise_weight_gradient_in_either_orientation(rng, C, K, groups, H, W, dtype):
+    """A 1x1 layer with fewer output than input channels computes its weight gradient transposed where there
+    are pixels for 4 ranges of KC (3 x 33 x 21 of them), as it is otherwise."""
+    x, w, _ = _conv_case(rng, 3, (C, K, groups), ((H, W), (1, 1)), dtype)
+    dy = random_array(rng, (3, K, H, W), dtype)
     expected = reference.conv2d_weight(x, w.shape, dy, groups=groups)
     assert_close(fastconv.conv2d_weight(x, w.shape, dy, groups=groups), expected)
 
