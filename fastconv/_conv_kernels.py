@@ -206,17 +206,17 @@ def _conv2d_weight_shifted(x, grad_output, geometry, groups, grad_weight, layout
     _, Cg, R, S = grad_weight.shape
     Kg, crs = K // groups, Cg * R * S
     sh, sw = geometry[:2]
-    Hp, Wp, rows, blocks, image_bytes = layout
+    Hp, Wp, rows, blocks, images, image_bytes = layout
     plane, planes = Hp * Wp, C * sh * sw
     offsets = tap_offsets(Cg, R, S, Hp, Wp, geometry)
     tiles = (-(-crs // TILE_TAPS), -(-Kg // TILE_FILTERS), TILE_TAPS * TILE_FILTERS)
     sums = scratch("weight gradient sums", (groups, *tiles), grad_weight.dtype, zeros=True)
     dy_blocks = grad_output.reshape(N, K, P * Q)
     for n0, n1, xp in _padded_blocks(x, geometry, Hp, Wp, image_bytes):
-        partial = scratch("partial sums", ((n1 - n0) * blocks, groups, *tiles), x.dtype)
+        partial = scratch("partial sums", (-(-(n1 - n0) // images) * blocks, groups, *tiles), x.dtype)
         _shifted_weight_grad(
             xp, np.int64(planes * plane), np.int64(planes // groups * plane), offsets, dy_blocks[n0:n1],
-            np.int64(Wp), np.int64(P), np.int64(Q), np.int64(rows), partial,
+            np.int64(Wp), np.int64(P), np.int64(Q), np.int64(rows), np.int64(images), partial,
         )  # fmt: skip
         with np.errstate(all="ignore"):  # inf - inf makes NaN here as in the kernels: no warning for it
             for task in range(partial.shape[0]):  # in order: the same sums whatever the thread count

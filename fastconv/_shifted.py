@@ -296,21 +296,23 @@ SHIFTED_WEIGHT_GRAD_MAX_FILTERS = 32
 
 
 def weight_grad_layout(geometry, itemsize):
-    """How ``_shifted_weight_grad`` works through this layer: ``(Hp, Wp, rows, blocks, image_bytes)``: the
-    padded stride phases, ``rows`` output rows per task (about 2048 positions, and at least 16 tasks where the
-    batch has the rows for them: a shape's alone, not the thread count's), ``blocks`` tasks per image, and the
-    bytes per image of the larger of its two buffers (padded input, partial sums), which the column buffer
-    bounds."""
+    """How ``_shifted_weight_grad`` works through this layer: ``(Hp, Wp, rows, blocks, images, image_bytes)``:
+    the padded stride phases; ``rows`` output rows per task (about 2048 positions, and at least 8 tasks where
+    the batch has the rows for them: a shape's alone, not the thread count's), ``blocks`` tasks per image, or,
+    where a task takes whole images, ``images`` of them (small images: each task ends by summing its vectors'
+    lanes, which on one 16x16 image is a fifth of its work); and the bytes per image of the larger of its two
+    buffers (padded input, partial sums), which the column buffer bounds."""
     N, C, _, _ = geometry.input_shape
     K, Cg, R, S = geometry.weight_shape
     _, _, P, Q = geometry.output_shape
     sh, sw = geometry.stride
     Hp, Wp = padded_shape(P, Q, R, S, geometry.kernel_geometry)
-    rows = max(1, min(2048 // Q, -(-N * P // 8)))
+    rows = max(1, min(2048 // max(1, Q), -(-N * P // 8)))  # an empty output (P or Q = 0) does no work
+    images = max(1, min(2048 // max(1, P * Q), -(-N // 8))) if rows >= P else 1
     blocks = -(-P // rows)
     taps, width = _round_up(Cg * R * S, TILE_TAPS), _round_up(K // geometry.groups, TILE_FILTERS)
     image_bytes = max(C * sh * sw * Hp * Wp, blocks * geometry.groups * taps * width) * itemsize
-    return Hp, Wp, rows, blocks, image_bytes
+    return Hp, Wp, min(rows, P), blocks, images, image_bytes
 
 
 def shifted_weight_grad_pays(geometry, dtype):
@@ -320,16 +322,16 @@ def shifted_weight_grad_pays(geometry, dtype):
     K, _, R, S = geometry.weight_shape
     if K // geometry.groups > SHIFTED_WEIGHT_GRAD_MAX_FILTERS or R * S == 1:
         return False
-    return weight_grad_layout(geometry, np.dtype(dtype).itemsize)[4] <= COLUMN_BUFFER_BYTES
+    return weight_grad_layout(geometry, np.dtype(dtype).itemsize)[-1] <= COLUMN_BUFFER_BYTES
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _shifted_weight_grad(xp, image_size, group_size, offsets, dy, Wp, P, Q, rows_per_task, partial):
+def _shifted_weight_grad(xp, image_size, group_size, offsets, dy, Wp, P, Q, rows_per_task, images, partial):
     """``partial[task, g]`` = group g's ``dW`` summed over the output rows of one task, by tiles of TILE_TAPS x
     TILE_FILTERS: ``partial[task, g, i, j, t * TILE_FILTERS + f]`` is tap ``i * TILE_TAPS + t`` of filter
     ``j * TILE_FILTERS + f``.
 
-    Tasks are (image, block of ``rows_per_task`` output rows). Tap ``(c, r, s)`` of group g's output pixel
+    Tasks are (``images`` images, block of ``rows_per_task`` output rows). Tap ``(c, r, s)`` of group g's output pixel
     ``(p, q)`` is ``xp`` at ``n * image_size + g * group_size + offsets[tap] + p * Wp + q``, so over a row each
     tap reads a run of the padded input and each filter a run of ``dy`` (N, K, P*Q), both contiguous:
     ``_simd._run_products`` sums their products, with no copy of either. Taps and filters past the last are
@@ -342,9 +344,10 @@ def _shifted_weight_grad(xp, image_size, group_size, offsets, dy, Wp, P, Q, rows
     row_blocks = -(-P // rows_per_task)
     tap_tiles, filter_tiles = partial.shape[2], partial.shape[3]
     last_tap, last_filter = taps - 1, Kg - 1
-    for task in prange(N * row_blocks):
-        n, p0 = task // row_blocks, task % row_blocks * rows_per_task
-        rows = min(P, p0 + rows_per_task) - p0
+    x_steps, y_steps = (image_size, Wp), (K * P * Q, Q)  # to the next image, to the next row
+    for task in prange(-(-N // images) * row_blocks):
+        n, p0 = task // row_blocks * images, task % row_blocks * rows_per_task
+        blocks = (min(images, N - n), min(P, p0 + rows_per_task) - p0)  # images, rows of each
         for g in range(groups):
             x0 = n * image_size + g * group_size + p0 * Wp
             y0 = (n * K + g * Kg) * P * Q + p0 * Q
@@ -366,4 +369,4 @@ def _shifted_weight_grad(xp, image_size, group_size, offsets, dy, Wp, P, Q, rows
                         y0 + min(f + 4, last_filter) * P * Q,
                         y0 + min(f + 5, last_filter) * P * Q,
                     )
-                    _run_products(xp, x_starts, dy, y_starts, rows, Wp, Q, Q, partial[task, g, i, j])
+                    _run_products(xp, x_starts, dy, y_starts, blocks, x_steps, y_steps, Q, partial[task, g, i, j])

@@ -354,9 +354,11 @@ def _lane_sum(builder, value):
 
 
 @intrinsic
-def _run_products(typingctx, a, a_starts, b, b_starts, rows, a_stride, b_stride, length, out):
-    """``out[i * len(b_starts) + j] = sum over row < rows, q < length of a[a_starts[i] + row * a_stride + q] *
-    b[b_starts[j] + row * b_stride + q]``: every product of a few runs of ``a`` with a few runs of ``b``, summed.
+def _run_products(typingctx, a, a_starts, b, b_starts, blocks, a_steps, b_steps, length, out):
+    """``out[i * len(b_starts) + j] = sum over block < blocks[0], row < blocks[1], q < length of a[a_starts[i] +
+    block * a_steps[0] + row * a_steps[1] + q] * b[b_starts[j] + block * b_steps[0] + row * b_steps[1] + q]``:
+    every product of a few runs of ``a`` with a few runs of ``b``, summed, over rows of several blocks (the
+    weight gradient's output rows of several images).
 
     ``a`` and ``b`` are arrays read through their data pointers; ``a_starts`` and ``b_starts`` are tuples of
     int64 (the tile's rows and columns); ``out`` is a 1-D array of their product's size. Vectors run along
@@ -368,7 +370,10 @@ def _run_products(typingctx, a, a_starts, b, b_starts, rows, a_stride, b_stride,
     n_a, n_b = a_starts.count, b_starts.count
 
     def codegen(context, builder, signature, args):
-        a, a_starts, b, b_starts, rows, a_stride, b_stride, length, out = args
+        a, a_starts, b, b_starts, blocks, a_steps, b_steps, length, out = args
+        (blocks, rows), (a_block, a_stride), (b_block, b_stride) = (
+            cgutils.unpack_tuple(builder, pair, 2) for pair in (blocks, a_steps, b_steps)
+        )
         vector, lanes, size = vector_type(context, dtype)
         index = ir.IntType(64)
         a_data, b_data, out_data = (
@@ -392,28 +397,31 @@ def _run_products(typingctx, a, a_starts, b, b_starts, rows, a_stride, b_stride,
         whole = builder.udiv(length, index(lanes))
         rest = builder.sub(length, builder.mul(whole, index(lanes)))
         mask = _lane_mask(builder, rest, lanes)
-        with cgutils.for_range(builder, rows) as row:
-            # The row's pointers once, so that the vector loop holds only them and its offset in registers.
-            a_row, b_row = builder.mul(row.index, a_stride), builder.mul(row.index, b_stride)
-            a_here = [builder.gep(p, [a_row]) for p in a_rows]
-            b_here = [builder.gep(p, [b_row]) for p in b_rows]
-            with cgutils.for_range(builder, whole) as step:
-                offset = builder.mul(step.index, index(lanes))
-                accumulate(
-                    [load(builder, vector, p, offset, size) for p in a_here],
-                    [load(builder, vector, p, offset, size) for p in b_here],
-                )
-            with builder.if_then(builder.icmp_signed(">", rest, index(0))):
-                offset = builder.mul(whole, index(lanes))
-                accumulate(
-                    [_masked_load(builder, vector, size, p, offset, mask) for p in a_here],
-                    [_masked_load(builder, vector, size, p, offset, mask) for p in b_here],
-                )
+        with cgutils.for_range(builder, blocks) as block:
+            a_block_start = [builder.gep(p, [builder.mul(block.index, a_block)]) for p in a_rows]
+            b_block_start = [builder.gep(p, [builder.mul(block.index, b_block)]) for p in b_rows]
+            with cgutils.for_range(builder, rows) as row:
+                # The row's pointers once, so that the vector loop holds only them and its offset in registers.
+                a_row, b_row = builder.mul(row.index, a_stride), builder.mul(row.index, b_stride)
+                a_here = [builder.gep(p, [a_row]) for p in a_block_start]
+                b_here = [builder.gep(p, [b_row]) for p in b_block_start]
+                with cgutils.for_range(builder, whole) as step:
+                    offset = builder.mul(step.index, index(lanes))
+                    accumulate(
+                        [load(builder, vector, p, offset, size) for p in a_here],
+                        [load(builder, vector, p, offset, size) for p in b_here],
+                    )
+                with builder.if_then(builder.icmp_signed(">", rest, index(0))):
+                    offset = builder.mul(whole, index(lanes))
+                    accumulate(
+                        [_masked_load(builder, vector, size, p, offset, mask) for p in a_here],
+                        [_masked_load(builder, vector, size, p, offset, mask) for p in b_here],
+                    )
         for k, accumulator in enumerate(accumulators):
             builder.store(_lane_sum(builder, builder.load(accumulator)), builder.gep(out_data, [index(k)]))
         return context.get_dummy_value()
 
-    return types.none(a, a_starts, b, b_starts, rows, a_stride, b_stride, length, out), codegen
+    return types.none(a, a_starts, b, b_starts, blocks, a_steps, b_steps, length, out), codegen
 
 
 def transpose_lanes(builder, rows):
