@@ -35,6 +35,22 @@ class Gemm:
     track_gflops.unit = "GFLOP/s"
 
 
+class GemmTransposed:
+    """Operands stored by columns (transposed views), packed as they are: ``a.T`` (TN), ``b.T`` (NT), both (TT)."""
+
+    params = [["1024x1024x1024", "64x25088x576"], ["TN", "NT", "TT"]]
+    param_names = ["shape", "layout"]
+
+    def setup(self, shape, layout):
+        a, b = _operands(shape, "float32")
+        self.a = np.ascontiguousarray(a.T).T if layout[0] == "T" else a
+        self.b = np.ascontiguousarray(b.T).T if layout[1] == "T" else b
+        fastconv.gemm(self.a, self.b)  # compile before timing
+
+    def time_gemm(self, shape, layout):
+        fastconv.gemm(self.a, self.b)
+
+
 class NumpyMatmul:
     params = Gemm.params
     param_names = Gemm.param_names

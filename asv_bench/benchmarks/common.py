@@ -16,6 +16,9 @@ CONV_LAYERS = {
     "3x3_512ch_7px_batch1": (1, 512, 7, 7, 512, 3, 3, 1, 1, 1),
     # Few filters: B read straight from the padded input (_shifted.py), forward and weight gradient.
     "3x3_32ch_32px_cifar": (32, 32, 32, 32, 32, 3, 3, 1, 1, 1),
+    "3x3_16ch_56px": (8, 16, 56, 56, 16, 3, 3, 1, 1, 1),
+    # ResNet's downsampling: the input gradient one stride phase of the input at a time.
+    "3x3_s2_64to128_56px": (8, 64, 56, 56, 128, 3, 3, 2, 1, 1),
     # 4x4 stride 2 (a DCGAN / PatchGAN discriminator): Winograd over the input's stride phases.
     "4x4_s2_64to128_32px": (8, 64, 32, 32, 128, 4, 4, 2, 1, 1),
 }
@@ -34,6 +37,7 @@ TRANSPOSE_LAYERS = {
     "dcgan_512to256_4px": (8, 512, 4, 4, 256, 4, 2, 1),
     "dcgan_128to64_16px": (8, 128, 16, 16, 64, 4, 2, 1),
     "unet_128to64_28px": (8, 128, 28, 28, 64, 2, 2, 0),
+    "decoder_3x3_s2_128to64_28px": (8, 128, 28, 28, 64, 3, 2, 1),  # by the output's stride phases
 }
 
 
