@@ -83,6 +83,13 @@ def _pointwise(R, S, geometry, P, Q, x):
     return R == S == 1 and geometry[:4] == (1, 1, 0, 0) and (P, Q) == x.shape[2:]
 
 
+def patchify(R, S, geometry, P, Q, H, W):
+    """Whether a convolution is a "patchify" layer (ViT's 16x16 s16, ConvNeXt's 4x4 s4, a 2x2 s2 down-sampling):
+    a filter the size of the stride, unpadded, undilated, over a whole number of strides, so that each input
+    pixel is read once and the patch matrix is the input's stride phases (space-to-depth)."""
+    return (R, S) == tuple(geometry[:2]) != (1, 1) and tuple(geometry[2:]) == (0, 0, 1, 1) and (P * R, Q * S) == (H, W)
+
+
 def _column_buffer(crs, rows_per_chunk, n_rows, Q, dtype):
     """The column buffer of a chunk, as a blocked matrix of one block, and the rows per chunk it allows."""
     rows = min(rows_per_chunk, n_rows)
@@ -131,15 +138,13 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     patches = GATHERED if Q <= GATHER_MAX_WIDTH else PATCHES
     no_x, no_taps = no_patches(y.dtype)
     sh, sw = geometry[:2]
-    # A filter the size of the stride, unpadded, over a whole number of strides (a "patchify" layer: ViT's
-    # 16x16 s16, ConvNeXt's 4x4 s4, a 2x2 s2 down-sampling) reads each pixel once: split into its stride
-    # phases, its patch matrix is the phases themselves, a plain GEMM like a 1x1 layer's.
-    patchify = (R, S) == (sh, sw) != (1, 1) and geometry[2:] == (0, 0, 1, 1) and (P * sh, Q * sw) == x.shape[2:]
+    # A patchify layer's patch matrix is its input's stride phases themselves: a plain GEMM like a 1x1 layer's.
+    patchify_layer = patchify(R, S, geometry, P, Q, *x.shape[2:])
     # Other strided patches are read from the input's stride phases, at stride 1, a block of images at a time
     # that fits the column buffer; an image too large for it alone has its patches read at the stride.
     image_phases = math.prod(phase_shape((1, *x.shape[1:]), sh, sw)) * y.itemsize
-    split = (patchify or patches == PATCHES) and (sh, sw) != (1, 1) and image_phases <= COLUMN_BUFFER_BYTES
-    plain = pointwise or (patchify and split)
+    split = (patchify_layer or patches == PATCHES) and (sh, sw) != (1, 1) and image_phases <= COLUMN_BUFFER_BYTES
+    plain = pointwise or (patchify_layer and split)
     images = min(N, COLUMN_BUFFER_BYTES // image_phases) if split else N
     stride = (1, 1) if split else (sh, sw)
     for n0 in range(0, N, images):
@@ -198,8 +203,8 @@ def _conv2d_weight_shifted(x, grad_output, geometry, groups, grad_weight, layout
     """``grad_weight = conv2d_weight(x, grad_output)`` by ``_shifted.py``: the patches read from the input's
     padded stride phases, the output gradient read as it is, a block of images at a time (each of the two
     buffers bounded by the column buffer), as ``layout`` (of ``_shifted.weight_grad_layout``) says. Tasks of a
-    fixed number of output rows sum into partial gradients of their own, added in order: the result depends on
-    the shape alone.
+    fixed number of output rows, or of whole small images, sum into partial gradients of their own, added in
+    order: the result depends on the shape alone.
     """
     N, C, _, _ = x.shape
     _, K, P, Q = grad_output.shape
@@ -320,13 +325,12 @@ def _plain_columns(x, R, S, geometry, P, Q):
     sh, sw = geometry[:2]
     if _pointwise(R, S, geometry, P, Q, x):
         return x
-    unpadded = geometry[2:] == (0, 0, 1, 1)
-    patchify = (R, S) == (sh, sw) and unpadded and (P * sh, Q * sw) == (H, W)
-    subsample = R == S == 1 and unpadded
-    if not (patchify or subsample) or N * C * R * S * P * Q * x.itemsize > COLUMN_BUFFER_BYTES:
+    patchify_layer = patchify(R, S, geometry, P, Q, H, W)
+    subsample = R == S == 1 and geometry[2:] == (0, 0, 1, 1)
+    if not (patchify_layer or subsample) or N * C * R * S * P * Q * x.itemsize > COLUMN_BUFFER_BYTES:
         return None
     columns = scratch("plain columns", (N, C * R * S, P, Q), x.dtype)
-    if patchify:
+    if patchify_layer:
         _space_to_depth(x, np.int64(sh), np.int64(sw), columns)
     else:
         _subsample(x, np.int64(sh), np.int64(sw), columns)

@@ -10,7 +10,14 @@ import math
 import numpy as np
 
 from . import _validate as v
-from ._conv_kernels import _channel_sums, _conv2d_forward, _conv2d_input, _conv2d_weight, _conv2d_weight_shifted
+from ._conv_kernels import (
+    _channel_sums,
+    _conv2d_forward,
+    _conv2d_input,
+    _conv2d_weight,
+    _conv2d_weight_shifted,
+    patchify,
+)
 from ._direct import conv2d_direct, conv2d_direct_weight, direct_workspace
 from ._im2col import _scatter_phase, _space_to_depth
 from ._parallel import run
@@ -286,6 +293,9 @@ def _input_grad_by_phases(grad_output, weight, bias, geometry, dtype):
         return dy, v.Conv2dGeometry(dy.shape, shape, (N, C, size_h, size_w), (1, 1), padding, (1, 1), geometry.groups)
 
     phases = {(a, b): phase(row, column) for a, row in enumerate(rows) for b, column in enumerate(columns)}
+    # dx, then one phase's output at a time beside it (each phase's own convolution checks its workspace)
+    largest = max((math.prod(found[1].output_shape) for found in phases.values() if found is not None), default=0)
+    v.check_memory("the input gradient", geometry.input_shape, dtype, (grad_output, weight), largest * dtype.itemsize)
     every = all(p is not None for p in phases.values())
     dx = np.empty(geometry.input_shape, dtype) if every else _initial(geometry.input_shape, dtype, bias)
     for (a, b), found in phases.items():
@@ -652,10 +662,7 @@ def _patchify_phases(x, geometry):
     N, C, H, W = geometry.input_shape
     _, _, R, S = geometry.weight_shape
     _, _, P, Q = geometry.output_shape
-    patchify = (R, S) == geometry.stride != (1, 1) and geometry.padding == ((0, 0), (0, 0))
-    if not (patchify and geometry.dilation == (1, 1) and (P * R, Q * S) == (H, W)):
-        return None
-    if x.nbytes > COLUMN_BUFFER_BYTES:
+    if not patchify(R, S, geometry.kernel_geometry, P, Q, H, W) or x.nbytes > COLUMN_BUFFER_BYTES:
         return None
     phases = np.empty((N, C * R * S, P, Q), x.dtype)
     run(_space_to_depth, x, np.int64(R), np.int64(S), phases)

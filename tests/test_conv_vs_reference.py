@@ -270,6 +270,7 @@ PHASE_CASES = [  # (N, C, H, W, K, R, S, stride, padding, groups) of conv2d
     (2, 2, 7, 9, 3, 1, 1, (2, 2), (0, 0), 1),  # 1x1: three phases no tap reaches (zeros)
     (1, 2, 10, 11, 3, 2, 2, (3, 3), (0, 1), 1),  # filter smaller than the stride: empty phases
     (2, 2, 6, 7, 2, 3, 3, (2, 2), (4, 3), 1),  # padding wider than the filter: phases cropped
+    (1, 3, 1, 1, 2, 1, 1, (2, 2), (3, 3), 1),  # every output reads padding: no phase reached, zeros
     (2, 6, 9, 9, 2 * (DIRECT_MAX_OUT_PER_GROUP + 1), 3, 3, (2, 2), (1, 1), 2),  # groups (not direct)
 ]
 
