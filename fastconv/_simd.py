@@ -74,6 +74,18 @@ def _lane_mask(builder, count, lanes):
     return builder.icmp_signed("<", lane, _splat(builder, count, lanes))
 
 
+def _masked_load(builder, vector, size, pointer, offset, mask):
+    """``llvm.masked.load`` of a ``vector`` at ``pointer + offset``: lanes off in ``mask`` are 0, not read."""
+    lanes, int32 = vector.count, ir.IntType(32)
+    function = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(vector, [vector.as_pointer(), int32, ir.VectorType(ir.IntType(1), lanes), vector]),
+        f"llvm.masked.load.v{lanes}f{8 * size}.p0",
+    )
+    address = builder.bitcast(builder.gep(pointer, [offset]), vector.as_pointer())
+    return builder.call(function, [address, int32(size), mask, ir.Constant(vector, [0.0] * lanes)])
+
+
 def _gather(builder, vector, size, addresses, mask):
     """``llvm.masked.gather`` of a ``vector`` from ``addresses``, a vector of i64 addresses (llvmlite's gep
     takes no vector of indices): lanes off in ``mask`` are 0 and not read."""
@@ -177,16 +189,10 @@ def _run_codegen(dtype, add):
         vector, lanes, size = vector_type(context, dtype)
         index, int32 = ir.IntType(64), ir.IntType(32)
         mask_type, pointer_type = ir.VectorType(ir.IntType(1), lanes), vector.as_pointer()
-        suffix = f"v{lanes}f{8 * size}.p0"
-        masked_load = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(vector, [pointer_type, int32, mask_type, vector]),
-            "llvm.masked.load." + suffix,
-        )
         masked_store = cgutils.get_or_insert_function(
             builder.module,
             ir.FunctionType(ir.VoidType(), [vector, pointer_type, int32, mask_type]),
-            "llvm.masked.store." + suffix,
+            f"llvm.masked.store.v{lanes}f{8 * size}.p0",
         )
         target = builder.gep(target, [target_start])
         source = builder.gep(source, [source_start])
@@ -201,11 +207,10 @@ def _run_codegen(dtype, add):
         rest = builder.sub(length, offset)
         with builder.if_then(builder.icmp_signed(">", rest, index(0))):
             mask = _lane_mask(builder, rest, lanes)
-            zero = ir.Constant(vector, [0.0] * lanes)
-            to, src = (builder.bitcast(builder.gep(p, [offset]), pointer_type) for p in (target, source))
-            value = builder.call(masked_load, [src, int32(size), mask, zero])
+            value = _masked_load(builder, vector, size, source, offset, mask)
             if add:
-                value = builder.fadd(builder.call(masked_load, [to, int32(size), mask, zero]), value)
+                value = builder.fadd(_masked_load(builder, vector, size, target, offset, mask), value)
+            to = builder.bitcast(builder.gep(target, [offset]), pointer_type)
             builder.call(masked_store, [value, to, int32(size), mask])
         return context.get_dummy_value()
 
@@ -329,18 +334,6 @@ def _gather_taps(typingctx, panel, panel_start, x, pixel, offsets, h_offsets, w_
         return context.get_dummy_value()
 
     return types.none(panel, panel_start, x, pixel, offsets, h_offsets, w_offsets, first, h, w, H, W), codegen
-
-
-def _masked_load(builder, vector, size, pointer, offset, mask):
-    """``llvm.masked.load`` of a ``vector`` at ``pointer + offset``: lanes off in ``mask`` are 0, not read."""
-    lanes, int32 = vector.count, ir.IntType(32)
-    function = cgutils.get_or_insert_function(
-        builder.module,
-        ir.FunctionType(vector, [vector.as_pointer(), int32, ir.VectorType(ir.IntType(1), lanes), vector]),
-        f"llvm.masked.load.v{lanes}f{8 * size}.p0",
-    )
-    address = builder.bitcast(builder.gep(pointer, [offset]), vector.as_pointer())
-    return builder.call(function, [address, int32(size), mask, ir.Constant(vector, [0.0] * lanes)])
 
 
 def _lane_sum(builder, value):
