@@ -15,6 +15,7 @@ SHAPES = [
     (config.MR + 1, config.NR + 1, config.KC + 1),
     (config.MC + 3, 2 * config.NR - 1, 2 * config.KC + 7),
     (config.MC, config.NC + 5, config.KC + 3),  # the most rows the fused GEMM takes, more columns than NC
+    (config.MC + 1, config.NC + 5, 2 * config.KC + 3),  # A packed a block at a time, once per NC columns
     (config.MC + config.MR + 1, 3 * config.NR + NARROW, config.KC + 1),  # last micro-panel of B narrow
     (2, 5, 0),  # empty inner dimension: zeros
     (0, 4, 3),
