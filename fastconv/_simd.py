@@ -9,8 +9,9 @@ with one masked vector instead), and the patch packers' gathers of values spread
 (``_gather_taps``). They are built from ``<lanes x float>`` values directly, through
 ``numba.extending.intrinsic``: one AVX-512 register per vector, unaligned loads and stores, the same
 arithmetic in the same order as the scalar code they stand for, so results are the same bits. The narrow
-tile, the runs and the gathers are here; the input transform (``_winograd._transform_tile_vector``) is built
-from the helpers below.
+tile, the runs and the gathers are here; the Winograd transforms (``_winograd._transform_tile_vector``,
+``_winograd._output_tiles_vector``) are built from the helpers below, masked loads and stores for a last,
+partial vector among them.
 """
 
 from llvmlite import ir
@@ -46,17 +47,22 @@ def store(builder, value, pointer, offset, size):
     builder.store(value, builder.bitcast(address, value.type.as_pointer()), align=size)
 
 
-def deinterleaved_columns(context, builder, dtype, row, count):
+def deinterleaved_columns(context, builder, dtype, row, count, valid=None):
     """The first ``count`` of the vectors of columns ``2l``, ``2l + 1``, ``2l + 2``, ``2l + 3`` (lane ``l``) from
     the pointer ``row``: two double-width loads, at 0 and 2, each split into its even and odd values. A vector
-    register of Winograd tiles reads each of its rows so (``_winograd``, ``_winograd_strided``)."""
+    register of Winograd tiles reads each of its rows so (``_winograd``, ``_winograd_strided``). Given
+    ``valid`` (an i64 value), only lanes below it are read, the others are 0: nothing past them is touched."""
     vector, lanes, size = vector_type(context, dtype)
     double = ir.VectorType(vector.element, 2 * lanes)
     columns = ir.VectorType(ir.IntType(32), lanes)
     even, odd = (ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
+    mask = None if valid is None else _lane_mask(builder, builder.mul(valid, ir.IntType(64)(2)), 2 * lanes)
     out = []
     for offset in (0, 2):
-        value = load(builder, double, row, offset, size)
+        if mask is None:
+            value = load(builder, double, row, offset, size)
+        else:
+            value = _masked_load(builder, double, size, row, ir.IntType(64)(offset), mask)
         out += [builder.shuffle_vector(value, value, even), builder.shuffle_vector(value, value, odd)]
     return out[:count]
 
@@ -84,6 +90,20 @@ def _masked_load(builder, vector, size, pointer, offset, mask):
     )
     address = builder.bitcast(builder.gep(pointer, [offset]), vector.as_pointer())
     return builder.call(function, [address, int32(size), mask, ir.Constant(vector, [0.0] * lanes)])
+
+
+def _masked_store(builder, value, size, pointer, offset, mask):
+    """``llvm.masked.store`` of the vector ``value`` at ``pointer + offset``: lanes off in ``mask`` are not
+    written."""
+    vector = value.type
+    lanes, int32 = vector.count, ir.IntType(32)
+    function = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(ir.VoidType(), [vector, vector.as_pointer(), int32, ir.VectorType(ir.IntType(1), lanes)]),
+        f"llvm.masked.store.v{lanes}f{8 * size}.p0",
+    )
+    address = builder.bitcast(builder.gep(pointer, [offset]), vector.as_pointer())
+    builder.call(function, [value, address, int32(size), mask])
 
 
 def _gather(builder, vector, size, addresses, mask):

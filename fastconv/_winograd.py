@@ -34,13 +34,33 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._gemm import _panel_rows, _round_up
+from ._gemm import _data, _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from ._simd import Vector, _gather, _splat, deinterleaved_columns, store, vector_type
+from ._simd import (
+    Vector,
+    _gather,
+    _lane_mask,
+    _masked_load,
+    _masked_store,
+    _prefetch,
+    _splat,
+    deinterleaved_columns,
+    store,
+    vector_type,
+)
 from .config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES
 
 _FASTMATH = {"contract"}
+
+#: The input transform prefetches the rows of the channel this many ahead of the one it transforms, in
+#: images at least PREFETCH_MIN_WIDTH wide. A chunk's tiles read a few rows of each of many channels: more
+#: streams than the hardware prefetcher follows. Measured (float32, 2 threads, alternating processes), conv2d by
+#: Winograd: 8x64x56x56 -> 64 4.1-4.4 -> 3.6-3.9 ms, 8x128x28x28 3.6-3.7 -> 3.1-3.3 (with the vector output
+#: transform); on 7x7 images, whose planes are a few lines, the prefetches cost more than they saved
+#: (8x512x7x7 4.7-4.9 -> 5.0-5.1).
+PREFETCH_CHANNELS = 2
+PREFETCH_MIN_WIDTH = 16
 
 #: Positions of the transformed 4x4 tile: one GEMM each.
 XI = 16
@@ -144,14 +164,37 @@ def _store_column(v, u, t):
     v[12, u], v[13, u], v[14, u], v[15, u] = t[12], t[13], t[14], t[15]
 
 
-def _store_positions(context, builder, array_type, array, t, start, size):
+def _store_positions(context, builder, array_type, array, t, start, size, valid=None):
     """``array[xi, start : start + lanes] = t[xi]`` for the 16 ``Vector`` positions ``t`` of transformed tiles
-    (``array`` a 2-D array, rows of any stride): the stores of the vector transforms below."""
+    (``array`` a 2-D array, rows of any stride): the stores of the vector transforms below. Given ``valid`` (an
+    i64 value), only the first ``valid`` lanes are stored."""
     rows = context.make_array(array_type)(context, builder, array)
     index = llvm_ir.IntType(64)
     row_stride = builder.sdiv(cgutils.unpack_tuple(builder, rows.strides)[0], index(size))
+    mask = None if valid is None else _lane_mask(builder, valid, t[0].value.type.count)
     for xi in range(XI):
-        store(builder, t[xi].value, rows.data, builder.add(builder.mul(index(xi), row_stride), start), size)
+        offset = builder.add(builder.mul(index(xi), row_stride), start)
+        if mask is None:
+            store(builder, t[xi].value, rows.data, offset, size)
+        else:
+            _masked_store(builder, t[xi].value, size, rows.data, offset, mask)
+
+
+def _tile_vector_codegen(dtype, masked):
+    """Code for ``_transform_tile_vector`` (all lanes) or ``_transform_tiles_masked`` (the first ``count``)."""
+
+    def codegen(context, builder, signature, args):
+        _, _, size = vector_type(context, dtype)
+        valid = args[7] if masked else None
+        d = []
+        for i in range(4):
+            row = builder.gep(context.make_array(signature.args[i])(context, builder, args[i]).data, [args[4]])
+            d += [Vector(builder, value) for value in deinterleaved_columns(context, builder, dtype, row, 4, valid)]
+        t = _bt_d_b.py_func(tuple(d))
+        _store_positions(context, builder, signature.args[5], args[5], t, args[6], size, valid)
+        return context.get_dummy_value()
+
+    return codegen
 
 
 @intrinsic
@@ -160,18 +203,14 @@ def _transform_tile_vector(typingctx, r0, r1, r2, r3, j, v, u):
     columns ``j + 2l`` to ``j + 2l + 3`` of the contiguous rows ``r0..r3``: ``_transform_tiles``'s loop, as
     vector code (``_simd.py``). Each row is read as two double-width vectors, at ``j`` and ``j + 2``, split
     into even and odd columns: the tiles' four columns, one tile per lane."""
-    dtype = r0.dtype
+    return types.none(r0, r1, r2, r3, j, v, u), _tile_vector_codegen(r0.dtype, masked=False)
 
-    def codegen(context, builder, signature, args):
-        _, _, size = vector_type(context, dtype)
-        d = []
-        for i in range(4):
-            row = builder.gep(context.make_array(signature.args[i])(context, builder, args[i]).data, [args[4]])
-            d += [Vector(builder, value) for value in deinterleaved_columns(context, builder, dtype, row, 4)]
-        _store_positions(context, builder, signature.args[5], args[5], _bt_d_b.py_func(tuple(d)), args[6], size)
-        return context.get_dummy_value()
 
-    return types.none(r0, r1, r2, r3, j, v, u), codegen
+@intrinsic
+def _transform_tiles_masked(typingctx, r0, r1, r2, r3, j, v, u, count):
+    """``_transform_tile_vector`` for the first ``count`` lanes only (fewer than a vector register's): the rows
+    are read no further than those tiles, and ``v`` is written for them alone."""
+    return types.none(r0, r1, r2, r3, j, v, u, count), _tile_vector_codegen(r0.dtype, masked=True)
 
 
 @intrinsic
@@ -209,20 +248,23 @@ def _transform_tiles(r0, r1, r2, r3, count, v, step):
     to ``2u + 3`` of the rows ``r0..r3``: one column of a packed B panel per tile (``step`` 1), or one row of
     the weight gradient's (``step`` NR).
 
-    At step 1, a vector register of tiles at a time (``_transform_tile_vector``), then one tile at a time with
-    all 16 values in registers. Every index of the scalar loop starts from 0 (callers slice first), so LLVM
-    knows none is negative and adds no wraparound test. Measured, float32: 4.0 ns per tile one at a time, 0.8
-    ns in vectors (one core, long runs); 8x64x56x56 -> 4 filters (mostly input transform, 2 threads) 1.52-1.62
-    -> 1.38-1.42 ms. Rows of fewer than 16 tiles (images under 32 pixels wide) gain nothing.
+    At step 1, a vector register of tiles at a time (``_transform_tile_vector``), the last tiles in one masked
+    vector (``_transform_tiles_masked``); at other steps one tile at a time with all 16 values in registers.
+    Every index of the scalar loop starts from 0 (callers slice first), so LLVM knows none is negative and adds
+    no wraparound test. Measured, float32: 4.0 ns per tile one at a time, 0.8 ns in vectors (one core, long
+    runs). The masked vector, against the scalar loop for the rest (float32, 2 threads, conv2d by Winograd):
+    8x128x28x28 (runs of 12 tiles inside the padding) 3.8-4.1 -> 3.7-4.1 ms, 8x256x14x14 (5 tiles) 4.1 ->
+    4.0; 8x64x56x56 (26 tiles) unchanged.
     """
-    lanes = 64 // r0.itemsize
-    done = 0
-    if step == 1 and count >= lanes:
-        done = count - count % lanes
-        for u in range(0, done, lanes):
+    if step == 1:
+        lanes = 64 // r0.itemsize
+        whole = count - count % lanes
+        for u in range(0, whole, lanes):
             _transform_tile_vector(r0, r1, r2, r3, 2 * u, v, u)
-        r0, r1, r2, r3, v = r0[2 * done :], r1[2 * done :], r2[2 * done :], r3[2 * done :], v[:, done:]
-    for u in range(count - done):
+        if whole < count:
+            _transform_tiles_masked(r0, r1, r2, r3, 2 * whole, v, whole, count - whole)
+        return
+    for u in range(count):
         j = 2 * u
         d = (
             r0[j], r0[j + 1], r0[j + 2], r0[j + 3],
@@ -296,19 +338,67 @@ def _input_tiles(x, n, c, th, tw0, run, pt, pl, v, v0, step):
     _border_tiles(plane, h0, w0, u0, u1, run, v, v0, step)
 
 
+@intrinsic
+def _output_tiles_vector(typingctx, m, u, top, bottom, j, count, cols, accumulate):
+    """``_output_tiles``'s loop for a vector register of tiles ``u + l``, ``l < count``, of two output rows:
+    ``top[j : j + cols]`` and ``bottom[j : j + cols]`` (+)= the tiles' rows, the two values of each tile side
+    by side. ``m`` is read in rows of lanes, with the scalar loop's arithmetic in its order; its lanes past
+    ``count`` and the rows' values past ``cols`` are neither read nor written."""
+    dtype = m.dtype
+
+    def codegen(context, builder, signature, args):
+        m, u, top, bottom, j, count, cols, accumulate = args
+        vector, lanes, size = vector_type(context, dtype)
+        index = llvm_ir.IntType(64)
+        rows = context.make_array(signature.args[0])(context, builder, m)
+        row_stride = builder.sdiv(cgutils.unpack_tuple(builder, rows.strides)[0], index(size))
+        tiles = _lane_mask(builder, count, lanes)
+        t = []
+        for xi in range(XI):
+            start = builder.add(builder.mul(index(xi), row_stride), u)
+            t.append(Vector(builder, _masked_load(builder, vector, size, rows.data, start, tiles)))
+        s0, s1, s2, s3 = (t[i] + t[4 + i] + t[8 + i] for i in range(4))
+        d0, d1, d2, d3 = (t[4 + i] - t[8 + i] - t[12 + i] for i in range(4))
+        interleave = [lane // 2 + lane % 2 * lanes for lane in range(2 * lanes)]
+        pairs = llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), 2 * lanes), interleave)
+        double = llvm_ir.VectorType(vector.element, 2 * lanes)
+        values = _lane_mask(builder, cols, 2 * lanes)
+        for a, first, second in ((2, s0 + s1 + s2, s1 - s2 - s3), (3, d0 + d1 + d2, d1 - d2 - d3)):
+            row = context.make_array(signature.args[a])(context, builder, args[a]).data
+            out = builder.shuffle_vector(first.value, second.value, pairs)  # the two columns of each tile, in turn
+            with builder.if_else(accumulate) as (add, assign):
+                with add:
+                    old = _masked_load(builder, double, size, row, j, values)
+                    _masked_store(builder, builder.fadd(out, old), size, row, j, values)
+                with assign:
+                    _masked_store(builder, out, size, row, j, values)
+        return context.get_dummy_value()
+
+    return types.none(m, u, top, bottom, j, count, cols, accumulate), codegen
+
+
 @njit(cache=True)
 def _output_tiles(m, y, n, k, th, tw0, run, accumulate):
     """Write (or add) ``Aᵀ M_u A``, the 2x2 output tile of tile ``(n, th, tw0 + u)``, for ``u < run``, channel
     ``k``; ``m[xi, u]`` holds ``M_u``, the tile's GEMM results.
 
-    One pass per tile, all 16 values in registers, as the input transform. Tiles overhanging an odd-sized
-    output lose their last row or column.
+    A vector register of tiles at a time (``_output_tiles_vector``) where a run fills half of one at least,
+    else one tile at a time with all 16 values in registers. Tiles overhanging an odd-sized output lose their
+    last row or column. Measured (float32, 2 threads), vectors against tiles one at a time, with the input
+    prefetched either way: 8x64x56x56 -> 64 3.97-4.40 -> 3.50-4.21 ms; equal on 28x28 images; slower on 7x7
+    ones (runs of 4 tiles: 8x512x7x7 5.1-5.3 -> 5.4-5.5), hence the half.
     """
     _, _, P, Q = y.shape
     p0, q0 = 2 * th, 2 * tw0
     two_rows = p0 + 1 < P
     top = y[n, k, p0, q0:]
     bottom = y[n, k, p0 + 1 if two_rows else p0, q0:]
+    lanes = 64 // m.itemsize
+    if two_rows and 2 * run >= lanes:
+        for u in range(0, run, lanes):
+            count = min(lanes, run - u)
+            _output_tiles_vector(m, u, top, bottom, 2 * u, count, min(2 * count, Q - q0 - 2 * u), accumulate)
+        return
     for u in range(run):
         # Aᵀ M: the rows of M combined, then (Aᵀ M) A: the columns.
         s0 = m[0, u] + m[4, u] + m[8, u]
@@ -370,6 +460,23 @@ def chunk_runs(P, Q, first, last, runs):
 
 
 @njit(cache=True, inline="always")
+def _prefetch_tiles(x_data, shape, c, pt, pl, runs, n_runs):
+    """Hint that the input rows under the runs of tiles ``runs[:n_runs]`` in channel ``c`` will be read soon: a
+    chunk's tiles read a few rows of each of many channels, more streams than the hardware prefetcher follows."""
+    N, C, H, W = shape
+    for i in range(n_runs):
+        h0, w0 = 2 * runs[i, 1] - pt, 2 * runs[i, 2] - pl
+        h1, w1 = min(h0 + 4, H), min(W, w0 + 2 * runs[i, 3] + 2)
+        h0, w0 = max(h0, 0), max(w0, 0)
+        if h1 > h0 and w1 > w0:  # the lines from the run's first pixel to its last, rows between included
+            plane = (runs[i, 0] * C + c) * H
+            first, last = (plane + h0) * W + w0, (plane + h1 - 1) * W + w1
+            for flat in range(first, last, 16):
+                _prefetch(x_data, flat)
+            _prefetch(x_data, last - 1)
+
+
+@njit(cache=True, inline="always")
 def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
     """Task ``(group, chunk of NR tiles, block of k_block output channels)`` of ``_winograd_tasks``.
 
@@ -387,6 +494,8 @@ def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
         kc = min(KC, Cg - pc)
         for p in range(kc):
             c = g * Cg + pc + p
+            if p + PREFETCH_CHANNELS < kc and x.shape[3] >= PREFETCH_MIN_WIDTH:
+                _prefetch_tiles(_data(x), x.shape, c + PREFETCH_CHANNELS, pt, pl, runs, n_runs)
             base = p * NR
             for t in range(last - first, NR):  # tiles past the last: zeros
                 for xi in range(XI):
