@@ -19,7 +19,7 @@ from ._conv_kernels import (
     patchify,
 )
 from ._direct import conv2d_direct, conv2d_direct_weight, direct_workspace
-from ._im2col import _scatter_phase, _space_to_depth
+from ._im2col import _depth_to_space, _scatter_phase, _space_to_depth
 from ._parallel import run
 from ._shifted import shifted_weight_grad_pays, weight_grad_layout
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
@@ -215,6 +215,10 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
         swapped = _choose_algorithm("auto", as_conv2d) == "winograd"
         filters = weight if swapped else _flip_for_input_grad(weight, geometry.groups)
         return _forward(grad_output, filters, bias, as_conv2d, dtype, purpose="the input gradient", swapped=swapped)
+    N, C, H, W = geometry.input_shape
+    _, _, R, S = geometry.weight_shape
+    if patchify(R, S, geometry.kernel_geometry, *grad_output.shape[2:], H, W):
+        return _input_grad_of_patchify(grad_output, weight, bias, geometry, dtype)
     if strided_winograd_applies(geometry) and input_grad_pays(geometry):
         return _input_grad_subpixel(grad_output, weight, bias, geometry, dtype)
     if _phases_pay(geometry):
@@ -265,6 +269,30 @@ def _phases_pay(geometry):
         and -(-H // sh) * -(-W // sw) >= PHASES_MIN_PIXELS
         and 2 * N * K * P * Q * Cg * R * S >= PHASES_MIN_FLOPS
     )
+
+
+def _input_grad_of_patchify(grad_output, weight, bias, geometry, dtype):
+    """conv2d's input gradient of a patchify layer (``_conv_kernels.patchify``; conv_transpose2d of one, as in
+    U-Net's 2x2 stride-2 up-convolution): each pixel of grad_output reaches one input pixel per tap, no two the
+    same. So the gradient's stride phases, channel ``(c * R + r) * S + s`` for tap ``(c, r, s)``, are one 1x1
+    convolution of grad_output (a GEMM of all the taps at once), put into place by depth-to-space. Measured
+    (float32, 2 threads), conv_transpose2d 8x128x28x28 -> 64 2x2 s2: 1.69-1.80 ms by the four phases one at a
+    time (each a GEMM of 64 rows), 1.30 this way.
+    """
+    N, C, H, W = geometry.input_shape
+    K, Cg, R, S = geometry.weight_shape
+    groups = geometry.groups
+    # filters[(g * Cg + c) * R * S + r * S + s, k] = weight[g * Kg + k, c, r, s]
+    filters = weight.reshape(groups, K // groups, Cg * R * S).transpose(0, 2, 1).reshape(C * R * S, K // groups, 1, 1)
+    phase_bias = None if bias is None else np.repeat(np.asarray(bias, dtype), R * S)
+    pointwise = v.conv2d_geometry("the input gradient", grad_output.shape, filters.shape, 1, 0, 1, groups)
+    phase_bytes = math.prod(pointwise.output_shape) * dtype.itemsize
+    v.check_memory("the input gradient", geometry.input_shape, dtype, (grad_output, weight), phase_bytes)
+    phases = _forward(grad_output, filters, phase_bias, pointwise, dtype, purpose="the input gradient")
+    dx = np.empty(geometry.input_shape, dtype)
+    if dx.size:
+        run(_depth_to_space, phases, np.int64(R), np.int64(S), dx)
+    return dx
 
 
 def _input_grad_by_phases(grad_output, weight, bias, geometry, dtype):

@@ -295,6 +295,29 @@ def test_strided_input_gradient_by_stride_phases(rng, monkeypatch, case, dtype):
         assert_close(fastconv.conv_transpose2d(dy, w, bias, output_padding=output_padding, **params), expected)
 
 
+@pytest.mark.parametrize("case", [(2, 6, 3, 4, 4, 2, 2, 1), (1, 12, 2, 3, 6, 3, 2, 2), (2, 40, 4, 4, 36, 4, 4, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_patchify_input_gradient_is_one_gemm_put_in_place(rng, monkeypatch, case, dtype):
+    """conv_transpose2d of a patchify layer (U-Net's 2x2 s2 up-convolution), conv2d_input of one: a 1x1
+    convolution onto all the stride phases at once, then depth-to-space; the bias added on the way."""
+    N, C_in, H, W, C_out, R, S, groups = case
+    taken = []
+    path = conv_module._input_grad_of_patchify
+    monkeypatch.setattr(conv_module, "_input_grad_of_patchify", lambda *args: taken.append(1) or path(*args))
+    x = random_array(rng, (N, C_in, H, W), dtype)
+    w = random_array(rng, (C_in, C_out // groups, R, S), dtype)
+    bias = random_array(rng, (C_out,), dtype)
+    params = dict(stride=(R, S), groups=groups)
+    assert_close(fastconv.conv_transpose2d(x, w, bias, **params), reference.conv_transpose2d(x, w, bias, **params))
+    shape = (N, C_out, H * R, W * S)
+    assert_close(fastconv.conv2d_input(shape, w, x, **params), reference.conv2d_input(shape, w, x, **params))
+    assert len(taken) == 2
+    # One more output row than whole strides (output_padding) is not patchify: the usual path, same answer.
+    expected = reference.conv_transpose2d(x, w, bias, output_padding=(1, 0), **params)
+    assert_close(fastconv.conv_transpose2d(x, w, bias, output_padding=(1, 0), **params), expected)
+    assert len(taken) == 2
+
+
 @pytest.mark.parametrize("case", [(2, 6, 3, 4, 4, 2, 2, 1), (1, 4, 2, 3, 6, 3, 2, 2), (2, 40, 4, 4, 36, 4, 4, 2)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_patchify_transposed_backward_on_shared_stride_phases(rng, monkeypatch, case, dtype):
