@@ -436,13 +436,14 @@ def _tile_rows(P, Q, end, t):
 
 
 @njit(cache=True, inline="always")
-def task_share(task, tiles, channels, block):
-    """``(g, first, last, c0, c1)``: task ``(group g, chunk of NR tiles first:last, block c0:c1 of the group's
-    output channels)``, of ``tiles`` tiles and ``channels`` channels per group in blocks of ``block``."""
-    chunks = -(-tiles // NR)
+def task_share(task, tiles, channels, block, span):
+    """``(g, first, last, c0, c1)``: task ``(group g, span of tiles first:last, block c0:c1 of the group's
+    output channels)``, of ``tiles`` tiles in spans of ``span`` and ``channels`` channels per group in blocks
+    of ``block``."""
+    spans = -(-tiles // span)
     blocks = -(-channels // block)
-    chunk, c0 = task // blocks % chunks, task % blocks * block
-    return task // (chunks * blocks), chunk * NR, min(tiles, chunk * NR + NR), c0, min(channels, c0 + block)
+    index, c0 = task // blocks % spans, task % blocks * block
+    return task // (spans * blocks), index * span, min(tiles, index * span + span), c0, min(channels, c0 + block)
 
 
 @njit(cache=True, inline="always")
@@ -477,62 +478,69 @@ def _prefetch_tiles(x_data, shape, c, pt, pl, runs, n_runs):
 
 
 @njit(cache=True, inline="always")
-def _tile_task(x, pt, pl, groups, k_block, accumulate, up, v, m, runs, y, task):
-    """Task ``(group, chunk of NR tiles, block of k_block output channels)`` of ``_winograd_tasks``.
+def _tile_task(x, pt, pl, groups, k_block, span, accumulate, up, v, m, runs, y, task):
+    """Task ``(group, span of tiles, block of k_block output channels)`` of ``_winograd_tasks``.
 
-    Transforms the chunk's input tiles into ``v``, one KC block of channels at a time, multiplies them by the
-    transformed filters into ``m`` (one GEMM per position of the tile, with the GEMM's micro-kernel), and
-    transforms ``m`` into the chunk's output tiles of those channels.
+    Transforms the span's input tiles into ``v``, one KC block of channels at a time, a packed B micro-panel
+    per chunk of NR tiles, multiplies them by the transformed filters into ``m`` (one GEMM per position of the
+    tile, with the GEMM's micro-kernel), and transforms ``m`` into the span's output tiles of those channels.
     """
     N, C, _, _ = x.shape
     _, K, P, Q = y.shape
     Cg = C // groups
     Kg = K // groups
-    g, first, last, k0, k1 = task_share(task, N * -(-P // 2) * -(-Q // 2), Kg, k_block)
-    n_runs = chunk_runs(P, Q, first, last, runs)
+    g, first, last, k0, k1 = task_share(task, N * -(-P // 2) * -(-Q // 2), Kg, k_block, span)
+    chunks = -(-(last - first) // NR)
     for pc in range(0, Cg, KC):
         kc = min(KC, Cg - pc)
-        for p in range(kc):
-            c = g * Cg + pc + p
-            if p + PREFETCH_CHANNELS < kc and x.shape[3] >= PREFETCH_MIN_WIDTH:
-                _prefetch_tiles(_data(x), x.shape, c + PREFETCH_CHANNELS, pt, pl, runs, n_runs)
-            base = p * NR
-            for t in range(last - first, NR):  # tiles past the last: zeros
-                for xi in range(XI):
-                    v[xi, base + t] = 0
-            for i in range(n_runs):
-                _input_tiles(x, runs[i, 0], c, runs[i, 1], runs[i, 2], runs[i, 3], pt, pl, v, base, ONE)
-                base += runs[i, 3]
+        for j in range(chunks):
+            chunk_first = first + j * NR
+            chunk_last = min(last, chunk_first + NR)
+            n_runs = chunk_runs(P, Q, chunk_first, chunk_last, runs)
+            for p in range(kc):
+                c = g * Cg + pc + p
+                if p + PREFETCH_CHANNELS < kc and x.shape[3] >= PREFETCH_MIN_WIDTH:
+                    _prefetch_tiles(_data(x), x.shape, c + PREFETCH_CHANNELS, pt, pl, runs, n_runs)
+                base = (j * kc + p) * NR
+                for t in range(chunk_last - chunk_first, NR):  # tiles past the last: zeros
+                    for xi in range(XI):
+                        v[xi, base + t] = 0
+                for i in range(n_runs):
+                    _input_tiles(x, runs[i, 0], c, runs[i, 1], runs[i, 2], runs[i, 3], pt, pl, v, base, ONE)
+                    base += runs[i, 3]
         for xi in range(XI):  # rows k0:k1 of the GEMM xi, into rows 0:k1-k0 of m
-            _panel_rows(up[g, xi], Kg, pc, kc, k0, k1, v[xi, : kc * NR], m, -k0, xi * NR, WHOLE_PANEL, pc > 0)
-    for k in range(k0, k1):
-        offset = 0
-        for i in range(n_runs):
-            n, th, tw, run = runs[i, 0], runs[i, 1], runs[i, 2], runs[i, 3]
-            _output_tiles(m[:, k - k0, offset:], y, n, g * Kg + k, th, tw, run, accumulate)
-            offset += run
+            for j in range(chunks):
+                panel = v[xi, j * kc * NR : (j + 1) * kc * NR]
+                _panel_rows(up[g, xi], Kg, pc, kc, k0, k1, panel, m, -k0, xi * span + j * NR, WHOLE_PANEL, pc > 0)
+    for j in range(chunks):
+        n_runs = chunk_runs(P, Q, first + j * NR, min(last, first + j * NR + NR), runs)
+        for k in range(k0, k1):
+            offset = j * NR
+            for i in range(n_runs):
+                n, th, tw, run = runs[i, 0], runs[i, 1], runs[i, 2], runs[i, 3]
+                _output_tiles(m[:, k - k0, offset:], y, n, g * Kg + k, th, tw, run, accumulate)
+                offset += run
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _winograd_tasks(x, weight, swapped, pt, pl, groups, k_block, accumulate, up, v, m, runs, y):
+def _winograd_tasks(x, weight, swapped, pt, pl, groups, k_block, span, accumulate, up, v, m, runs, y):
     """``y (+)= conv2d(x, weight)`` for a 3x3, stride-1, undilated convolution.
 
     First the filters are transformed into ``up`` (its rows past Kg zeros), in parallel over output channels
-    (``swapped``: see ``_transform_filters``). Then tasks ``(group, chunk of NR tiles, block of k_block output
-    channels)`` (``_tile_task``) run in parallel, each
-    thread with its own scratch, indexed by ``numba.get_thread_id()``: ``v`` (threads, 16, min(KC, Cg) * NR +
-    pad) the chunk's transformed input as packed B panels, ``m`` (threads, 16, k_block + 1, NR) its GEMM
-    results, ``runs`` (threads, NR, 4) its runs of tiles. Footprint per thread: ``16 * NR * (min(KC, Cg) +
-    k_block)`` values, a few hundred KiB. The parallel loops only call serial functions.
+    (``swapped``: see ``_transform_filters``). Then tasks ``(group, span of tiles, block of k_block output
+    channels)`` (``_tile_task``) run in parallel, each thread with its own scratch, indexed by
+    ``numba.get_thread_id()``: ``v`` (threads, 16, min(KC, Cg) * span + pad) the span's transformed input as
+    packed B panels, ``m`` (threads, 16, k_block + 1, span) its GEMM results, ``runs`` (threads, NR, 4) the
+    runs of tiles of one chunk of it. The parallel loops only call serial functions.
     """
     K, Kg, Cg = y.shape[1], y.shape[1] // groups, x.shape[1] // groups
     for k in prange(K):
         _transform_filters(weight, k, Kg, Cg, swapped, up)
     TH, TW = -(-y.shape[2] // 2), -(-y.shape[3] // 2)
-    tasks = groups * -(-(x.shape[0] * TH * TW) // NR) * -(-Kg // k_block)
+    tasks = groups * -(-(x.shape[0] * TH * TW) // span) * -(-Kg // k_block)
     for task in prange(tasks):
         t = numba.get_thread_id()
-        _tile_task(x, pt, pl, groups, k_block, accumulate, up, v[t], m[t], runs[t], y, task)
+        _tile_task(x, pt, pl, groups, k_block, span, accumulate, up, v[t], m[t], runs[t], y, task)
 
 
 #: Most output channels one task computes. Each task transforms its chunk's input tiles for all of the group's
@@ -555,6 +563,27 @@ def _winograd_k_block(Kg, chunks, threads):
     return k_block
 
 
+#: Most chunks of NR tiles a task takes at once (``_winograd_span``).
+MAX_SPAN_CHUNKS = 2
+
+
+def _winograd_span(Kg, groups, chunks, threads):
+    """``(span, k_block)``: tiles and output channels per task.
+
+    A task of one chunk reads all of its block of transformed filters for one micro-panel of B; with a chunk
+    per thread (8x512x7x7: two chunks), each thread reads all of them (16 MiB at 512 channels), once per chunk.
+    With as few chunks as threads (and at most MAX_SPAN_CHUNKS), a task takes them all, each micro-panel of A
+    used for all of them, and the threads split the output channels instead: the filters read once in all.
+    Measured (float32, 2 threads, alternating processes): 8x512x7x7 -> 512 5.9-6.0 -> 5.4-5.7 ms (a slow
+    period of the machine; 5.9-6.0 -> 5.4-5.7 again with PyTorch's calls in between, as the bench runs),
+    2x256x14x14 1.55-1.63 -> 1.33-1.35, 8x256x7x7 1.62-1.66 -> 1.55-1.60, 2x512x14x14 unchanged within noise.
+    Otherwise a chunk per task (``_winograd_k_block``).
+    """
+    if groups == 1 and 1 < chunks <= min(threads, MAX_SPAN_CHUNKS):
+        return chunks * NR, _round_up(-(-Kg // threads), MR)
+    return NR, _winograd_k_block(Kg, groups * chunks, threads)
+
+
 def _conv2d_winograd(x, weight, geometry, groups, accumulate, y, swapped=False):
     """``y (+)= conv2d(x, weight)`` by Winograd F(2x2, 3x3); 3x3 filters, stride 1, dilation 1.
 
@@ -567,14 +596,16 @@ def _conv2d_winograd(x, weight, geometry, groups, accumulate, y, swapped=False):
     Kg = K // groups
     dtype = y.dtype
     tiles = x.shape[0] * -(-y.shape[2] // 2) * -(-y.shape[3] // 2)
-    k_block = _winograd_k_block(Kg, groups * -(-tiles // NR), numba.config.NUMBA_NUM_THREADS)
+    threads = numba.config.NUMBA_NUM_THREADS
+    span, k_block = _winograd_span(Kg, groups, -(-tiles // NR), threads)
     # The 16 rows of up, v and m are written (read) together, one value each per tile: rows a multiple of 4 KiB
     # apart would share one set of the L1 cache and evict each other (8x slower, measured). One spare cache
     # line, or one spare row of m, offsets them.
     # Every row of the filters below Kg is written: only rows past it, padding the last micro-panel, need zeros.
     up = scratch("winograd filters", (groups, XI, _round_up(Kg, MR) * Cg + 16), dtype, zeros=Kg % MR != 0)
-    v = per_thread((XI, min(KC, Cg) * NR + 16), dtype, name="winograd inputs")
-    m = per_thread((XI, k_block + 1, NR), dtype, name="winograd products")
+    v = per_thread((XI, min(KC, Cg) * span + 16), dtype, name="winograd inputs")
+    m = per_thread((XI, k_block + 1, span), dtype, name="winograd products")
     runs = per_thread((NR, 4), np.int64, name="winograd runs")
     _, _, pt, pl, _, _ = geometry
-    _winograd_tasks(x, weight, np.bool_(swapped), pt, pl, groups, k_block, np.bool_(accumulate), up, v, m, runs, y)
+    args = (pt, pl, groups, k_block, np.int64(span), np.bool_(accumulate), up, v, m, runs, y)
+    _winograd_tasks(x, weight, np.bool_(swapped), *args)

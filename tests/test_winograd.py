@@ -8,7 +8,7 @@ from conftest import assert_close, random_array, requires_torch
 from fastconv import _winograd_grad, reference
 from fastconv import conv as conv_module
 from fastconv._validate import parse_conv2d
-from fastconv._winograd import _winograd_k_block
+from fastconv._winograd import _winograd_k_block, _winograd_span
 from fastconv.config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES, WINOGRAD_WEIGHT_GRAD_MIN_TILES
 from fastconv.conv import _choose_algorithm, _input_grad_as_conv2d
 
@@ -23,6 +23,7 @@ CASES = [  # (N, C, H, W, K, padding, groups)
     (1, KC + 88, 6, 5, 7, 1, 1),  # more channels than KC: two blocks of the shared dimension
     (1, 6, 10, 10, 302, 1, 1),  # more output channels than one task's block, not a multiple of MR
     (1, 1, 100, 90, 2, 1, 1),  # the weight gradient's ranges span two chunks of tiles
+    (2, 3, 16, 14, 10, 1, 1),  # two chunks, the last partial: on two threads one task takes both
 ]
 
 
@@ -67,6 +68,9 @@ def test_the_cases_cross_the_blocking_edges():
     # Some case splits its output channels between tasks, into blocks that are not all whole multiples of MR.
     blocks = [_winograd_k_block(K // groups, -(-t // NR), 2) for t, (*_, K, _, groups) in zip(tiles, CASES)]
     assert any(b < K and K % b % MR for b, (*_, K, _, _) in zip(blocks, CASES))
+    # Some case, on two threads, has tasks of both its chunks and half its output channels each.
+    spans = [_winograd_span(K // groups, groups, -(-t // NR), 2) for t, (*_, K, _, groups) in zip(tiles, CASES)]
+    assert any(span == 2 * NR and k_block < K for (span, k_block), (*_, K, _, _) in zip(spans, CASES))
     # The weight gradient: some case has several ranges of tiles, some range several chunks of unequal ends.
     ranges = [_winograd_grad._n_ranges(K, C // g, t, 8) for t, (_, C, *_, K, _, g) in zip(tiles, CASES)]
     assert max(ranges) > 1
