@@ -19,12 +19,13 @@ The transforms only add and halve, so the rounding error stays within about thre
 (measured: 8e-7 of the largest output for 512 channels in float32, against 2.5e-7 direct); F(4x4, 3x3) would
 save more but is 60 times less accurate.
 
-The filters are transformed once per call, in parallel over output channels. The tiles of the whole batch
-are processed in chunks of NR (the GEMM micro-kernel's width), each by one thread: it transforms the chunk's
-input tiles straight into packed B panels (``V``, in cache), multiplies them by the packed transformed
-filters with the GEMM's micro-kernel into ``M``, and transforms ``M`` into output pixels. Nothing the size of
-the image is allocated. Every output is written by one thread and summed in a fixed order, so results do not
-depend on the thread count.
+The filters are transformed once per call, in parallel over blocks of MR output channels, in vectors of
+input channels. The tiles of the whole batch are processed in chunks of NR (the GEMM micro-kernel's width),
+each by one thread (or, with as few chunks as threads, all of them by each thread, for a share of the output
+channels): it transforms the chunk's input tiles straight into packed B panels (``V``, in cache),
+multiplies them by the packed transformed filters with the GEMM's micro-kernel into ``M``, and transforms
+``M`` into output pixels. Nothing the size of the image is allocated. Every output is written by one thread
+and summed in a fixed order, so results do not depend on the thread count.
 """
 
 import numba
@@ -112,18 +113,18 @@ def _filter_block_vector(typingctx, weight, first, row_step, c_step, rows, swapp
 
     The filter of row ``i < rows`` and lane ``l < count`` starts at flat index ``first + i * row_step + l *
     c_step`` of ``weight``, its 9 taps row by row, read rotated by 180 degrees when ``swapped``: 9 gathers
-    per row. The transform is the scalar one's, in float64 in the same order, rounded once when stored. The
-    MR rows' values for position ``xi`` are interleaved, channel by channel, into ``up[g, xi, start :
-    start + MR * count]``: MR values per channel, as ``_pack_a`` lays out A's micro-panels. Rows past
-    ``rows`` are zeros.
+    per row. ``G g Gᵀ`` is computed in float64, along each axis ``(a, (a + b + c) / 2, (a - b + c) / 2, c)``
+    summed left to right, and rounded once when stored. The MR rows' values for position ``xi`` are
+    interleaved, channel by channel, into ``up[g, xi, start : start + MR * count]``: MR values per channel, as
+    ``_pack_a`` lays out A's micro-panels. Rows past ``rows`` are zeros.
     """
     dtype = weight.dtype
 
     def codegen(context, builder, signature, args):
         weight, first, row_step, c_step, rows, swapped, count, up, g, start = args
-        vector, lanes, size = vector_type(context, dtype)
-        lanes = 16  # channels per block, whatever the dtype: float64 takes two registers per vector
-        vector = llvm_ir.VectorType(vector.element, lanes)
+        register, _, size = vector_type(context, dtype)
+        lanes = FILTER_LANES  # whatever the dtype: a vector of float64 takes two registers
+        vector = llvm_ir.VectorType(register.element, lanes)
         double = llvm_ir.VectorType(llvm_ir.DoubleType(), lanes)
         index = llvm_ir.IntType(64)
         data = context.make_array(signature.args[0])(context, builder, weight).data

@@ -215,9 +215,8 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
         swapped = _choose_algorithm("auto", as_conv2d) == "winograd"
         filters = weight if swapped else _flip_for_input_grad(weight, geometry.groups)
         return _forward(grad_output, filters, bias, as_conv2d, dtype, purpose="the input gradient", swapped=swapped)
-    N, C, H, W = geometry.input_shape
     _, _, R, S = geometry.weight_shape
-    if patchify(R, S, geometry.kernel_geometry, *grad_output.shape[2:], H, W):
+    if patchify(R, S, geometry.kernel_geometry, *grad_output.shape[2:], *geometry.input_shape[2:]):
         return _input_grad_of_patchify(grad_output, weight, bias, geometry, dtype)
     if strided_winograd_applies(geometry) and input_grad_pays(geometry):
         return _input_grad_subpixel(grad_output, weight, bias, geometry, dtype)
@@ -279,7 +278,7 @@ def _input_grad_of_patchify(grad_output, weight, bias, geometry, dtype):
     (float32, 2 threads), conv_transpose2d 8x128x28x28 -> 64 2x2 s2: 1.69-1.80 ms by the four phases one at a
     time (each a GEMM of 64 rows), 1.30 this way.
     """
-    N, C, H, W = geometry.input_shape
+    C = geometry.input_shape[1]
     K, Cg, R, S = geometry.weight_shape
     groups = geometry.groups
     # filters[(g * Cg + c) * R * S + r * S + s, k] = weight[g * Kg + k, c, r, s]
