@@ -421,7 +421,7 @@ def _phase_task(xp, layout, planes, phases, step, groups, c_block, accumulate, u
     index = task // per_phase
     phase = phases[index]
     Pa, Qb, row0, col0 = phase[2], phase[3], phase[4], phase[5]
-    g, first, last, c0, c1 = task_share(task % per_phase, N * -(-Pa // 2) * -(-Qb // 2), Cg, c_block, NR)
+    g, first, last, c0, c1 = task_share(task % per_phase, N * -(-Pa // 2) * -(-Qb // 2), Cg, c_block)
     if g >= groups:  # past this phase's tiles (it has fewer than the largest)
         return
     n_runs = chunk_runs(Pa, Qb, first, last, runs)

@@ -8,7 +8,7 @@ from conftest import assert_close, random_array, requires_torch
 from fastconv import _winograd_grad, reference
 from fastconv import conv as conv_module
 from fastconv._validate import parse_conv2d
-from fastconv._winograd import _winograd_k_block, _winograd_span
+from fastconv._winograd import _winograd_k_block, _winograd_span, _winograd_task_table
 from fastconv.config import KC, MR, NR, WINOGRAD_MIN_CHANNELS, WINOGRAD_MIN_TILES, WINOGRAD_WEIGHT_GRAD_MIN_TILES
 from fastconv.conv import _choose_algorithm, _input_grad_as_conv2d
 
@@ -75,6 +75,26 @@ def test_the_cases_cross_the_blocking_edges():
     ranges = [_winograd_grad._n_ranges(K, C // g, t, 8) for t, (_, C, *_, K, _, g) in zip(tiles, CASES)]
     assert max(ranges) > 1
     assert any(t // r > _winograd_grad.CHUNK for t, r in zip(tiles, ranges))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("groups, tiles, Kg", [(1, 392, 256), (1, 128, 512), (2, 200, 64), (1, 1568, 128), (1, 70, 4)])
+def test_winograd_tasks_cover_every_output_once_in_equal_shares(threads, groups, tiles, Kg):
+    """The task table covers each (group, tile, output channel) once; where the last chunks are split between
+    the threads by output channels, each thread's run of rows (the parallel loop deals out equal runs) holds the
+    same number of whole chunks and one piece of each split chunk."""
+    span, tasks = _winograd_task_table(groups, tiles, Kg, threads)
+    covered = np.zeros((groups, tiles, Kg), np.int64)
+    for g, first, last, k0, k1 in tasks:
+        assert 0 < last - first <= span
+        covered[g, first:last, k0:k1] += 1
+    assert (covered == 1).all()
+    if len(tasks) % threads == 0 and len(set(int(k1 - k0) for *_, k0, k1 in tasks)) > 1:
+        runs = tasks.reshape(threads, -1, 5)
+        work = [sum(int((last - first) * (k1 - k0)) for _, first, last, k0, k1 in run) for run in runs]
+        assert max(work) - min(work) <= NR * Kg  # at most the odd partial chunk apart
+    if (groups, tiles, Kg, threads) == (1, 392, 256, 2):  # 7 chunks: the last split
+        assert len(tasks) == 8 and sorted(int(k1 - k0) for *_, k0, k1 in tasks)[:2] == [128, 128]
 
 
 def test_auto_takes_winograd_for_wide_3x3_layers_and_the_input_gradient_follows(rng):
