@@ -63,6 +63,13 @@ from ._shifted import (
 )
 from .config import COLUMN_BUFFER_BYTES, GATHER_MAX_WIDTH, KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
+#: Packed weights beyond this many bytes are packed a KC block at a time by the forward pass's per-task GEMM,
+#: just before the block's products: packed whole first, they went to memory only to be read back. Measured in
+#: one process, alternating (float32, 2 threads): 8x256x8x8 -> 512 4x4 s2 (conv_transpose2d_backward's input
+#: gradient of the DCGAN layer, 8 MiB of weights) 1.85-2.02 -> 1.72-1.81 ms, 8x256x14x14 -> 512 3x3 s2
+#: 3.15-3.34 -> 2.99-3.08, 8x512x7x7 3x3 by GEMM 5.56-5.71 -> 5.09-5.27; weights of 1.2-2.3 MiB unchanged.
+A_BLOCK_BYTES = 2 * 2**20
+
 
 def _pack_weights(weight, groups, transposed):
     """Pack each group's weight matrix ``[Kg, Cg*R*S]`` (or its transpose) as the GEMM's A, once per call."""
@@ -122,17 +129,17 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
         geometry = (1, 1, 0, 0, 1, 1)  # a 1x1 kernel has no dilation to speak of
     Kg = K // groups
     crs = Cg * R * S
-    ap = _pack_weights(weight, groups, False)
     y_blocks = y.reshape(N, K, P * Q)
     pointwise = _pointwise(R, S, geometry, P, Q, x)  # the patch matrix is x: packed as a plain matrix
     x_blocks = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
     if pointwise and not packs_per_task(Kg, patches=False):
+        ap = _pack_weights(weight, groups, False)
         bp = scratch("shared panel", _packed_b_size(N * P * Q), y.dtype)
         for g in range(groups):
             _gemm_packed(ap[g], Kg, crs, x_blocks, g * Cg, ZERO, N * P * Q, y_blocks, g * Kg, ZERO, accumulate, bp)
         return
     if shifted_pays(geometry, x.shape, weight.shape, groups, P, Q, y.dtype):
-        _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y)
+        _conv2d_shifted(x, _pack_weights(weight, groups, False), Kg, crs, geometry, R, S, groups, accumulate, y)
         return
     panels, pixel_tables = task_scratch(y.dtype)
     patches = GATHERED if Q <= GATHER_MAX_WIDTH else PATCHES
@@ -147,6 +154,14 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     plain = pointwise or (patchify_layer and split)
     images = min(N, COLUMN_BUFFER_BYTES // image_phases) if split else N
     stride = (1, 1) if split else (sh, sw)
+    # Weights larger than a core's L2 are packed a KC block at a time, just before the block's products (as
+    # gemm packs A): packed whole first, they went to memory only to be read back.
+    by_blocks = not plain and _packed_a_size(Kg, crs) * groups * y.itemsize > A_BLOCK_BYTES
+    if by_blocks:
+        w_mat = weight.reshape(groups, Kg, crs)
+        ap = scratch("packed weights block", (1, _packed_a_size(Kg, min(KC, crs))), y.dtype)
+    else:
+        ap = _pack_weights(weight, groups, False)
     for n0 in range(0, N, images):
         n1 = min(N, n0 + images)
         block_x = x[n0:n1]
@@ -162,8 +177,11 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
                 else:
                     taps = _tap_table(g * Cg, R, S, geometry, Q, block_x.shape[3], pc, kc, split)
                     source, patch_x = patches, block_x
+                if by_blocks:  # only the patches' tap table and A's panels depend on pc then
+                    _pack_a(w_mat[g : g + 1], ZERO, Kg, np.int64(pc), np.int64(kc), FALSE, ap[0])
+                a, a_pc = (ap[0], ZERO) if by_blocks else (ap[g], pc)
                 _macro_kernel(
-                    ap[g], Kg, pc, kc, source, b, g * crs, patch_x, taps, *stride, P, Q, ZERO, (n1 - n0) * P * Q,
+                    a, Kg, a_pc, kc, source, b, g * crs, patch_x, taps, *stride, P, Q, ZERO, (n1 - n0) * P * Q,
                     y_blocks[n0:n1], g * Kg, ZERO, bool(accumulate or pc > 0), panels, pixel_tables,
                 )  # fmt: skip
 

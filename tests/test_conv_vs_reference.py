@@ -158,6 +158,28 @@ def test_patchify_layers_are_plain_gemms_of_the_stride_phases(rng, kernel, H, W,
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "channels, sizes, params",
+    [
+        ((72, 10, 1), ((9, 30), (3, 3)), dict(stride=2, padding=1)),  # patches from stride phases, 2 KC blocks
+        ((128, 12, 2), ((7, 7), (3, 3)), dict(padding=1, groups=2)),  # gathered patches, groups
+        ((130, 6, 1), ((5, 6), (2, 2)), dict(stride=1)),  # 520 taps: a last block of 8
+    ],
+)
+def test_weights_packed_a_block_at_a_time_give_the_same_bits(rng, monkeypatch, channels, sizes, params, dtype):
+    """Weights beyond A_BLOCK_BYTES are packed a KC block at a time, just before the block's products: the
+    same sums in the same order as with the weights packed whole."""
+    monkeypatch.setattr(_conv_kernels, "shifted_pays", lambda *args: False)
+    x, w, b = _conv_case(rng, 2, channels, sizes, dtype)
+    assert w[0].size > KC
+    whole = fastconv.conv2d(x, w, b, **params, algorithm="gemm")
+    monkeypatch.setattr(_conv_kernels, "A_BLOCK_BYTES", 0)
+    by_blocks = fastconv.conv2d(x, w, b, **params, algorithm="gemm")
+    np.testing.assert_array_equal(by_blocks, whole)
+    assert_close(by_blocks, reference.conv2d(x, w, b, **params))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("images_per_block", [0, 1, 2])
 def test_strided_patches_read_from_stride_phases_in_blocks_of_images(rng, monkeypatch, images_per_block, dtype):
     """A strided layer's patches come from the input's stride phases, split for as many images as the column
