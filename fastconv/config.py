@@ -81,6 +81,18 @@ DIRECT_MAX_OUT_PER_GROUP = 4
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_TILES = 48
 
+#: Beyond 256 channels, on outputs under WINOGRAD_SMALL_IMAGE pixels high or wide, where most tiles overlap
+#: the padding (three of four on 7x7 images, transformed one value at a time) and the last row and column of
+#: tiles half overhang the output, the forward pass asks for WINOGRAD_SMALL_IMAGE_TILES times as many tiles.
+#: Measured since the GEMM path packs large weights a block at a time, with PyTorch's calls in between as the
+#: bench makes them (float32, 2 threads), Winograd against GEMM, 512 channels: 7x7 images, 128 tiles 5.70-5.96
+#: against 5.05-5.33 ms, 192 tiles 8.42 against 7.89, 256 tiles 9.30 against 9.73; 14x14 images, 98 tiles
+#: 5.69 against 6.00, 147 tiles 7.63 against 8.29, 196 tiles 8.48 against 9.82. Not for the input gradient:
+#: by GEMM it first flips the filters (1.5-2 ms at 512 x 512), and its Winograd reads them as they are
+#: (8x512x7x7: 6.06 against 7.14 ms).
+WINOGRAD_SMALL_IMAGE = 8
+WINOGRAD_SMALL_IMAGE_TILES = 2.5
+
 #: The weight gradient of such a layer takes Winograd (``_winograd_grad.py``) from this many 2x2 tiles in the
 #: batch, split into at least 4 ranges (one partial sum of 16 x K x C/groups values each): with fewer tiles
 #: per range, adding up the partial sums costs more than the multiplications saved. Beyond 128 channels it
