@@ -63,6 +63,9 @@ from ._shifted import (
 )
 from .config import COLUMN_BUFFER_BYTES, GATHER_MAX_WIDTH, KC, NC, NR, WEIGHT_GRAD_CHUNKS
 
+#: Weights of at most this many values are packed on the calling thread (``_pack_weights``).
+SERIAL_PACK_VALUES = 2**14
+
 #: Packed weights beyond this many bytes are packed a KC block at a time by the forward pass's per-task GEMM,
 #: just before the block's products: packed whole first, they went to memory only to be read back. Measured in
 #: one process, alternating (float32, 2 threads): 8x256x8x8 -> 512 4x4 s2 (conv_transpose2d_backward's input
@@ -79,8 +82,10 @@ def _pack_weights(weight, groups, transposed):
     w_mat = weight.reshape(groups, Kg, crs)
     m, k = (crs, Kg) if transposed else (Kg, crs)
     ap = scratch("packed weights", (groups, _packed_a_size(m, k)), weight.dtype)
+    # A few thousand values are packed sooner than a parallel loop's threads wake up (8 us a call).
+    pack = _pack_a_serial if ap.size <= SERIAL_PACK_VALUES else _pack_a
     for g in range(groups):
-        _pack_a(w_mat[g : g + 1], ZERO, m, ZERO, k, np.bool_(transposed), ap[g])
+        pack(w_mat[g : g + 1], ZERO, m, ZERO, k, np.bool_(transposed), ap[g])
     return ap
 
 
