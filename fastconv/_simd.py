@@ -67,6 +67,14 @@ def deinterleaved_columns(context, builder, dtype, row, count, valid=None):
     return out[:count]
 
 
+def interleaved(builder, first, second, width=1):
+    """Two vectors of ``n`` lanes as one of ``2n``: ``width`` lanes of ``first``, ``width`` of ``second``, in
+    turn (with width 1, lane by lane)."""
+    n = first.type.count
+    order = [lane // (2 * width) * width + lane % width + lane // width % 2 * n for lane in range(2 * n)]
+    return builder.shuffle_vector(first, second, ir.Constant(ir.VectorType(ir.IntType(32), 2 * n), order))
+
+
 def _splat(builder, value, lanes):
     """A vector of ``lanes`` copies of the scalar ``value``."""
     vector = ir.VectorType(value.type, lanes)

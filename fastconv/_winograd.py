@@ -47,6 +47,7 @@ from ._simd import (
     _prefetch,
     _splat,
     deinterleaved_columns,
+    interleaved,
     store,
     vector_type,
 )
@@ -170,17 +171,13 @@ def _filter_block_vector(typingctx, weight, first, row_step, c_step, rows, swapp
             for a in range(4):  # (G g) Gᵀ, row by row
                 values += list(g_times(columns[0][a], columns[1][a], columns[2][a]))
             per_row.append([v if size == 8 else builder.fptrunc(v, vector) for v in values])
-        pairs = [lane // 2 + lane % 2 * lanes for lane in range(2 * lanes)]
-        fours = [lane // 4 * 2 + lane % 2 + lane % 4 // 2 * 2 * lanes for lane in range(4 * lanes)]
-        pairs = llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), 2 * lanes), pairs)
-        fours = llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), 4 * lanes), fours)
         stored = _lane_mask(builder, builder.mul(count, index(MR)), 4 * lanes)
         array = context.make_array(signature.args[7])(context, builder, up)
         strides = cgutils.unpack_tuple(builder, array.strides)
         for xi in range(XI):
-            low = builder.shuffle_vector(per_row[0][xi], per_row[1][xi], pairs)
-            high = builder.shuffle_vector(per_row[2][xi], per_row[3][xi], pairs)
-            out = builder.shuffle_vector(low, high, fours)  # channel by channel, MR rows each
+            low = interleaved(builder, per_row[0][xi], per_row[1][xi])
+            high = interleaved(builder, per_row[2][xi], per_row[3][xi])
+            out = interleaved(builder, low, high, 2)  # channel by channel, MR rows each
             offset = builder.add(builder.mul(g, strides[0]), builder.mul(index(xi), strides[1]))
             offset = builder.add(builder.sdiv(offset, index(size)), start)
             with builder.if_else(builder.icmp_signed("==", count, index(lanes))) as (whole, part):
@@ -260,20 +257,27 @@ def _store_column(v, u, t):
     v[12, u], v[13, u], v[14, u], v[15, u] = t[12], t[13], t[14], t[15]
 
 
+def _positions(context, builder, array_type, array, start, size, positions=XI):
+    """``(data, offsets)``: the pointer to ``array``'s values and the flat offset of ``array[xi, start]`` for each
+    position ``xi`` of a transformed tile, 16 here, 9 for F(2x2, 2x2) (``array`` a 2-D array, rows of any
+    stride)."""
+    rows = context.make_array(array_type)(context, builder, array)
+    index = llvm_ir.IntType(64)
+    row_stride = builder.sdiv(cgutils.unpack_tuple(builder, rows.strides)[0], index(size))
+    return rows.data, [builder.add(builder.mul(index(xi), row_stride), start) for xi in range(positions)]
+
+
 def _store_positions(context, builder, array_type, array, t, start, size, valid=None):
     """``array[xi, start : start + lanes] = t[xi]`` for the 16 ``Vector`` positions ``t`` of transformed tiles
     (``array`` a 2-D array, rows of any stride): the stores of the vector transforms below. Given ``valid`` (an
     i64 value), only the first ``valid`` lanes are stored."""
-    rows = context.make_array(array_type)(context, builder, array)
-    index = llvm_ir.IntType(64)
-    row_stride = builder.sdiv(cgutils.unpack_tuple(builder, rows.strides)[0], index(size))
+    data, offsets = _positions(context, builder, array_type, array, start, size)
     mask = None if valid is None else _lane_mask(builder, valid, t[0].value.type.count)
-    for xi in range(XI):
-        offset = builder.add(builder.mul(index(xi), row_stride), start)
+    for value, offset in zip(t, offsets):
         if mask is None:
-            store(builder, t[xi].value, rows.data, offset, size)
+            store(builder, value.value, data, offset, size)
         else:
-            _masked_store(builder, t[xi].value, size, rows.data, offset, mask)
+            _masked_store(builder, value.value, size, data, offset, mask)
 
 
 def _tile_vector_codegen(dtype, masked):
@@ -445,23 +449,16 @@ def _output_tiles_vector(typingctx, m, u, top, bottom, j, count, cols, accumulat
     def codegen(context, builder, signature, args):
         m, u, top, bottom, j, count, cols, accumulate = args
         vector, lanes, size = vector_type(context, dtype)
-        index = llvm_ir.IntType(64)
-        rows = context.make_array(signature.args[0])(context, builder, m)
-        row_stride = builder.sdiv(cgutils.unpack_tuple(builder, rows.strides)[0], index(size))
+        data, offsets = _positions(context, builder, signature.args[0], m, u, size)
         tiles = _lane_mask(builder, count, lanes)
-        t = []
-        for xi in range(XI):
-            start = builder.add(builder.mul(index(xi), row_stride), u)
-            t.append(Vector(builder, _masked_load(builder, vector, size, rows.data, start, tiles)))
+        t = [Vector(builder, _masked_load(builder, vector, size, data, offset, tiles)) for offset in offsets]
         s0, s1, s2, s3 = (t[i] + t[4 + i] + t[8 + i] for i in range(4))
         d0, d1, d2, d3 = (t[4 + i] - t[8 + i] - t[12 + i] for i in range(4))
-        interleave = [lane // 2 + lane % 2 * lanes for lane in range(2 * lanes)]
-        pairs = llvm_ir.Constant(llvm_ir.VectorType(llvm_ir.IntType(32), 2 * lanes), interleave)
         double = llvm_ir.VectorType(vector.element, 2 * lanes)
         values = _lane_mask(builder, cols, 2 * lanes)
         for a, first, second in ((2, s0 + s1 + s2, s1 - s2 - s3), (3, d0 + d1 + d2, d1 - d2 - d3)):
             row = context.make_array(signature.args[a])(context, builder, args[a]).data
-            out = builder.shuffle_vector(first.value, second.value, pairs)  # the two columns of each tile, in turn
+            out = interleaved(builder, first.value, second.value)  # the two columns of each tile, in turn
             with builder.if_else(accumulate) as (add, assign):
                 with add:
                     old = _masked_load(builder, double, size, row, j, values)

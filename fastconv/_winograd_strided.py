@@ -45,8 +45,8 @@ from ._gemm import ZERO, _micro_kernel, _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
 from ._shifted import SHIFTED_WEIGHT_GRAD_MAX_FILTERS
-from ._simd import Vector, deinterleaved_columns, load, store, vector_type
-from ._winograd import chunk_runs, task_share
+from ._simd import Vector, deinterleaved_columns, interleaved, load, store, vector_type
+from ._winograd import _positions, chunk_runs, task_share
 from .config import (
     COLUMN_BUFFER_BYTES,
     KC,
@@ -346,17 +346,8 @@ def _run_transform(planes):
         def codegen(context, builder, signature, args):
             _, start, plane, Wp, count, _, out0 = args
             _, lanes, size = vector_type(context, dtype)
-            int32, index = llvm_ir.IntType(32), llvm_ir.IntType(64)
-            pairs = llvm_ir.Constant(
-                llvm_ir.VectorType(int32, 2 * lanes), [v for u in range(lanes) for v in (u, lanes + u)]
-            )
-            fours = llvm_ir.Constant(
-                llvm_ir.VectorType(int32, 4 * lanes),
-                [v for u in range(lanes) for v in (2 * u, 2 * u + 1, 2 * lanes + 2 * u, 2 * lanes + 2 * u + 1)],
-            )
+            index = llvm_ir.IntType(64)
             data = context.make_array(signature.args[0])(context, builder, args[0]).data
-            rows = context.make_array(signature.args[5])(context, builder, args[5])
-            row_stride = builder.sdiv(cgutils.unpack_tuple(builder, rows.strides)[0], index(size))
             blocks = builder.sdiv(builder.add(count, index(lanes - 1)), index(lanes))
             with cgutils.for_range(builder, blocks) as loop:
                 u = builder.mul(loop.index, index(lanes))
@@ -365,12 +356,13 @@ def _run_transform(planes):
                     first = builder.add(builder.add(start, builder.mul(index(i), plane)), builder.mul(u, index(2)))
                     transformed.append(_transformed_tiles(context, builder, dtype, data, first, Wp))
                 column = builder.add(out0, builder.mul(u, index(planes)))
-                for xi in range(XI):
+                rows, offsets = _positions(context, builder, signature.args[5], args[5], column, size, XI)
+                for xi, offset in enumerate(offsets):
                     t = [transformed[i][xi].value for i in range(planes)]
-                    if planes > 1:
-                        t = [builder.shuffle_vector(t[0], t[1], pairs), builder.shuffle_vector(t[2], t[3], pairs)]
-                        t = [builder.shuffle_vector(t[0], t[1], fours)]
-                    store(builder, t[0], rows.data, builder.add(builder.mul(index(xi), row_stride), column), size)
+                    if planes > 1:  # the four planes' values side by side, two lanes of each in turn
+                        pairs = interleaved(builder, t[0], t[1]), interleaved(builder, t[2], t[3])
+                        t = [interleaved(builder, *pairs, 2)]
+                    store(builder, t[0], rows, offset, size)
             return context.get_dummy_value()
 
         return types.none(xp, start, plane, Wp, count, out, out0), codegen
