@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 import numba
 
+from .config import SERIAL_MAX_FLOPS
+
 _THREAD_SAFE_LAYERS = ("tbb", "omp")
 
 #: The ``parallel=`` option of every parallel kernel: only explicit ``prange`` loops run in parallel. Numba
@@ -35,6 +37,7 @@ PRANGE_ONLY = dict(
 
 _lock = threading.Lock()
 _num_threads = None
+_call = threading.local()  # what the calling thread's current fastconv call asked for: see `sized`
 
 
 def _reset_after_fork():
@@ -100,9 +103,25 @@ def get_num_threads():
 
 
 @contextmanager
+def sized(flops):
+    """Run the kernels of a call of ``flops`` floating-point operations on the calling thread alone if that is
+    fewer than ``config.SERIAL_MAX_FLOPS``, else on :func:`get_num_threads` threads. Per calling thread.
+
+    The results are the same bits either way: the kernels split their work by shape, never by thread count.
+    """
+    outer = getattr(_call, "serial", False)
+    _call.serial = flops < SERIAL_MAX_FLOPS
+    try:
+        yield
+    finally:
+        _call.serial = outer
+
+
+@contextmanager
 def parallel_section():
-    """Run a kernel with the process-wide thread count, serialised where the threading layer needs it."""
-    numba.set_num_threads(get_num_threads())
+    """Run a kernel with the thread count of the current call (:func:`sized`), serialised where the threading
+    layer needs it."""
+    numba.set_num_threads(1 if getattr(_call, "serial", False) else get_num_threads())
     if threading_layer() in _THREAD_SAFE_LAYERS:
         yield
     else:  # workqueue, or not chosen yet (the first launch chooses it): one kernel at a time

@@ -159,6 +159,13 @@ class Conv2dGeometry:
         (pt, _), (pl, _) = self.padding
         return (self.stride[0], self.stride[1], pt, pl, self.dilation[0], self.dilation[1])
 
+    @property
+    def flops(self):
+        """Floating-point operations of the convolution by direct sums: a multiply and an add per tap."""
+        N, K, P, Q = self.output_shape
+        _, Cg, R, S = self.weight_shape
+        return 2 * N * K * P * Q * Cg * R * S
+
 
 def conv_padding(padding, in_hw, kernel_rs, stride, dilation):
     """Normalise conv2d's ``padding`` to ``((top, bottom), (left, right))``."""

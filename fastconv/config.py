@@ -171,3 +171,13 @@ PHASES_MAX_FILTERS = 128
 PHASES_MIN_CHANNELS = 32
 PHASES_MIN_PIXELS = 256
 PHASES_MIN_FLOPS = 2e8
+
+#: A call of fewer floating-point operations than this (one convolution's: each gradient of conv2d_backward
+#: counts as one) runs its kernels on the calling thread alone (``_parallel.sized``). A parallel loop's second
+#: thread, asleep between calls, takes 5-10 us to wake, and a small call makes several such launches. Measured
+#: (float32, in one process, alternating, us, 2 threads -> 1): conv2d 1x8x16x16 -> 8 3x3 (0.3 MFLOP) 39.9 ->
+#: 31.2, 1x64x8x8 -> 64 1x1 41.2 -> 32.6, 1x3x64x64 -> 16 3x3 s2 45.1 -> 36.3, conv_transpose2d_backward
+#: 2x8x8x8 -> 4 3x3 s2 90.4 -> 75.4, 1x16x8x8 -> 8 4x4 s2 114 -> 99, gemm 64^3 20.4 -> 18.2. Near 1 MFLOP
+#: it is even (conv2d 1x16x16x16 -> 16 3x3: 40.6 -> 37.8, its weight gradient 61.3 -> 69.2); from 2 MFLOP two
+#: threads win (2x16x16x16 -> 16: 42.9 against 45.7 alone; 4x16x16x16: 51.0 against 60.5).
+SERIAL_MAX_FLOPS = 1e6

@@ -20,7 +20,7 @@ from ._conv_kernels import (
 )
 from ._direct import conv2d_direct, conv2d_direct_weight, direct_workspace
 from ._im2col import _depth_to_space, _scatter_phase, _space_to_depth
-from ._parallel import run
+from ._parallel import run, sized
 from ._shifted import shifted_weight_grad_pays, weight_grad_layout
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
 from ._winograd_grad import conv2d_weight_winograd, winograd_weight_grad_pays, winograd_weight_grad_workspace
@@ -463,7 +463,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, 
     weight, geometry, batched = v.parse_conv2d("conv2d", x.shape, weight, stride, padding, dilation, groups)
     bias = v.check_bias(bias, weight.shape[0], weight.shape)
     dtype = v.result_dtype(input=x, weight=weight, bias=bias)
-    y = _forward(x.reshape(geometry.input_shape), weight, bias, geometry, dtype, algorithm)
+    with sized(geometry.flops):
+        y = _forward(x.reshape(geometry.input_shape), weight, bias, geometry, dtype, algorithm)
     return v.unbatch(y, batched)
 
 
@@ -502,7 +503,9 @@ def conv2d_input(input_size, weight, grad_output, stride=1, padding=0, dilation=
     )
     dy = v.batched_grad_output(grad_output, geometry.output_shape, batched, "conv2d_input")
     dtype = v.result_dtype(weight=weight, grad_output=dy)
-    return v.unbatch(_input_grad(dy, weight, None, geometry, dtype), batched)
+    with sized(geometry.flops):
+        grad_input = _input_grad(dy, weight, None, geometry, dtype)
+    return v.unbatch(grad_input, batched)
 
 
 def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation=1, groups=1):
@@ -538,7 +541,8 @@ def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation
     geometry = v.conv2d_geometry("conv2d_weight", shape4, size, stride, padding, dilation, groups)
     dy = v.batched_grad_output(grad_output, geometry.output_shape, batched, "conv2d_weight")
     dtype = v.result_dtype(input=x, grad_output=dy)
-    return _weight_grad(x.reshape(shape4), dy, geometry, dtype)
+    with sized(geometry.flops):
+        return _weight_grad(x.reshape(shape4), dy, geometry, dtype)
 
 
 def conv2d_backward(input, weight, grad_output, stride=1, padding=0, dilation=1, groups=1):
@@ -573,9 +577,11 @@ def conv2d_backward(input, weight, grad_output, stride=1, padding=0, dilation=1,
     dy = v.batched_grad_output(grad_output, geometry.output_shape, batched, "conv2d_backward")
     dtype = v.result_dtype(input=x, weight=weight, grad_output=dy)
     x, weight, dy = (v.kernel_ready(a, dtype) for a in (x.reshape(geometry.input_shape), weight, dy))
-    grad_input = _input_grad(dy, weight, None, geometry, dtype)
-    grad_weight = _weight_grad(x, dy, geometry, dtype)
-    return v.unbatch(grad_input, batched), grad_weight, _bias_grad(dy, dtype)
+    with sized(geometry.flops):  # the flops of each gradient
+        grad_input = _input_grad(dy, weight, None, geometry, dtype)
+        grad_weight = _weight_grad(x, dy, geometry, dtype)
+        grad_bias = _bias_grad(dy, dtype)
+    return v.unbatch(grad_input, batched), grad_weight, grad_bias
 
 
 def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
@@ -625,7 +631,9 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     bias = v.check_bias(bias, geometry.input_shape[1], weight.shape)
     dtype = v.result_dtype(input=x, weight=weight, bias=bias)
     # conv_transpose2d's input is conv2d's grad_output.
-    return v.unbatch(_input_grad(x, weight, bias, geometry, dtype), batched)
+    with sized(geometry.flops):
+        y = _input_grad(x, weight, bias, geometry, dtype)
+    return v.unbatch(y, batched)
 
 
 def conv_transpose2d_backward(input, weight, grad_output, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
@@ -668,19 +676,25 @@ def conv_transpose2d_backward(input, weight, grad_output, stride=1, padding=0, o
     dy = v.batched_grad_output(grad_output, geometry.input_shape, batched, "conv_transpose2d_backward")
     dtype = v.result_dtype(input=x, weight=weight, grad_output=dy)
     x, weight, dy = (v.kernel_ready(a, dtype) for a in (x, weight, dy))
+    with sized(geometry.flops):  # the flops of each gradient
+        grad_input, grad_weight = _transpose_gradients(x, weight, dy, geometry, dtype)
+        grad_bias = _bias_grad(dy, dtype)
+    return v.unbatch(grad_input, batched), grad_weight, grad_bias
+
+
+def _transpose_gradients(x, weight, dy, geometry, dtype):
+    """conv_transpose2d's input and weight gradients."""
     # Roles swapped: conv_transpose2d's grad_output is conv2d's input, its input is conv2d's grad_output.
     phases = _patchify_phases(dy, geometry)
-    if phases is not None:  # both gradients 1x1 problems on grad_output's stride phases, split once
-        K, Cg, R, S = weight.shape
-        pointwise = v.conv2d_geometry(
-            "conv_transpose2d_backward", phases.shape, (K, Cg * R * S, 1, 1), 1, 0, 1, geometry.groups
-        )
-        grad_input = _forward(phases, weight.reshape(pointwise.weight_shape), None, pointwise, dtype)
-        grad_weight = _weight_grad(phases, x, pointwise, dtype).reshape(weight.shape)
-    else:
-        grad_input = _forward(dy, weight, None, geometry, dtype)
-        grad_weight = _weight_grad(dy, x, geometry, dtype)
-    return v.unbatch(grad_input, batched), grad_weight, _bias_grad(dy, dtype)
+    if phases is None:
+        return _forward(dy, weight, None, geometry, dtype), _weight_grad(dy, x, geometry, dtype)
+    # Both gradients are 1x1 problems on grad_output's stride phases, split once.
+    K, Cg, R, S = weight.shape
+    pointwise = v.conv2d_geometry(
+        "conv_transpose2d_backward", phases.shape, (K, Cg * R * S, 1, 1), 1, 0, 1, geometry.groups
+    )
+    grad_input = _forward(phases, weight.reshape(pointwise.weight_shape), None, pointwise, dtype)
+    return grad_input, _weight_grad(phases, x, pointwise, dtype).reshape(weight.shape)
 
 
 def _patchify_phases(x, geometry):

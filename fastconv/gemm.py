@@ -4,7 +4,7 @@ import numpy as np
 
 from . import _validate as v
 from ._macro import _gemm
-from ._parallel import run
+from ._parallel import run, sized
 
 __all__ = ["gemm"]
 
@@ -61,11 +61,13 @@ def gemm(a, b):
     if a_transposed and b_transposed:
         return gemm(b.T, a.T).T  # two operands stored by rows: no copy of either, a view of the product
     c = np.empty((a.shape[0], b.shape[1]), dtype)
+    flops = 2 * c.size * a.shape[1]
     if c.size:
         # An operand stored by columns (a transposed view, Fortran order) is packed from its transpose.
         a = v.kernel_ready(a.T, dtype) if a_transposed else v.kernel_ready(a, dtype)
         b = v.kernel_ready(b.T, dtype) if b_transposed else v.kernel_ready(b, dtype)
-        run(_gemm, a, b, c, a_transposed, b_transposed)
+        with sized(flops):
+            run(_gemm, a, b, c, a_transposed, b_transposed)
     return c
 
 

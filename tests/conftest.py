@@ -29,6 +29,16 @@ def random_array(rng, shape, dtype):
     return rng.standard_normal(shape).astype(dtype)
 
 
+@pytest.fixture(autouse=True)
+def parallel_kernels(monkeypatch):
+    # The tests' arrays are small, and calls below config.SERIAL_MAX_FLOPS run on one thread: run them on all,
+    # so that the kernels' partitions between threads are what the tests check. (Serial calls are the same
+    # kernels on one thread: test_results_do_not_depend_on_the_thread_count.)
+    from fastconv import _parallel
+
+    monkeypatch.setattr(_parallel, "SERIAL_MAX_FLOPS", 0)
+
+
 @pytest.fixture
 def rng(request):
     # A fixed seed per test: failures reproduce, and different tests see different data. crc32, not hash():

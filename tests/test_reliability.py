@@ -240,6 +240,29 @@ def test_thread_count_is_process_wide_and_does_not_change_results(rng):
         fastconv.set_num_threads(1.0)
 
 
+def test_small_calls_run_their_kernels_on_the_calling_thread_alone(monkeypatch):
+    from fastconv import _parallel
+
+    monkeypatch.setattr(_parallel, "SERIAL_MAX_FLOPS", 1e6)
+    launched = []
+    set_threads = numba.set_num_threads
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: (launched.append(n), set_threads(n)))
+    small = np.ones((1, 8, 16, 16), np.float32), np.ones((8, 8, 3, 3), np.float32), 64  # 0.29 and 0.52 MFLOP
+    large = np.ones((4, 16, 32, 32), np.float32), np.ones((16, 16, 3, 3), np.float32), 256  # 19 and 34 MFLOP
+    for (x, w, n), threads in [(small, 1), (large, fastconv.get_num_threads())]:
+        launched.clear()
+        dy = fastconv.conv2d(x, w, padding=1)
+        fastconv.conv2d_backward(x, w, dy, padding=1)
+        fastconv.conv_transpose2d(dy, w, padding=1)
+        fastconv.conv_transpose2d_backward(dy, w, x, padding=1)
+        fastconv.gemm(np.ones((n, n), np.float32), np.ones((n, n), np.float32))
+        assert launched and set(launched) == {threads}
+    with pytest.raises(ZeroDivisionError), _parallel.sized(0):
+        1 / 0
+    with _parallel.parallel_section():  # outside any call, and after one that raised: all threads
+        assert numba.get_num_threads() == fastconv.get_num_threads()
+
+
 def test_precompile_rejects_unknown_dtypes():
     with pytest.raises(ValueError, match="float16"):
         fastconv.precompile(dtypes=["float16"], progress=False)
