@@ -158,19 +158,24 @@ STRIDED_WINOGRAD_MIN_TILES = 128
 #: The input gradient of a strided layer (and so conv_transpose2d) is computed one stride phase of the input
 #: at a time, each a stride-1 convolution by the taps that reach it (``conv._input_grad_by_phases``), where
 #: the column matrix's GEMM is shallow, at most PHASES_MAX_FILTERS filters per group (its depth), the phases'
-#: convolutions have at least PHASES_MIN_CHANNELS outputs per group and PHASES_MIN_PIXELS pixels each, and
-#: there are PHASES_MIN_FLOPS of work to pay four launches. Elsewhere, a GEMM into a column matrix and col2im.
+#: convolutions have at least PHASES_MIN_CHANNELS outputs per group, PHASES_MIN_PIXELS pixels per image and
+#: PHASES_MIN_POSITIONS over the batch. Elsewhere, a GEMM into a column matrix and col2im.
 #: Measured (float32, 2 threads, conv2d_input, ms, col2im -> phases): 8x64x56x56 -> 128 3x3 s2 4.53 -> 3.33,
 #: 32x32x32x32 -> 64 3x3 s2 1.97 -> 1.42, 8x64x112x112 -> 64 3x3 s2 10.7 -> 9.9, conv_transpose2d 8x128x28x28 ->
 #: 64 3x3 s2 4.31 -> 3.41, 8x64x32x32 -> 32 5x5 s2 5.29 -> 2.52, 4x64x64x64 -> 32 3x3 s2 4.12 -> 3.00; slower
 #: with deep GEMMs (8x128x28x28 -> 256 2.99 -> 3.59, 8x256x14x14 -> 512 2.71 -> 4.56, 8x512x4x4 -> 256 4x4
 #: conv_transpose2d 2.2 -> 17.5), RGB (the 7x7 s2 stem 10.2 -> 28.8), 14x14 phases (8x128x28x28 -> 128 1.75 ->
-#: 2.04, 8x32x28x28 -> 64 0.44 -> 0.47), 16 channels (8x16x64x64 -> 32 0.51 -> 0.62) or little work (1x64x56x56
-#: -> 128, 0.12 GFLOP, 0.51 -> 0.68; 16x64x32x32 -> 32, 0.15 GFLOP, was 1.18 -> 0.96).
+#: 2.04, 8x32x28x28 -> 64 0.44 -> 0.47) or 16 channels (8x16x64x64 -> 32 0.51 -> 0.62).
+#: The positions, not the flops, tell small problems (in one process, alternating): from 2048 positions phases
+#: win or tie whatever the work (16x64x32x32 -> 32, 0.15 GFLOP, 1.55 -> 1.06; 16x32x32x32 -> 32, 0.08 GFLOP,
+#: 1.69 -> 0.77; 8x32x32x32 -> 64 1.04 -> 0.68; 1x32x112x112 -> 64 0.77 -> 0.67; 2x64x64x64 -> 64 0.81 -> 0.78;
+#: 8x64x32x32 -> 128 1.37 -> 1.42), below they lose whatever the work (1x128x56x56 -> 128, 0.23 GFLOP, 0.90 ->
+#: 1.26; 1x64x56x56 -> 128 0.55-0.76 -> 0.74-1.09; 1x64x64x64 -> 64 0.44 -> 0.53; 2x64x32x32 -> 64 0.28 -> 0.40)
+#: but for 2x64x56x56 -> 128 (1568 positions, 1.48 -> 1.34).
 PHASES_MAX_FILTERS = 128
 PHASES_MIN_CHANNELS = 32
 PHASES_MIN_PIXELS = 256
-PHASES_MIN_FLOPS = 2e8
+PHASES_MIN_POSITIONS = 2048
 
 #: A call of fewer floating-point operations than this (one convolution's: each gradient of conv2d_backward
 #: counts as one) runs its kernels on the calling thread alone (``_parallel.sized``). A parallel loop's second

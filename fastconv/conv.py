@@ -43,8 +43,8 @@ from .config import (
     NC,
     PHASES_MAX_FILTERS,
     PHASES_MIN_CHANNELS,
-    PHASES_MIN_FLOPS,
     PHASES_MIN_PIXELS,
+    PHASES_MIN_POSITIONS,
 )
 
 #: What ``conv2d``'s ``algorithm`` accepts.
@@ -258,17 +258,18 @@ def _phase_axis(a, s, pad, R, P, H):
 
 def _phases_pay(geometry):
     """Whether a strided layer's input gradient should be computed by stride phases (``config.py`` gives the rule
-    and the measurements): dilation 1, a shallow column-matrix GEMM, enough channels, pixels and work."""
+    and the measurements): dilation 1, a shallow column-matrix GEMM, enough channels, and enough pixels per
+    image and over the batch."""
     N, C, H, W = geometry.input_shape
-    K, Cg, R, S = geometry.weight_shape
+    K, Cg = geometry.weight_shape[:2]
     sh, sw = geometry.stride
-    _, _, P, Q = geometry.output_shape
+    phase_pixels = -(-H // sh) * -(-W // sw)
     return (
         geometry.dilation == (1, 1)
         and K // geometry.groups <= PHASES_MAX_FILTERS
         and Cg >= PHASES_MIN_CHANNELS
-        and -(-H // sh) * -(-W // sw) >= PHASES_MIN_PIXELS
-        and 2 * N * K * P * Q * Cg * R * S >= PHASES_MIN_FLOPS
+        and phase_pixels >= PHASES_MIN_PIXELS
+        and N * phase_pixels >= PHASES_MIN_POSITIONS
     )
 
 

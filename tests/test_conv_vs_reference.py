@@ -368,7 +368,8 @@ def test_stride_phases_pay_for_a_shallow_column_matrix():
     assert not pays(8, 128, 28, 256)  # a deep GEMM: the column matrix pays
     assert not pays(8, 3, 224, 64, R=7)  # RGB: too few outputs for the phases' convolutions
     assert not pays(8, 128, 28, 128)  # 14x14 phases
-    assert not pays(1, 64, 56, 128)  # too little work for four launches
+    assert not pays(1, 64, 56, 128) and not pays(1, 128, 56, 128)  # 784 positions in all: too few
+    assert pays(16, 64, 32, 32) and pays(1, 32, 112, 64)  # 4096 and 3136 positions, little work
     assert not pays(8, 64, 56, 128, dilation=2)
 
 
