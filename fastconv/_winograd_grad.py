@@ -20,11 +20,14 @@ threads.
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir as llvm_ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from ._gemm import _micro_kernel, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
+from ._simd import Vector, _lane_mask, _masked_load, _masked_store, interleaved, vector_type
 from ._winograd import (
     WHOLE_PANEL,
     XI,
@@ -137,6 +140,84 @@ def _grad_output_tiles(dy, n, k, th, tw0, run, dm, m0, step):
         )  # fmt: skip
 
 
+assert MR == 4, "_grad_output_panel_vector interleaves the filters of a micro-panel of A four at a time"
+
+
+@intrinsic
+def _grad_output_panel_vector(typingctx, dy, base, plane, row, two_rows, cols, count, dm, m0):
+    """``_grad_output_tiles`` for the MR filters of a micro-panel of A and a vector register of tiles at once:
+    ``dm[xi, m0 + l * MR + f] = (A dY Aᵀ)[xi]`` of tile ``l < count`` of filter ``f``, whose two rows of
+    ``dy`` start at flat index ``base + f * plane`` and ``row`` values further (the lower one zeros unless
+    ``two_rows``), ``cols`` of their values valid (zeros past them, an odd-sized output's last column).
+
+    Each row is read as one double-width vector split into even and odd columns, the scalar arithmetic done on
+    vectors in its order (the same bits), and the MR filters' results interleaved, so that each position's
+    values are written as whole vectors, not one scalar per filter and tile. Measured (float32, 2 threads,
+    alternating processes), against ``_grad_output_tiles`` for every filter: conv2d_weight 8x64x56x56 -> 64
+    6.1-6.6 -> 5.2-5.5 ms (conv2d_backward 10.8-11.4 -> 10.3-10.9), 8x128x28x28 -> 128 4.8-5.1 -> 4.3-4.8;
+    32x64x14x14 and 64x64x8x8 (runs of 7 and 4 tiles) unchanged."""
+    dtype = dy.dtype
+
+    def codegen(context, builder, signature, args):
+        _, base, plane, row, two_rows, cols, count, _, m0 = args
+        vector, lanes, size = vector_type(context, dtype)
+        double = llvm_ir.VectorType(vector.element, 2 * lanes)
+        columns = llvm_ir.VectorType(llvm_ir.IntType(32), lanes)
+        even, odd = (llvm_ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
+        zero = llvm_ir.Constant(vector, [0.0] * lanes)
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        valid = _lane_mask(builder, cols, 2 * lanes)
+        results = []
+        for f in range(MR):
+            top = builder.add(base, builder.mul(plane, llvm_ir.IntType(64)(f)))
+            # Without a second row, the top one is read again (never past the array) and its values dropped.
+            bottom = builder.select(two_rows, builder.add(top, row), top)
+            upper = _masked_load(builder, double, size, data, top, valid)
+            lower = _masked_load(builder, double, size, data, bottom, valid)
+            y00, y01 = (Vector(builder, builder.shuffle_vector(upper, upper, c)) for c in (even, odd))
+            y10, y11 = (
+                Vector(builder, builder.select(two_rows, builder.shuffle_vector(lower, lower, c), zero))
+                for c in (even, odd)
+            )
+            r0a, r0b = y00, y01
+            r1a, r1b = y00 + y10, y01 + y11
+            r2a, r2b = y00 - y10, y01 - y11
+            r3a, r3b = (Vector(builder, builder.fneg(y.value)) for y in (y10, y11))
+            values = []
+            for a, b in ((r0a, r0b), (r1a, r1b), (r2a, r2b), (r3a, r3b)):
+                values += [a.value, (a + b).value, (a - b).value, builder.fneg(b.value)]
+            results.append(values)
+        rows = context.make_array(signature.args[7])(context, builder, args[7])
+        index = llvm_ir.IntType(64)
+        row_stride = builder.sdiv(builder.extract_value(rows.strides, 0), index(size))
+        stored = _lane_mask(builder, builder.mul(count, index(MR)), MR * lanes)
+        for xi in range(XI):
+            pairs = (interleaved(builder, results[f][xi], results[f + 1][xi]) for f in (0, 2))
+            out = interleaved(builder, *pairs, width=2)  # tile by tile, its MR filters side by side
+            offset = builder.add(builder.mul(index(xi), row_stride), m0)
+            _masked_store(builder, out, size, rows.data, offset, stored)
+        return context.get_dummy_value()
+
+    signature = types.none(dy, base, plane, row, two_rows, cols, count, dm, m0)
+    return signature, codegen
+
+
+@njit(cache=True)
+def _grad_output_panel(dy, n, k0, th, tw0, run, dm, m0):
+    """``_grad_output_tiles`` of filters ``k0 : k0 + MR`` into their micro-panel of ``dm`` (filter ``k0`` at
+    ``m0``), a vector register of tiles at a time (``_grad_output_panel_vector``)."""
+    _, _, P, Q = dy.shape
+    itemsize = dy.itemsize
+    p0, q0 = 2 * th, 2 * tw0
+    lanes = 64 // itemsize
+    plane, row = dy.strides[1] // itemsize, dy.strides[2] // itemsize
+    first = (n * dy.strides[0] + k0 * dy.strides[1] + p0 * dy.strides[2]) // itemsize + q0
+    for u in range(0, run, lanes):
+        count = min(lanes, run - u)
+        cols = min(2 * count, Q - q0 - 2 * u)
+        _grad_output_panel_vector(dy, first + 2 * u, plane, row, p0 + 1 < P, cols, count, dm, m0 + u * MR)
+
+
 #: Most tiles of one row transformed together. The 16 values of a tile are NR apart in a packed B panel: one
 #: channel at a time (the padding, channels past a whole vector register), a longer run would leave the L1
 #: cache before every channel of the panel has written its value; a vector register of channels at a time
@@ -153,7 +234,9 @@ def _pack_tiles(x, dy, groups, pt, pl, g, b0, nb, v, dm):
 
     A tile wholly inside the image is transformed for a vector register of channels at once
     (``_winograd._transform_channels_vector``: gathered, stored as the panel holds them); the tiles over the
-    padding, and the channels past the last whole register, one channel at a time.
+    padding, and the channels past the last whole register, one channel at a time. ``dM`` is transformed a
+    vector register of tiles of a whole micro-panel's filters at a time (``_grad_output_panel_vector``), the
+    filters past the last whole micro-panel one at a time.
     """
     C, H, W = x.shape[1:]
     Cg, Kg = C // groups, dy.shape[1] // groups
@@ -181,7 +264,10 @@ def _pack_tiles(x, dy, groups, pt, pl, g, b0, nb, v, dm):
                 _input_tiles(x, n, g * Cg + c, th, tw, run, pt, pl, v, v0, WHOLE_PANEL)
             else:
                 _zero_columns(v, v0, run, NR)
-        for k in range(_round_up(Kg, MR)):
+        whole = Kg - Kg % MR  # filters in whole micro-panels: in vectors
+        for k in range(0, whole, MR):
+            _grad_output_panel(dy, n, g * Kg + k, th, tw, run, dm, k * nb + u * MR)
+        for k in range(whole, _round_up(Kg, MR)):
             m0 = k // MR * MR * nb + u * MR + k % MR
             if k < Kg:
                 _grad_output_tiles(dy, n, g * Kg + k, th, tw, run, dm, m0, MR)

@@ -57,6 +57,27 @@ def test_weight_gradient_by_winograd_matches_the_reference(rng, monkeypatch, N, 
     assert calls
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_weight_gradient_output_transform_in_vectors_gives_the_scalar_bits(rng, dtype):
+    """A micro-panel's filters, a vector register of tiles at a time, against one filter at a time: runs from 1
+    to 20 tiles (a last partial vector, two vectors), an odd last column, a last tile row without a second row,
+    non-finite values."""
+    from fastconv._winograd_grad import _grad_output_panel, _grad_output_tiles
+
+    for P, Q in [(5, 9), (6, 40), (3, 3), (1, 17)]:
+        dy = random_array(rng, (2, 2 * MR + 1, P, Q), dtype)
+        dy[1, 3, 0, 0], dy[1, 4, -1, -1] = np.inf, np.nan
+        TH, TW = -(-P // 2), -(-Q // 2)
+        for n, k0, th in [(0, 0, 0), (1, MR, TH - 1), (1, 1, TH // 2)]:
+            for tw0, run in [(0, TW), (TW - 1, 1), (TW // 3, TW - TW // 3)]:
+                vector = np.full((16, MR * run + 3), -7.0, dtype)
+                scalar = vector.copy()
+                _grad_output_panel(dy, n, k0, th, tw0, run, vector, 1)
+                for f in range(MR):
+                    _grad_output_tiles(dy, n, k0 + f, th, tw0, run, scalar, 1 + f, MR)
+                np.testing.assert_array_equal(vector, scalar)
+
+
 def test_the_cases_cross_the_blocking_edges():
     tiles = []
     for N, C, H, W, K, padding, groups in CASES:
