@@ -16,7 +16,7 @@ row are computed and discarded (``Wp / Q`` times the work: 1.06 on 32x32 images 
 7x7), against a copy of every input value per tap when B is packed from patches (``_im2col.py``), which on
 layers with few filters (a 32 x 288 A) cost more than the products. Each tile sums every tap in its registers,
 so C is written once, bias added on the way. The weight gradient runs its vectors along the output row
-instead: each of 4 taps reads a run of the padded input, each of 6 filters a run of the output gradient as it
+instead: each of 6 taps reads a run of the padded input, each of 4 filters a run of the output gradient as it
 is (no transposed copy), 24 sums of products over the valid positions only (the last vector of a row masked),
 so a layer of 16 filters is not rounded up to a register tile 32 wide.
 
@@ -284,11 +284,15 @@ def _shifted_gemm(ap, m, k, xp, C, plane, channel0, offsets, Wp, y, row0, accumu
 
 
 #: The weight gradient's tile: TILE_TAPS taps (runs of the padded input) by TILE_FILTERS filters (runs of the
-#: output gradient), one vector accumulator per pair (``_simd._run_products``): 24, with the 4 + 6 vectors
-#: loaded each step, in AVX-512's 32 registers. The taps' runs start anywhere, so their loads split across
-#: cache lines: 4 x 6 does 24 products per 4 such loads, where 4 x 4 did 16 and ran at 240 GFLOP/s
-#: (32x32x32x32: 2.4-2.5 -> 2.0-2.1 ms).
-TILE_TAPS, TILE_FILTERS = 4, 6
+#: output gradient), one vector accumulator per pair (``_simd._run_products``): 24, with the filters' 4
+#: vectors and one tap's at a time in AVX-512's 32 registers. 4 x 4 did 16 products per step and ran at 240
+#: GFLOP/s (32x32x32x32: 2.4-2.5 -> 2.0-2.1 ms with 4 x 6). 6 x 4 rounds the filters up to a multiple of 4, not
+#: 6 (32 filters computed as 32, not 36), for two more loads of taps split across cache lines per step.
+#: Measured against 4 x 6 (float32, 2 threads, conv2d_weight, alternating processes, ms): 8x32x28x28 -> 32 3x3
+#: 0.55 -> 0.48, 8x16x56x56 -> 16 0.48-0.50 -> 0.41-0.43, 32x32x32x32 -> 32 2.4-2.6 -> 2.1-2.2, 1x32x112x112
+#: -> 32 0.86-0.90 -> 0.66-0.70, 8x64x28x28 -> 20 0.72 -> 0.61, 16x8x32x32 -> 8 0.13-0.15 -> 0.11; the same
+#: on 32x3x32x32 -> 32 (27 taps: 30 computed, not 28) and 4x32x64x64 -> 32.
+TILE_TAPS, TILE_FILTERS = 6, 4
 
 #: Filters per group up to which the weight gradient is best read from the padded input (wider layers take
 #: a GEMM, whose tile reuses each loaded value more).
@@ -358,6 +362,8 @@ def _shifted_weight_grad(xp, image_size, group_size, offsets, dy, Wp, P, Q, rows
                     x0 + offsets[min(t + 1, last_tap)],
                     x0 + offsets[min(t + 2, last_tap)],
                     x0 + offsets[min(t + 3, last_tap)],
+                    x0 + offsets[min(t + 4, last_tap)],
+                    x0 + offsets[min(t + 5, last_tap)],
                 )
                 for j in range(filter_tiles):
                     f = j * TILE_FILTERS
@@ -366,7 +372,5 @@ def _shifted_weight_grad(xp, image_size, group_size, offsets, dy, Wp, P, Q, rows
                         y0 + min(f + 1, last_filter) * P * Q,
                         y0 + min(f + 2, last_filter) * P * Q,
                         y0 + min(f + 3, last_filter) * P * Q,
-                        y0 + min(f + 4, last_filter) * P * Q,
-                        y0 + min(f + 5, last_filter) * P * Q,
                     )
                     _run_products(xp, x_starts, dy, y_starts, blocks, x_steps, y_steps, Q, partial[task, g, i, j])
