@@ -295,8 +295,13 @@ def _shifted_gemm(ap, m, k, xp, C, plane, channel0, offsets, Wp, y, row0, accumu
 TILE_TAPS, TILE_FILTERS = 6, 4
 
 #: Filters per group up to which the weight gradient is best read from the padded input (wider layers take
-#: a GEMM, whose tile reuses each loaded value more).
-SHIFTED_WEIGHT_GRAD_MAX_FILTERS = 32
+#: a GEMM, whose tile reuses each loaded value more). Measured with 6 x 4 tiles (float32, 2 threads,
+#: conv2d_weight, in one process, alternating, ms, GEMM -> padded input): 8x32x32x32 -> 64 3x3 1.74 -> 1.04,
+#: 32x32x32x32 -> 64 5.46 -> 3.91, 4x32x64x64 -> 64 2.71 -> 1.83, 8x64x56x56 -> 48 7.85 -> 5.08, the 7x7
+#: stride-2 stem 8x3x224x224 -> 64 10.0 -> 6.6 (float64 18.5 -> 12.0), 16x64x32x32 -> 64 3x3 s2 1.48 -> 1.33;
+#: even at 96 (8x32x56x56: 5.37 -> 5.31); slower at 128 (8x48x28x28: 2.45 -> 2.81; ResNet's 8x64x56x56 ->
+#: 128 3x3 s2 3.9 -> 6.6).
+SHIFTED_WEIGHT_GRAD_MAX_FILTERS = 64
 
 
 def weight_grad_layout(geometry, itemsize):

@@ -29,7 +29,7 @@ def _calls(dtype):
     # MiB of A read in all; at a stride, over 160 taps, with output rows too wide to gather.
     x_many, w_many = np.ones((72, 64, 3, 3), dtype), np.ones((129, 64, 3, 3), dtype)
     x_taps, w_taps = np.ones((1, 20, 5, 52), dtype), np.ones((2, 20, 3, 3), dtype)
-    dy_many = np.ones((1, 33, 32, 32), dtype)  # more filters than the padded input's weight gradient takes
+    dy_many = np.ones((1, 65, 32, 32), dtype)  # more filters than the padded input's weight gradient takes
     # 4x4 stride 2 with 16 channels out and 64 tiles per stride phase: Winograd on the phases
     # (_winograd_strided.py), for conv_transpose2d; conv2d's forward pass takes it when asked.
     x_decoder, w_decoder = np.ones((1, 2, 16, 16), dtype), np.ones((2, 16, 4, 4), dtype)
@@ -45,7 +45,7 @@ def _calls(dtype):
         ("conv2d depthwise", lambda: conv2d(x, w[:, :1], groups=2)),
         ("conv2d_backward", lambda: conv2d_backward(x_wide, w, dy_wide)),
         ("conv2d_backward strided", lambda: conv2d_backward(x, w, dy_strided, stride=2)),
-        ("conv2d_weight packed patches", lambda: conv2d_weight(x_wide, (33, 2, 3, 3), dy_many)),
+        ("conv2d_weight packed patches", lambda: conv2d_weight(x_wide, (65, 2, 3, 3), dy_many)),
         ("conv2d_weight winograd", lambda: conv2d_weight(x_deep, (64, 64, 3, 3), x_deep, padding=1)),
         ("conv2d_weight 4x4 s2", lambda: conv2d_weight(x_phases, (33, 16, 4, 4), dy_phases, stride=2, padding=1)),
         ("conv2d_backward depthwise", lambda: conv2d_backward(x, w[:, :1], dy_strided, stride=2, groups=2)),

@@ -44,7 +44,6 @@ from ._conv_kernels import _padded_blocks
 from ._gemm import ZERO, _micro_kernel, _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from ._shifted import SHIFTED_WEIGHT_GRAD_MAX_FILTERS
 from ._simd import Vector, deinterleaved_columns, interleaved, load, store, vector_type
 from ._winograd import _positions, chunk_runs, task_share
 from .config import (
@@ -119,10 +118,16 @@ def _workspace(dtype, padded, phases, groups, rows, planes_per_group):
     return dtype.itemsize * (padded + filters + numba.config.NUMBA_NUM_THREADS * per_thread_values)
 
 
+#: The weight gradient takes Winograd on the stride phases from this many filters per group; with fewer, the
+#: padded-input weight gradient (``_shifted.py``) is as fast. Measured (float32, 2 threads, conv2d_weight, ms,
+#: padded input -> phases): 8x64x32x32 -> 33 4x4 s2 0.62 -> 0.60, 8x32x64x64 -> 40 1.31 -> 1.34, 8x64x32x32 ->
+#: 48 0.81 -> 0.62, 8x64x32x32 -> 64 1.08 -> 0.65, 8x256x8x8 -> 64 2.44 -> 0.37.
+WEIGHT_GRAD_MIN_FILTERS = 33
+
+
 def weight_grad_pays(geometry):
-    """Whether this (applicable) layer's weight gradient should take ``conv2d_weight_strided``: more filters
-    per group than the padded-input weight gradient takes (``_shifted.SHIFTED_WEIGHT_GRAD_MAX_FILTERS``: its
-    own fast path),
+    """Whether this (applicable) layer's weight gradient should take ``conv2d_weight_strided``: at least
+    WEIGHT_GRAD_MIN_FILTERS filters per group,
     at least ``config.STRIDED_WINOGRAD_MIN_CHANNELS`` input channels per group and
     ``config.STRIDED_WINOGRAD_MIN_TILES`` 2x2 tiles of output (the GEMMs' depth), and one image's stride phases
     within the column buffer."""
@@ -130,7 +135,7 @@ def weight_grad_pays(geometry):
     N, C, _, _ = geometry.input_shape
     _, _, P, Q = geometry.output_shape
     enough = Cg >= STRIDED_WINOGRAD_MIN_CHANNELS and _tiles(N, P, Q) >= STRIDED_WINOGRAD_MIN_TILES
-    wide = K // geometry.groups > SHIFTED_WEIGHT_GRAD_MAX_FILTERS
+    wide = K // geometry.groups >= WEIGHT_GRAD_MIN_FILTERS
     return enough and wide and _image_fits(4 * C, *_strided_layout(P, Q))
 
 

@@ -92,7 +92,7 @@ def test_nan_and_inf_propagate_like_pytorch():
     assert np.isnan(dw).any() and np.isfinite(dx).all()
 
 
-@pytest.mark.parametrize("filters", [4, 40])  # weight gradient from the padded input; by packed patches
+@pytest.mark.parametrize("filters", [4, 72])  # weight gradient from the padded input; by packed patches
 def test_opposite_infinities_in_partial_weight_gradients_make_nan_without_a_warning(rng, filters):
     """inf in one image and -inf in the other land in the partial gradients of different tasks: adding them
     (in NumPy) gives NaN, as the reference's one sum does, and NumPy must not warn about it."""
@@ -151,7 +151,7 @@ def test_results_do_not_depend_on_the_thread_count(rng):
     w = random_array(rng, (16, 8, 3, 3), "float32")
     dy = random_array(rng, (2, 16, 40, 40), "float32")
     x_wide = random_array(rng, (1, 64, 46, 46), "float32")  # 529 tiles: Winograd's weight gradient, in ranges
-    dy_48 = random_array(rng, (2, 48, 40, 40), "float32")  # 48 filters: the weight gradient by packed patches
+    dy_72 = random_array(rng, (2, 72, 40, 40), "float32")  # 72 filters: the weight gradient by packed patches
     dy_wide = random_array(rng, (1, 64, 46, 46), "float32")
     w_4x4 = random_array(rng, (16, 16, 4, 4), "float32")  # conv_transpose2d 4x4 s2: Winograd on the phases
     dy_4x4 = random_array(rng, (2, 48, 20, 20), "float32")  # and conv2d_weight 4x4 s2: 200 tiles, 48 filters
@@ -165,7 +165,7 @@ def test_results_do_not_depend_on_the_thread_count(rng):
             fastconv.gemm(x.reshape(5, -1), x.reshape(-1, 5)),  # 5120-long K split into ranges
             fastconv.conv2d(x, w[:8, :1], padding=1, groups=8),  # depthwise: the direct kernel
             fastconv.conv2d_weight(x_wide, (64, 64, 3, 3), dy_wide, padding=1),
-            fastconv.conv2d_weight(x, (48, 8, 3, 3), dy_48, padding=1),
+            fastconv.conv2d_weight(x, (72, 8, 3, 3), dy_72, padding=1),
             fastconv.conv_transpose2d(dy, w_4x4, None, stride=2, padding=1),
             fastconv.conv2d_weight(dy, (48, 16, 4, 4), dy_4x4, stride=2, padding=1),
         ]
