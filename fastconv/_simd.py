@@ -54,8 +54,6 @@ def deinterleaved_columns(context, builder, dtype, row, count, valid=None):
     ``valid`` (an i64 value), only lanes below it are read, the others are 0: nothing past them is touched."""
     vector, lanes, size = vector_type(context, dtype)
     double = ir.VectorType(vector.element, 2 * lanes)
-    columns = ir.VectorType(ir.IntType(32), lanes)
-    even, odd = (ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
     mask = None if valid is None else _lane_mask(builder, builder.mul(valid, ir.IntType(64)(2)), 2 * lanes)
     out = []
     for offset in (0, 2):
@@ -63,8 +61,16 @@ def deinterleaved_columns(context, builder, dtype, row, count, valid=None):
             value = load(builder, double, row, offset, size)
         else:
             value = _masked_load(builder, double, size, row, ir.IntType(64)(offset), mask)
-        out += [builder.shuffle_vector(value, value, even), builder.shuffle_vector(value, value, odd)]
+        out += even_odd(builder, value)
     return out[:count]
+
+
+def even_odd(builder, value):
+    """``[even lanes, odd lanes]`` of a vector of ``2n`` lanes, as two vectors of ``n``: a row of pairs split
+    into its two columns."""
+    lanes = value.type.count // 2
+    columns = ir.VectorType(ir.IntType(32), lanes)
+    return [builder.shuffle_vector(value, value, ir.Constant(columns, list(range(k, 2 * lanes, 2)))) for k in (0, 1)]
 
 
 def interleaved(builder, first, second, width=1):
@@ -276,50 +282,23 @@ def _deinterleave_run(typingctx, first, first_start, second, second_start, sourc
         first, first_start, second, second_start, source, source_start, pairs = args
         vector, lanes, size = vector_type(context, dtype)
         double = ir.VectorType(vector.element, 2 * lanes)
-        index, int32 = ir.IntType(64), ir.IntType(32)
-        columns = ir.VectorType(int32, lanes)
-        even, odd = (ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
+        index = ir.IntType(64)
         first, second = builder.gep(first, [first_start]), builder.gep(second, [second_start])
         source = builder.gep(source, [source_start])
-
-        def split(value, j, store_to):
-            store_to(builder.shuffle_vector(value, value, even), first, j)
-            store_to(builder.shuffle_vector(value, value, odd), second, j)
-
         whole = builder.udiv(pairs, index(lanes))
         with cgutils.for_range(builder, whole) as loop:
             j = builder.mul(loop.index, index(lanes))
             value = load(builder, double, source, builder.mul(j, index(2)), size)
-            split(value, j, lambda v, to, j: store(builder, v, to, j, size))
+            for column, to in zip(even_odd(builder, value), (first, second)):
+                store(builder, column, to, j, size)
         j = builder.mul(whole, index(lanes))
         rest = builder.sub(pairs, j)
         with builder.if_then(builder.icmp_signed(">", rest, index(0))):
-            suffix = f"f{8 * size}.p0"
-            masked_load = cgutils.get_or_insert_function(
-                builder.module,
-                ir.FunctionType(double, [double.as_pointer(), int32, ir.VectorType(ir.IntType(1), 2 * lanes), double]),
-                f"llvm.masked.load.v{2 * lanes}{suffix}",
-            )
-            masked_store = cgutils.get_or_insert_function(
-                builder.module,
-                ir.FunctionType(
-                    ir.VoidType(), [vector, vector.as_pointer(), int32, ir.VectorType(ir.IntType(1), lanes)]
-                ),
-                f"llvm.masked.store.v{lanes}{suffix}",
-            )
-            address = builder.bitcast(builder.gep(source, [builder.mul(j, index(2))]), double.as_pointer())
-            zero = ir.Constant(double, [0.0] * 2 * lanes)
-            value = builder.call(
-                masked_load, [address, int32(size), _lane_mask(builder, builder.mul(rest, index(2)), 2 * lanes), zero]
-            )
+            pairs_mask = _lane_mask(builder, builder.mul(rest, index(2)), 2 * lanes)
+            value = _masked_load(builder, double, size, source, builder.mul(j, index(2)), pairs_mask)
             mask = _lane_mask(builder, rest, lanes)
-
-            def masked(v, to, j):
-                builder.call(
-                    masked_store, [v, builder.bitcast(builder.gep(to, [j]), vector.as_pointer()), int32(size), mask]
-                )
-
-            split(value, j, masked)
+            for column, to in zip(even_odd(builder, value), (first, second)):
+                _masked_store(builder, column, size, to, j, mask)
         return context.get_dummy_value()
 
     return types.none(first, first_start, second, second_start, source, source_start, pairs), codegen

@@ -27,7 +27,7 @@ from numba.extending import intrinsic
 from ._gemm import _micro_kernel, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from ._simd import Vector, _lane_mask, _masked_load, _masked_store, interleaved, vector_type
+from ._simd import Vector, _lane_mask, _masked_load, _masked_store, even_odd, interleaved, vector_type
 from ._winograd import (
     WHOLE_PANEL,
     XI,
@@ -162,8 +162,6 @@ def _grad_output_panel_vector(typingctx, dy, base, plane, row, two_rows, cols, c
         _, base, plane, row, two_rows, cols, count, _, m0 = args
         vector, lanes, size = vector_type(context, dtype)
         double = llvm_ir.VectorType(vector.element, 2 * lanes)
-        columns = llvm_ir.VectorType(llvm_ir.IntType(32), lanes)
-        even, odd = (llvm_ir.Constant(columns, list(range(k, 2 * lanes, 2))) for k in (0, 1))
         zero = llvm_ir.Constant(vector, [0.0] * lanes)
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
         valid = _lane_mask(builder, cols, 2 * lanes)
@@ -174,11 +172,8 @@ def _grad_output_panel_vector(typingctx, dy, base, plane, row, two_rows, cols, c
             bottom = builder.select(two_rows, builder.add(top, row), top)
             upper = _masked_load(builder, double, size, data, top, valid)
             lower = _masked_load(builder, double, size, data, bottom, valid)
-            y00, y01 = (Vector(builder, builder.shuffle_vector(upper, upper, c)) for c in (even, odd))
-            y10, y11 = (
-                Vector(builder, builder.select(two_rows, builder.shuffle_vector(lower, lower, c), zero))
-                for c in (even, odd)
-            )
+            y00, y01 = (Vector(builder, column) for column in even_odd(builder, upper))
+            y10, y11 = (Vector(builder, builder.select(two_rows, column, zero)) for column in even_odd(builder, lower))
             r0a, r0b = y00, y01
             r1a, r1b = y00 + y10, y01 + y11
             r2a, r2b = y00 - y10, y01 - y11
