@@ -33,10 +33,13 @@ from numba import njit, prange
 
 from ._gemm import (
     FALSE,
+    GROUP,
     ZERO,
     _macro_kernel_serial,
+    _n_a_panels,
     _n_tiles,
     _pack_a,
+    _pack_a_panel,
     _pack_a_serial,
     _pack_b_panel,
     _pack_b_panel_transposed,
@@ -48,7 +51,7 @@ from ._gemm import (
 from ._im2col import _gathered_patch_panel, _patch_panel
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from .config import KC, MC, NC, NR
+from .config import KC, MC, MR, NC, NR
 
 #: Where the macro-kernel's micro-panels of B come from (module docstring). Numpy scalars, not Python ints:
 #: a literal argument would compile the kernel once more.
@@ -164,6 +167,58 @@ def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, 
                 ap, m, ZERO if a is not None else pc, kc, SHARED, b, b_row0, no_x, no_taps, 1, 1, 1, 1, ZERO, nc,
                 c, c_row0, c_col0 + jc, np.bool_(accumulate or pc > 0), panels, no_pixels,
             )  # fmt: skip
+
+
+#: A GEMM whose A is packed per task is split into a multiple of this many tasks, as equal as can be.
+A_TASKS = 8
+
+
+def a_task_rows(m):
+    """Rows of A per task of :func:`_gemm_a_per_task`: at most MC, in whole groups of micro-panels
+    (``_gemm.GROUP``: a transposed A is packed a cache line per row of ``a``), a multiple of A_TASKS tasks (2304
+    rows as 16 tasks of 144, not 9 of 256, which kept a thread of 2 idle for a ninth of the time). By shape
+    alone: the results do not depend on the thread count."""
+    group = GROUP * MR
+    tasks = -(-m // MC // A_TASKS) * A_TASKS if m > MC else A_TASKS
+    return max(group, -(-m // (tasks * group)) * group)
+
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _a_block_tasks(a, transposed, m, pc, kc, task_rows, bp, nc, c, c_row0, c_col0, accumulate, a_panels):
+    """``C[:, :nc] (+)= A[:, pc:pc+kc] @ B~``, one task per ``task_rows`` rows of A: each packs its rows of A
+    (``a`` for ``_pack_a``, one KC block) into its thread's row of ``a_panels``, then multiplies them by every
+    micro-panel of the shared panel ``bp`` of B. ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 : c_col0 + nc]``."""
+    for task in prange(-(-m // task_rows)):
+        i0 = task * task_rows
+        rows = min(task_rows, m - i0)
+        ap = a_panels[numba.get_thread_id()]
+        for t in range(_n_a_panels(rows, kc)):
+            _pack_a_panel(a, i0, rows, pc, kc, transposed, ap, t)
+        for jr in range(0, nc, NR):
+            b_panel = bp[jr * kc : jr * kc + kc * NR]
+            _panel_rows(
+                ap, rows, ZERO, kc, ZERO, rows, b_panel, c, c_row0 + i0, c_col0 + jr, min(NR, nc - jr), accumulate
+            )
+
+
+def _gemm_a_per_task(a, transposed, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, bp):
+    """``C = A @ B`` as :func:`_gemm_packed` with ``a`` given, but with A packed by the tasks that use it, a
+    block of rows each (:func:`_a_block_tasks`), into cache, rather than by all threads into memory first.
+
+    For an A much larger than B (conv_transpose2d 8x512x4x4 -> 256 4x4 s2: 8 MiB of weights, 128 columns of B),
+    where each value of A packed is used by few columns: the packed copy would go to memory and come back.
+    """
+    if k == 0:
+        _zero_columns(c, c_row0, m, c_col0, n)
+    task_rows = a_task_rows(m)
+    a_panels = per_thread((_packed_a_size(task_rows, KC),), c.dtype, name="task A panels")
+    for jc in range(0, n, NC):
+        nc = min(NC, n - jc)
+        for pc in range(0, k, KC):
+            kc = min(KC, k - pc)
+            _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp)
+            args = (a, np.bool_(transposed), m, np.int64(pc), np.int64(kc), np.int64(task_rows), bp, nc, c)
+            _a_block_tasks(*args, c_row0, c_col0 + jc, np.bool_(pc > 0), a_panels)
 
 
 def _gemm_per_task(ap, m, k, b, b_row0, n, c, c_row0, accumulate):

@@ -5,8 +5,8 @@ import pytest
 
 from conftest import assert_close, random_array
 from fastconv import config, gemm
-from fastconv._gemm import NARROW, NARROW_PASSES
-from fastconv._macro import _k_ranges
+from fastconv._gemm import NARROW, NARROW_PASSES, TRUE, ZERO, _pack_a, _packed_a_size, _packed_b_size
+from fastconv._macro import _gemm_a_per_task, _gemm_packed, _k_ranges
 
 SHAPES = [
     (1, 1, 1),
@@ -41,6 +41,24 @@ def test_narrow_micro_kernel_sums_as_the_wide_one(rng, dtype):
     narrow = gemm(a, b[:, : config.NR + NARROW])
     wide = gemm(a, b)
     np.testing.assert_array_equal(narrow, wide[:, : config.NR + NARROW])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("m, n, k", [(270, 90, 32), (36, 9, 2 * config.KC + 8), (2304, 200, 64), (5, 3, 7)])
+def test_a_packed_per_task_gives_the_bits_of_a_packed_whole(rng, dtype, m, n, k):
+    """The input gradient's GEMM in one chunk packs W.T a block of rows per task (``_macro._gemm_a_per_task``),
+    not whole first: the same micro-panels, so the same bits. Shapes: a last task of fewer rows (270 as tasks of
+    48), three KC blocks, 16 tasks of 144 rows, fewer rows than a micro-panel."""
+    a = random_array(rng, (1, k, m), dtype)  # A is a[0].T, as W.T is the input gradient's A
+    b = random_array(rng, (1, k, n), dtype)
+    whole, per_task = np.full((2, 1, m, n), np.nan, dtype)
+    ap = np.empty(_packed_a_size(m, k), dtype)
+    bp = np.empty(_packed_b_size(n), dtype)
+    _pack_a(a, ZERO, m, ZERO, k, TRUE, ap)
+    _gemm_packed(ap, m, k, b, ZERO, ZERO, n, whole, ZERO, ZERO, False, bp)
+    _gemm_a_per_task(a, True, m, k, b, ZERO, ZERO, n, per_task, ZERO, ZERO, bp)
+    np.testing.assert_array_equal(per_task, whole)
+    assert_close(per_task[0], (a[0].T.astype(np.float64) @ b[0].astype(np.float64)).astype(dtype))
 
 
 def test_gemm_accepts_any_layout_and_promotes(rng):
