@@ -29,16 +29,20 @@ from ._gemm import (
     ZERO,
     _data,
     _macro_kernel_serial,
+    _n_a_panels,
     _n_tiles,
     _pack_a,
+    _pack_a_panel,
     _pack_a_serial,
     _pack_b_panel_transposed,
     _packed_a_size,
     _packed_b_size,
+    _panel_rows,
     _round_up,
 )
 from ._im2col import (
     _col2im,
+    _col2im_plane,
     _pack_b_patches_transposed,
     _space_to_depth,
     _subsample,
@@ -49,12 +53,14 @@ from ._im2col import (
     transposed_tap_table,
 )
 from ._macro import (
+    A_TASKS,
     GATHERED,
     PATCHES,
     PLAIN,
     _gemm_a_per_task,
     _gemm_packed,
     _macro_kernel,
+    _pack_b,
     no_patches,
     packs_per_task,
     task_scratch,
@@ -71,7 +77,7 @@ from ._shifted import (
     shifted_pays,
     tap_offsets,
 )
-from .config import COLUMN_BUFFER_BYTES, GATHER_MAX_WIDTH, KC, NC, NR, WEIGHT_GRAD_CHUNKS
+from .config import COLUMN_BUFFER_BYTES, GATHER_MAX_WIDTH, KC, MC, MR, NC, NR, WEIGHT_GRAD_CHUNKS
 
 #: Weights of at most this many values are packed on the calling thread (``_pack_weights``).
 SERIAL_PACK_VALUES = 2**14
@@ -272,7 +278,6 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     Kg = K // groups
     crs = Cg * R * S
     col, rows = _column_buffer(crs, rows_per_chunk, N * P, Q, grad_input.dtype)
-    bp = scratch("shared panel", _packed_b_size(rows * Q), grad_input.dtype)
     dy_blocks = grad_output.reshape(N, K, P * Q)
     w_mat = weight.reshape(groups, Kg, crs)
     # In one chunk, each value of W.T is used for one block of columns: packed by the tasks that use it, into
@@ -280,6 +285,10 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     # (float32, 2 threads, ms): conv_transpose2d 8x512x4x4 -> 256 4x4 s2 (8 MiB of weights) 2.29 -> 1.86, 8x256x7x7
     # -> 128 3x3 s2 0.89 -> 0.80; conv2d_input 8x128x28x28 <- 256 3x3 s2 2.87 -> 2.64, 4x8x16x16 <- 16 3x3 s2 0.072
     # -> 0.070. In chunks, A would be packed once per chunk: 1x64x256x256 <- 64 7x7 s2 d2 29.6 -> 30.8.
+    # With at most NC pixels, a task owns whole channels and adds its rows of col back into them at once
+    # (``_input_grad_tasks``): col is not written to memory and read back, often by the other thread. Against the
+    # GEMM, then col2im: 8x512x4x4 -> 256 2.24 -> 1.89 ms, 8x256x7x7 -> 128 3x3 s2 1.25 -> 0.93, 8x512x7x7 -> 256
+    # 3x3 s2 3.82 -> 2.95, 2x8x8x8 -> 4 3x3 s2 0.057 -> 0.053.
     one_chunk = rows >= N * P
     ap = None if one_chunk else _pack_weights(weight, groups, True)
     sh, sw, pt, pl, dh, dw = geometry
@@ -288,6 +297,18 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     row_counts, row_pairs = col2im_rows(R, grad_input.shape[2], P, sh, pt, dh)
     # Each phase row padded by a cache line at least: two threads never write into one line.
     phase_rows = per_thread((sw, _round_up(-(-W // sw), 16) + 16), grad_input.dtype, name="phase rows")
+    if one_chunk and N * P * Q <= NC:
+        task_rows = channel_task_rows(Cg, R * S)
+        a_panels = per_thread((_packed_a_size(task_rows, KC),), grad_input.dtype, name="task A panels")
+        n = N * P * Q
+        panels = scratch("shared panels", (-(-Kg // KC), _packed_b_size(n)), grad_input.dtype)
+        for g in range(groups):
+            for pc in range(0, Kg, KC):
+                _pack_b(dy_blocks, g * Kg, ZERO, pc, min(KC, Kg - pc), ZERO, n, panels[pc // KC])
+            args = (w_mat[g : g + 1], panels, n, col, np.int64(task_rows), a_panels, R, S, geometry, P, Q, grad_input)
+            _input_grad_tasks(*args, np.int64(g * Cg), row_counts, row_pairs, taps, phase_rows)
+        return
+    bp = scratch("shared panel", _packed_b_size(rows * Q), grad_input.dtype)
     for g in range(groups):
         for t0 in range(0, N * P, rows):
             t1 = min(N * P, t0 + rows)
@@ -297,6 +318,55 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
             else:
                 _gemm_packed(ap[g], crs, Kg, dy_blocks, g * Kg, t0 * Q, n, col, ZERO, ZERO, FALSE, bp)
             _col2im(col[0], R, S, geometry, t0, t1, P, Q, grad_input, g * Cg, row_counts, row_pairs, taps, phase_rows)
+
+
+def channel_task_rows(Cg, taps):
+    """Rows of W.T (``taps`` per channel) per task of ``_input_grad_tasks``: whole channels, as in
+    ``_macro.a_task_rows`` a multiple of A_TASKS tasks of at most about MC rows, a whole number of micro-panels
+    where the channels allow."""
+    crs = Cg * taps
+    tasks = -(-crs // MC // A_TASKS) * A_TASKS if crs > MC else A_TASKS
+    channels = -(-Cg // tasks)
+    whole = MR // math.gcd(taps, MR)  # channels whose taps fill whole micro-panels
+    if channels > whole:
+        channels = -(-channels // whole) * whole
+    return channels * taps
+
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _input_grad_tasks(
+    w_mat, panels, n, col, task_rows, a_panels, R, S, geometry, P, Q, grad_input, c0, row_counts, row_pairs, taps,
+    phase_rows,
+):  # fmt: skip
+    """``grad_input[:, c0 : c0 + Cg] += col2im(W.T @ dy)`` for one group in one chunk (all ``n`` output pixels of
+    the batch), one task per ``task_rows`` rows of W.T (whole channels, ``channel_task_rows``): the task packs
+    its rows of W.T (``w_mat``, the group's ``(1, Kg, Cg*R*S)`` filters) into its thread's ``a_panels``, multiplies
+    them by dy (``panels[i]``: KC block ``i`` of its rows, packed by ``_macro._pack_b``) into its rows of ``col``,
+    then adds those back into its channels of ``grad_input`` (``_col2im_plane``) while they are in its cache.
+
+    Each channel of ``grad_input`` is written by one task, every sum in ``_col2im``'s order: the same bits as the
+    GEMM and col2im one after the other, whatever the number of threads.
+    """
+    crs, Kg = w_mat.shape[2], w_mat.shape[1]
+    N = grad_input.shape[0]
+    taps_per_channel = R * S
+    for task in prange(-(-crs // task_rows)):
+        i0 = task * task_rows
+        rows = min(task_rows, crs - i0)
+        thread = numba.get_thread_id()
+        ap = a_panels[thread]
+        for pc in range(0, Kg, KC):
+            kc = min(KC, Kg - pc)
+            for t in range(_n_a_panels(rows, kc)):
+                _pack_a_panel(w_mat, i0, rows, pc, kc, TRUE, ap, t)
+            bp = panels[pc // KC]
+            for jr in range(0, n, NR):
+                b_panel = bp[jr * kc : jr * kc + kc * NR]
+                _panel_rows(ap, rows, ZERO, kc, ZERO, rows, b_panel, col, i0, jr, min(NR, n - jr), pc > 0)
+        for c in range(i0 // taps_per_channel, (i0 + rows) // taps_per_channel):
+            for image in range(N):
+                _col2im_plane(col[0], R, S, geometry, ZERO, N * P, P, Q, grad_input, c0, image, c, ZERO, np.int64(1),
+                              row_counts, row_pairs, taps, phase_rows[thread])  # fmt: skip
 
 
 def _weight_grad_split(Kg, crs, groups, pixels):

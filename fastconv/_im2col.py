@@ -72,47 +72,55 @@ def _col2im(col, R, S, geometry, t0, t1, P, Q, x, c0, row_counts, row_pairs, tap
     tap adds a contiguous run, then interleaved back once. Footprint: none beyond ``x`` and ``phase_rows``.
     """
     Cg = col.shape[0] // (R * S)
-    _, C, H, W = x.shape
-    sh, sw, pt, pl, dh, dw = geometry
-    row_length = phase_rows.shape[2]
-    x_data, col_data = _data(x), _data(col)
+    H = x.shape[2]
     n0 = t0 // P
     planes = ((t1 - 1) // P + 1 - n0) * Cg
     blocks = min(H, -(-COL2IM_MIN_TASKS // planes))  # row blocks per plane
     for task in prange(planes * blocks):
         plane, block = task // blocks, task % blocks
-        n, c = n0 + plane // Cg, plane % Cg
-        p0, p1 = max(t0 - n * P, 0), min(t1 - n * P, P)
-        # Only the input rows under the patches of output rows p0:p1 receive anything.
-        h_lo = max(0, p0 * sh - pt)
-        h_hi = min(H, (p1 - 1) * sh - pt + (R - 1) * dh + 1)
-        rows = _data(phase_rows[numba.get_thread_id()])
-        for h in range(h_lo + block * (h_hi - h_lo) // blocks, h_lo + (block + 1) * (h_hi - h_lo) // blocks):
-            start = ((n * C + c0 + c) * H + h) * W
-            # Taps add into the row itself at sw == 1, else into the phase rows.
-            target, row_start = (x_data, start) if sw == 1 else (rows, 0)
-            if sw > 1:
-                for j in range(sw * row_length):
-                    rows[j] = 0
-            for k in range(row_counts[h]):
-                r, p = row_pairs[h, k, 0], row_pairs[h, k, 1]
-                if p < p0 or p >= p1:
-                    continue
-                column = (n * P + p - t0) * Q
-                for s in range(S):
-                    q_lo, q_hi, phase, first = taps[s, 0], taps[s, 1], taps[s, 2], taps[s, 3]
-                    out = row_start + first if sw == 1 else phase * row_length + first
-                    _add_run(target, out, col_data, ((c * R + r) * S + s) * col.shape[1] + column + q_lo, q_hi - q_lo)
-            if sw == 2:  # interleave the two phases: LLVM vectorises this with shuffles
-                for j in range(W // 2):
-                    x_data[start + 2 * j] += rows[j]
-                    x_data[start + 2 * j + 1] += rows[row_length + j]
-                if W % 2:
-                    x_data[start + W - 1] += rows[W // 2]
-            elif sw > 2:
-                for b in range(sw):
-                    for j in range((W - b + sw - 1) // sw):
-                        x_data[start + j * sw + b] += rows[b * row_length + j]
+        rows = phase_rows[numba.get_thread_id()]
+        _col2im_plane(col, R, S, geometry, t0, t1, P, Q, x, c0, n0 + plane // Cg, plane % Cg, block, blocks,
+                      row_counts, row_pairs, taps, rows)  # fmt: skip
+
+
+@njit(cache=True)
+def _col2im_plane(col, R, S, geometry, t0, t1, P, Q, x, c0, n, c, block, blocks, row_counts, row_pairs, taps, rows):
+    """``_col2im`` of image ``n``, channel ``c`` (of the group), its rows in block ``block`` of ``blocks``, on the
+    calling thread, with its phase rows ``rows``."""
+    _, C, H, W = x.shape
+    sh, sw, pt, pl, dh, dw = geometry
+    row_length = rows.shape[1]
+    x_data, col_data, rows = _data(x), _data(col), _data(rows)
+    p0, p1 = max(t0 - n * P, 0), min(t1 - n * P, P)
+    # Only the input rows under the patches of output rows p0:p1 receive anything.
+    h_lo = max(0, p0 * sh - pt)
+    h_hi = min(H, (p1 - 1) * sh - pt + (R - 1) * dh + 1)
+    for h in range(h_lo + block * (h_hi - h_lo) // blocks, h_lo + (block + 1) * (h_hi - h_lo) // blocks):
+        start = ((n * C + c0 + c) * H + h) * W
+        # Taps add into the row itself at sw == 1, else into the phase rows.
+        target, row_start = (x_data, start) if sw == 1 else (rows, 0)
+        if sw > 1:
+            for j in range(sw * row_length):
+                rows[j] = 0
+        for k in range(row_counts[h]):
+            r, p = row_pairs[h, k, 0], row_pairs[h, k, 1]
+            if p < p0 or p >= p1:
+                continue
+            column = (n * P + p - t0) * Q
+            for s in range(S):
+                q_lo, q_hi, phase, first = taps[s, 0], taps[s, 1], taps[s, 2], taps[s, 3]
+                out = row_start + first if sw == 1 else phase * row_length + first
+                _add_run(target, out, col_data, ((c * R + r) * S + s) * col.shape[1] + column + q_lo, q_hi - q_lo)
+        if sw == 2:  # interleave the two phases: LLVM vectorises this with shuffles
+            for j in range(W // 2):
+                x_data[start + 2 * j] += rows[j]
+                x_data[start + 2 * j + 1] += rows[row_length + j]
+            if W % 2:
+                x_data[start + W - 1] += rows[W // 2]
+        elif sw > 2:
+            for b in range(sw):
+                for j in range((W - b + sw - 1) // sw):
+                    x_data[start + j * sw + b] += rows[b * row_length + j]
 
 
 @functools.lru_cache(maxsize=32)

@@ -7,8 +7,8 @@ import pytest
 
 import fastconv
 from conftest import assert_close, random_array
+from fastconv import _conv_kernels, reference
 from fastconv import conv as conv_module
-from fastconv import reference
 
 PARAMS = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
 
@@ -142,6 +142,31 @@ def test_chunked_column_buffer_gives_the_same_result(rng, monkeypatch, dtype, ro
     for a, b in zip(chunked, whole):
         assert_close(a, b)
     assert_close(chunked[0], reference.conv2d(x, w, **PARAMS))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, groups",
+    [
+        ((3, 64, 5, 6), (64, 30, 3, 3), 2, 2),  # 30 channels of 9 taps a group: tasks of 4 channels, the last of 2
+        ((2, 520, 3, 3), (520, 4, 4, 4), 2, 1),  # 520 filters: two KC blocks, the second added to the first
+        ((2, 8, 6, 5), (8, 5, 3, 3), 3, 1),  # stride 3: taps summed in three phase rows
+    ],
+)
+def test_input_gradient_adds_each_task_back_with_the_same_bits(
+    rng, monkeypatch, dtype, x_shape, w_shape, stride, groups
+):
+    """In one chunk of at most NC pixels, each task of the input gradient adds its channels' rows of the column
+    matrix back into the image as soon as it has them (``_conv_kernels._input_grad_tasks``); otherwise the GEMM
+    and col2im run one after the other. The same sums in the same order: the same bits, and the right ones."""
+    x = random_array(rng, x_shape, dtype)
+    w = random_array(rng, w_shape, dtype)
+    params = dict(stride=stride, padding=1, groups=groups)
+    fused = fastconv.conv_transpose2d(x, w, **params)
+    monkeypatch.setattr(_conv_kernels, "NC", 1)
+    apart = fastconv.conv_transpose2d(x, w, **params)
+    np.testing.assert_array_equal(fused, apart)
+    assert_close(fused, reference.conv_transpose2d(x, w, **params))
 
 
 def test_results_do_not_depend_on_the_thread_count(rng):
