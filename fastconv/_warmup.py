@@ -13,7 +13,7 @@ def _calls(dtype):
     the padded input, and from packed patches), 1x1, strided (from padded stride phases, and patches packed
     from the stride phases), Winograd (3x3, and 4x4 stride 2) and depthwise forward; weight gradients from the
     padded input, from packed patches, by direct loops and by Winograd (3x3, and 4x4 stride 2); strided input
-    gradient (col2im, and Winograd on the stride phases)."""
+    gradient (col2im in the GEMM's tasks, or after the GEMM past NC pixels, and Winograd on the stride phases)."""
     from .conv import conv2d, conv2d_backward, conv2d_weight, conv_transpose2d, conv_transpose2d_backward
     from .gemm import gemm
 
@@ -23,6 +23,7 @@ def _calls(dtype):
     dy_strided = np.ones((1, 2, 2, 2), dtype)
     # Enough output pixels for the weight gradient to split them into ranges (see _weight_grad_split).
     x_wide = np.ones((1, 2, 34, 34), dtype)
+    x_wider = np.ones((1, 2, 46, 46), dtype)  # more than NC pixels: conv_transpose2d's col2im after the GEMM
     dy_wide = np.ones((1, 2, 32, 32), dtype)
     x_deep = np.ones((1, 64, 40, 40), dtype)  # enough channels and tiles for Winograd's weight gradient
     # Patches packed rather than read from the padded input (_shifted.shifted_pays): over 128 filters and 20
@@ -52,6 +53,7 @@ def _calls(dtype):
         ("conv_transpose2d", lambda: conv_transpose2d(dy, w)),
         ("conv_transpose2d_backward", lambda: conv_transpose2d_backward(dy, w, x)),
         ("conv_transpose2d 4x4 s2", lambda: conv_transpose2d(x_decoder, w_decoder, stride=2, padding=1)),
+        ("conv_transpose2d wide", lambda: conv_transpose2d(x_wider, w, stride=2)),
         ("gemm", lambda: gemm(x[0, 0], x[0, 0])),
         ("gemm split K", lambda: gemm(np.ones((1, 2048), dtype), np.ones((2048, 1), dtype))),
         ("gemm by columns", lambda: gemm(x[0, 0], x[0, 0].T)),
