@@ -46,6 +46,7 @@ from ._gemm import (
     _packed_a_size,
     _packed_b_size,
     _panel_rows,
+    _round_up,
     _zero_columns,
 )
 from ._im2col import _gathered_patch_panel, _patch_panel
@@ -75,6 +76,14 @@ def no_patches(dtype):
     return np.empty((0, 0, 0, 0), dtype), (empty, empty, empty, np.empty((0, 2), np.int64))
 
 
+@njit(cache=True)
+def _block_rows(m):
+    """Rows of C per task of :func:`_macro_kernel`: ``m`` split into the fewest blocks of at most MC rows, all of
+    one size (a multiple of MR) but the last, so that 384 rows are two tasks of 192, not 256 and 128."""
+    blocks = -(-m // MC)
+    return _round_up(-(-m // blocks), MR)
+
+
 @njit(parallel=PRANGE_ONLY, cache=True)
 def _macro_kernel(
     ap, m, pc, kc, source, b, b_row0, x, taps, sh, sw, P, Q, jc, nc, c, c_row0, c_col0, accumulate, panels, pixel_tables
@@ -90,8 +99,9 @@ def _macro_kernel(
     panel of B (``_pack_b``): one kernel for both steps, so one parallel kernel less to compile.
     """
     n_jr = -(-nc // NR)
-    for task in prange(-(-m // MC) * n_jr):
-        ic = task // n_jr * MC
+    mc = _block_rows(m)
+    for task in prange(-(-m // mc) * n_jr):
+        ic = task // n_jr * mc
         jr = task % n_jr * NR
         n_valid = min(NR, nc - jr)
         if source == SHARED or source == PACK_SHARED:
@@ -108,7 +118,7 @@ def _macro_kernel(
                 _gathered_patch_panel(x, taps, sh, sw, P, Q, kc, jc + jr, n_valid, panel, pixel_tables[thread])
             else:
                 _pack_b_panel(b, b_row0, 0, pc, kc, jc + jr, n_valid, panel)
-        _panel_rows(ap, m, pc, kc, ic, min(ic + MC, m), panel, c, c_row0, c_col0 + jc + jr, n_valid, accumulate)
+        _panel_rows(ap, m, pc, kc, ic, min(ic + mc, m), panel, c, c_row0, c_col0 + jc + jr, n_valid, accumulate)
 
 
 def _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp):
