@@ -207,16 +207,18 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
     """conv2d's input gradient: (N, K, P, Q) -> (N, C, H, W), plus ``bias`` when given (conv_transpose2d)."""
     direct = _choose_algorithm("auto", geometry) == "direct"
     if geometry.stride == (1, 1) or direct:
-        grad_output, as_conv2d = _input_grad_as_conv2d(grad_output, geometry, dtype)
+        cropped, as_conv2d = _input_grad_as_conv2d(grad_output, geometry, dtype)
         if as_conv2d is None:
             return _initial(geometry.input_shape, dtype, bias)
         # Winograd's filter transform reads the filters rotated and swapped itself: no flipped copy (1-2 ms at
         # 512x512 filters).
         swapped = _choose_algorithm("auto", as_conv2d, input_gradient=True) == "winograd"
-        filters = weight if swapped else _flip_for_input_grad(weight, geometry.groups)
-        # Without swapped filters "auto" chooses the GEMM path or direct loops: it would ask Winograd for more.
-        args = (grad_output, filters, bias, as_conv2d, dtype, "winograd" if swapped else "auto")
-        return _forward(*args, purpose="the input gradient", swapped=swapped)
+        if direct or swapped or not _columns_pay(geometry, dtype):
+            filters = weight if swapped else _flip_for_input_grad(weight, geometry.groups)
+            # Without swapped filters "auto" chooses the GEMM path or direct loops: it would ask Winograd for more.
+            args = (cropped, filters, bias, as_conv2d, dtype, "winograd" if swapped else "auto")
+            return _forward(*args, purpose="the input gradient", swapped=swapped)
+        return _input_grad_by_columns(grad_output, weight, bias, geometry, dtype)
     _, _, R, S = geometry.weight_shape
     if patchify(R, S, geometry.kernel_geometry, *grad_output.shape[2:], *geometry.input_shape[2:]):
         return _input_grad_of_patchify(grad_output, weight, bias, geometry, dtype)
@@ -224,6 +226,27 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
         return _input_grad_subpixel(grad_output, weight, bias, geometry, dtype)
     if _phases_pay(geometry):
         return _input_grad_by_phases(grad_output, weight, bias, geometry, dtype)
+    return _input_grad_by_columns(grad_output, weight, bias, geometry, dtype)
+
+
+def _columns_pay(geometry, dtype):
+    """Whether a stride-1 input gradient that Winograd does not take should be a column matrix added back into
+    the image (``_input_grad_by_columns``, its col2im in the GEMM's tasks), not conv2d of grad_output by the
+    filters flipped: when there are at least twice as many filters per group as output pixels in the batch, in
+    one column buffer of at most NC pixels. There the flipped copy of the filters costs more than the col2im.
+    Measured (float32, 2 threads, ms, conv2d_input, flipped -> columns): 1x512x7x7 <- 512 3x3 4.79 -> 1.12,
+    4x512x7x7 3.82 -> 2.86 (2.6 filters a pixel), 1x1024x7x7 13.7 -> 5.4, 1x512x7x7 5x5 8.8 -> 4.2, 1x64x4x4
+    0.086 -> 0.047; about even at 1.3 filters a pixel (1x256x14x14 0.73 / 0.75, 4x256x7x7 0.92 / 0.95); slower
+    below (2x256x14x14 1.27 -> 1.38, 1x128x28x28 0.57 -> 0.72, 8x32x16x16 0.16 -> 0.28)."""
+    N, K, P, Q = geometry.output_shape
+    pixels = N * P * Q
+    one_chunk = _rows_per_chunk(geometry, dtype) >= N * P
+    return one_chunk and pixels <= NC and 2 * pixels <= K // geometry.groups
+
+
+def _input_grad_by_columns(grad_output, weight, bias, geometry, dtype):
+    """conv2d's input gradient as the column matrix ``W.T @ grad_output`` added back into the image (col2im), a
+    chunk of output rows at a time (``_conv_kernels._conv2d_input``)."""
     workspace = _workspace_bytes(geometry, dtype)
     v.check_memory("the input gradient", geometry.input_shape, dtype, (grad_output, weight), workspace)
     dx = _initial(geometry.input_shape, dtype, bias)

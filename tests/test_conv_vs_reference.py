@@ -317,6 +317,36 @@ def test_strided_input_gradient_by_stride_phases(rng, monkeypatch, case, dtype):
         assert_close(fastconv.conv_transpose2d(dy, w, bias, output_padding=output_padding, **params), expected)
 
 
+COLUMN_CASES = [  # (N, C, H, W, K, R, S, padding, dilation, groups) of conv2d at stride 1: K / groups >= 2 N P Q
+    (1, 8, 4, 4, 40, 3, 3, (1, 1), (1, 1), 1),  # the small-batch layer at the end of a ResNet, scaled down
+    (2, 6, 3, 2, 48, 3, 2, ((2, 0), (1, 1)), (1, 2), 2),  # asymmetric padding, dilation, groups
+    (1, 4, 5, 5, 56, 5, 5, (0, 0), (1, 1), 1),  # 5x5, unpadded: one output pixel
+]
+
+
+@pytest.mark.parametrize("case", COLUMN_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stride_1_input_gradient_of_many_filters_by_columns(rng, monkeypatch, case, dtype):
+    """At stride 1, an input gradient with twice as many filters per group as output pixels is the column
+    matrix added back (``conv._input_grad_by_columns``), not conv2d of the flipped filters: against the
+    reference, conv2d_input and conv_transpose2d with a bias."""
+    N, C, H, W, K, R, S, padding, dilation, groups = case
+    taken = []
+    path = conv_module._input_grad_by_columns
+    monkeypatch.setattr(conv_module, "_input_grad_by_columns", lambda *args: taken.append(1) or path(*args))
+    w = random_array(rng, (K, C // groups, R, S), dtype)
+    params = dict(padding=padding, dilation=dilation, groups=groups)
+    dy = random_array(rng, fastconv.conv2d(np.zeros((N, C, H, W), dtype), w, **params).shape, dtype)
+    assert 2 * dy[:, 0].size <= K // groups
+    expected = reference.conv2d_input((N, C, H, W), w, dy, **params)
+    assert_close(fastconv.conv2d_input((N, C, H, W), w, dy, **params), expected)
+    bias = random_array(rng, (C,), dtype)
+    if padding == (0, 0) or isinstance(padding[0], int):  # conv_transpose2d pads symmetrically
+        expected = reference.conv_transpose2d(dy, w, bias, **params)
+        assert_close(fastconv.conv_transpose2d(dy, w, bias, **params), expected)
+    assert len(taken) == (2 if padding == (0, 0) or isinstance(padding[0], int) else 1)
+
+
 @pytest.mark.parametrize("case", [(2, 6, 3, 4, 4, 2, 2, 1), (1, 12, 2, 3, 6, 3, 2, 2), (2, 40, 4, 4, 36, 4, 4, 2)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_patchify_input_gradient_is_one_gemm_put_in_place(rng, monkeypatch, case, dtype):
