@@ -53,7 +53,6 @@ from ._im2col import (
     transposed_tap_table,
 )
 from ._macro import (
-    A_TASKS,
     GATHERED,
     PATCHES,
     PLAIN,
@@ -61,6 +60,7 @@ from ._macro import (
     _gemm_packed,
     _macro_kernel,
     _pack_b,
+    a_tasks,
     no_patches,
     packs_per_task,
     task_scratch,
@@ -77,7 +77,7 @@ from ._shifted import (
     shifted_pays,
     tap_offsets,
 )
-from .config import COLUMN_BUFFER_BYTES, GATHER_MAX_WIDTH, KC, MC, MR, NC, NR, WEIGHT_GRAD_CHUNKS
+from .config import COLUMN_BUFFER_BYTES, GATHER_MAX_WIDTH, KC, MR, NC, NR, WEIGHT_GRAD_CHUNKS
 
 #: Weights of at most this many values are packed on the calling thread (``_pack_weights``).
 SERIAL_PACK_VALUES = 2**14
@@ -321,12 +321,9 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
 
 
 def channel_task_rows(Cg, taps):
-    """Rows of W.T (``taps`` per channel) per task of ``_input_grad_tasks``: whole channels, as in
-    ``_macro.a_task_rows`` a multiple of A_TASKS tasks of at most about MC rows, a whole number of micro-panels
-    where the channels allow."""
-    crs = Cg * taps
-    tasks = -(-crs // MC // A_TASKS) * A_TASKS if crs > MC else A_TASKS
-    channels = -(-Cg // tasks)
+    """Rows of W.T (``taps`` per channel) per task of ``_input_grad_tasks``: whole channels, in about
+    ``_macro.a_tasks`` tasks, a whole number of micro-panels where the channels allow."""
+    channels = -(-Cg // a_tasks(Cg * taps))
     whole = MR // math.gcd(taps, MR)  # channels whose taps fill whole micro-panels
     if channels > whole:
         channels = -(-channels // whole) * whole

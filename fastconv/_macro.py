@@ -18,6 +18,10 @@ block (see ``_gemm.py`` for the packed layouts and the micro-kernel). Where B's 
 ``PACK_SHARED``
     Packs the shared panel for ``SHARED`` (``_pack_b``), one task per micro-panel, and multiplies nothing.
 
+Where each value of A is used for few columns (the input gradient's Wᵀ), ``_a_block_tasks`` turns this
+around: one task per block of rows of A, which it packs into its thread's cache and multiplies by every
+micro-panel of a shared panel of B.
+
 Measured (float32, 2 threads), packing per task against a shared panel: 7x7 stride-2 conv 9.8 -> 8.0 ms, 3x3
 convs by GEMM 6-19 % faster, small layers 1.5-1.8x (fewer launches), gemm 64x25088x256 5 % faster; a 1x1 conv
 with 1024 filters 20 % slower, hence the rule.
@@ -183,14 +187,18 @@ def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, 
 A_TASKS = 8
 
 
+def a_tasks(m):
+    """How many tasks ``m`` rows of an A packed per task make: the fewest multiple of A_TASKS with at most MC rows
+    each (2304 rows as 16 tasks of 144, not 9 of 256, which kept a thread of 2 idle for a ninth of the time). By
+    shape alone: the results do not depend on the thread count."""
+    return -(-m // MC // A_TASKS) * A_TASKS if m > MC else A_TASKS
+
+
 def a_task_rows(m):
-    """Rows of A per task of :func:`_gemm_a_per_task`: at most MC, in whole groups of micro-panels
-    (``_gemm.GROUP``: a transposed A is packed a cache line per row of ``a``), a multiple of A_TASKS tasks (2304
-    rows as 16 tasks of 144, not 9 of 256, which kept a thread of 2 idle for a ninth of the time). By shape
-    alone: the results do not depend on the thread count."""
+    """Rows of A per task of :func:`_gemm_a_per_task`: ``m`` in :func:`a_tasks` tasks, in whole groups of
+    micro-panels (``_gemm.GROUP``: a transposed A is packed a cache line per row of ``a``)."""
     group = GROUP * MR
-    tasks = -(-m // MC // A_TASKS) * A_TASKS if m > MC else A_TASKS
-    return max(group, -(-m // (tasks * group)) * group)
+    return max(group, -(-m // (a_tasks(m) * group)) * group)
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
@@ -215,8 +223,8 @@ def _gemm_a_per_task(a, transposed, m, k, b, b_row0, b_col0, n, c, c_row0, c_col
     """``C = A @ B`` as :func:`_gemm_packed` with ``a`` given, but with A packed by the tasks that use it, a
     block of rows each (:func:`_a_block_tasks`), into cache, rather than by all threads into memory first.
 
-    For an A much larger than B (conv_transpose2d 8x512x4x4 -> 256 4x4 s2: 8 MiB of weights, 128 columns of B),
-    where each value of A packed is used by few columns: the packed copy would go to memory and come back.
+    For an A used once per block of NC columns (the input gradient's Wᵀ in one chunk of more than NC pixels):
+    packed whole, it would go to memory and come back.
     """
     if k == 0:
         _zero_columns(c, c_row0, m, c_col0, n)
