@@ -29,15 +29,12 @@ from ._gemm import (
     ZERO,
     _data,
     _macro_kernel_serial,
-    _n_a_panels,
     _n_tiles,
     _pack_a,
-    _pack_a_panel,
     _pack_a_serial,
     _pack_b_panel_transposed,
     _packed_a_size,
     _packed_b_size,
-    _panel_rows,
     _round_up,
 )
 from ._im2col import (
@@ -56,6 +53,7 @@ from ._macro import (
     GATHERED,
     PATCHES,
     PLAIN,
+    _a_block,
     _gemm_a_per_task,
     _gemm_packed,
     _macro_kernel,
@@ -351,15 +349,9 @@ def _input_grad_tasks(
         i0 = task * task_rows
         rows = min(task_rows, crs - i0)
         thread = numba.get_thread_id()
-        ap = a_panels[thread]
         for pc in range(0, Kg, KC):
-            kc = min(KC, Kg - pc)
-            for t in range(_n_a_panels(rows, kc)):
-                _pack_a_panel(w_mat, i0, rows, pc, kc, TRUE, ap, t)
-            bp = panels[pc // KC]
-            for jr in range(0, n, NR):
-                b_panel = bp[jr * kc : jr * kc + kc * NR]
-                _panel_rows(ap, rows, ZERO, kc, ZERO, rows, b_panel, col, i0, jr, min(NR, n - jr), pc > 0)
+            _a_block(w_mat, TRUE, i0, rows, pc, min(KC, Kg - pc), panels[pc // KC], n, col, ZERO, ZERO, pc > 0,
+                     a_panels[thread])  # fmt: skip
         for c in range(i0 // taps_per_channel, (i0 + rows) // taps_per_channel):
             for image in range(N):
                 _col2im_plane(col[0], R, S, geometry, ZERO, N * P, P, Q, grad_input, c0, image, c, ZERO, np.int64(1),

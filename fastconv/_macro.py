@@ -201,22 +201,29 @@ def a_task_rows(m):
     return max(group, -(-m // (a_tasks(m) * group)) * group)
 
 
+@njit(cache=True)
+def _a_block(a, transposed, i0, rows, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, ap):
+    """``C[i0 : i0 + rows, :nc] (+)= A[i0 : i0 + rows, pc:pc+kc] @ B~`` on the calling thread: rows ``i0 : i0 +
+    rows`` of A (``a`` for ``_pack_a``, one KC block) packed into ``ap``, then multiplied by every micro-panel of
+    the packed panel ``bp`` of B. ``C`` is ``c[:, c_row0:, c_col0:]``."""
+    for t in range(_n_a_panels(rows, kc)):
+        _pack_a_panel(a, i0, rows, pc, kc, transposed, ap, t)
+    for jr in range(0, nc, NR):
+        b_panel = bp[jr * kc : jr * kc + kc * NR]
+        _panel_rows(ap, rows, ZERO, kc, ZERO, rows, b_panel, c, c_row0 + i0, c_col0 + jr, min(NR, nc - jr), accumulate)
+
+
 @njit(parallel=PRANGE_ONLY, cache=True)
 def _a_block_tasks(a, transposed, m, pc, kc, task_rows, bp, nc, c, c_row0, c_col0, accumulate, a_panels):
-    """``C[:, :nc] (+)= A[:, pc:pc+kc] @ B~``, one task per ``task_rows`` rows of A: each packs its rows of A
-    (``a`` for ``_pack_a``, one KC block) into its thread's row of ``a_panels``, then multiplies them by every
-    micro-panel of the shared panel ``bp`` of B. ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 : c_col0 + nc]``."""
+    """``C[:, :nc] (+)= A[:, pc:pc+kc] @ B~``, one task per ``task_rows`` rows of A (:func:`_a_block`), each
+    packing its rows into its thread's row of ``a_panels``. ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 :
+    c_col0 + nc]``."""
     for task in prange(-(-m // task_rows)):
         i0 = task * task_rows
         rows = min(task_rows, m - i0)
-        ap = a_panels[numba.get_thread_id()]
-        for t in range(_n_a_panels(rows, kc)):
-            _pack_a_panel(a, i0, rows, pc, kc, transposed, ap, t)
-        for jr in range(0, nc, NR):
-            b_panel = bp[jr * kc : jr * kc + kc * NR]
-            _panel_rows(
-                ap, rows, ZERO, kc, ZERO, rows, b_panel, c, c_row0 + i0, c_col0 + jr, min(NR, nc - jr), accumulate
-            )
+        _a_block(
+            a, transposed, i0, rows, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, a_panels[numba.get_thread_id()]
+        )
 
 
 def _gemm_a_per_task(a, transposed, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, bp):
