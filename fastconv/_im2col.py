@@ -34,10 +34,11 @@ def _valid_q_range(w_offset, Q, W, sw):
     return q_lo, np.maximum(q_lo, q_hi)
 
 
+@functools.lru_cache(maxsize=32)
 def col2im_taps(S, Q, W, sw, pl, dw):
     """``_col2im``'s table of tap columns: per ``s``, ``(q_lo, q_hi, phase, start)``: the output columns
     ``q_lo:q_hi`` that reach the input, and where the first lands, input column ``start * sw + phase``.
-    NumPy, once per call: two divisions per row and tap in the kernel would cost as much as a short row's adds.
+    NumPy, once per shape: two divisions per row and tap in the kernel would cost as much as a short row's adds.
     """
     first = np.arange(S, dtype=np.int64) * dw - pl
     q_lo, q_hi = _valid_q_range(first, Q, W, sw)

@@ -12,7 +12,6 @@ to every kernel whatever thread calls it.
 
 import os
 import threading
-from contextlib import contextmanager
 
 import numba
 
@@ -102,34 +101,57 @@ def get_num_threads():
     return _num_threads or numba.config.NUMBA_NUM_THREADS
 
 
-@contextmanager
-def sized(flops):
+class sized:
     """Run the kernels of a call of ``flops`` floating-point operations on the calling thread alone if that is
-    fewer than ``config.SERIAL_MAX_FLOPS``, else on :func:`get_num_threads` threads. Per calling thread.
+    fewer than ``config.SERIAL_MAX_FLOPS``, else on :func:`get_num_threads` threads. Per calling thread; a context
+    manager.
 
     The results are the same bits either way: the kernels split their work by shape, never by thread count.
+    (A class, not a generator: entered on every call, it costs a third as much.)
     """
-    outer = getattr(_call, "serial", False)
-    _call.serial = flops < SERIAL_MAX_FLOPS
-    try:
-        yield
-    finally:
-        _call.serial = outer
+
+    __slots__ = ("serial", "outer")
+
+    def __init__(self, flops):
+        self.serial = flops < SERIAL_MAX_FLOPS
+
+    def __enter__(self):
+        self.outer = getattr(_call, "serial", False)
+        _call.serial = self.serial
+
+    def __exit__(self, *exc_info):
+        _call.serial = self.outer
 
 
-@contextmanager
-def parallel_section():
-    """Run a kernel with the thread count of the current call (:func:`sized`), serialised where the threading
-    layer needs it."""
-    numba.set_num_threads(1 if getattr(_call, "serial", False) else get_num_threads())
-    if threading_layer() in _THREAD_SAFE_LAYERS:
-        yield
-    else:  # workqueue, or not chosen yet (the first launch chooses it): one kernel at a time
-        with _lock:
-            yield
+def _thread_safe():
+    """Whether Numba's threading layer lets two threads run parallel kernels at once. Known for good once the
+    first parallel kernel has run."""
+    global _layer_is_thread_safe
+    if _layer_is_thread_safe is None:
+        layer = threading_layer()
+        if layer is None:
+            return False  # not chosen yet: the first launch chooses it
+        _layer_is_thread_safe = layer in _THREAD_SAFE_LAYERS
+    return _layer_is_thread_safe
+
+
+_layer_is_thread_safe = None
+
+
+def _set_thread_count():
+    """Give Numba the thread count of the calling thread's current call (:func:`sized`), unless it has it:
+    reading it costs less than setting it."""
+    wanted = 1 if getattr(_call, "serial", False) else get_num_threads()
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
 
 
 def run(kernel, *args):
-    """``kernel(*args)`` inside a :func:`parallel_section`."""
-    with parallel_section():
+    """``kernel(*args)`` with the thread count of the current call (:func:`sized`), serialised where the
+    threading layer needs it."""
+    _set_thread_count()
+    if _thread_safe():
         kernel(*args)
+    else:  # workqueue, or not chosen yet: one kernel at a time
+        with _lock:
+            kernel(*args)

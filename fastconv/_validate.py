@@ -52,6 +52,8 @@ def kernel_ready(array, dtype):
 
 
 def _int(name, value):
+    if type(value) is int:  # the common case, first: bool, a subclass of int, is refused below
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int or a pair of ints, but got {value!r} of type {type(value).__name__}")
     return int(value)
@@ -59,6 +61,8 @@ def _int(name, value):
 
 def int_pair(name, value):
     """``value`` as a pair of ints: an int ``v`` means ``(v, v)``. Floats and bools raise ``TypeError``."""
+    if type(value) is int:
+        return value, value
     if isinstance(value, (list, tuple, np.ndarray)):
         items = list(np.asarray(value).tolist()) if isinstance(value, np.ndarray) else list(value)
         if len(items) != 2:
@@ -83,6 +87,8 @@ def nonnegative_pair(name, value):
 
 
 def check_groups(groups):
+    if type(groups) is int and groups > 0:
+        return groups
     if isinstance(groups, (bool, np.bool_)) or not isinstance(groups, numbers.Integral):
         raise TypeError(f"groups must be an int, but got {groups!r} of type {type(groups).__name__}")
     if groups <= 0:
