@@ -402,7 +402,7 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
     )
     # Packing scratch per thread, not per task.
     ap = per_thread((_packed_a_size(Kg, KC),), grad_weight.dtype, name="packed A")
-    bp = per_thread((_packed_b_size(crs),), grad_weight.dtype, name="packed B")
+    bp = per_thread((KC * NR,), grad_weight.dtype, name="packed B")
     dy_blocks = grad_output.reshape(N, K, P * Q)
     columns = _plain_columns(x, R, S, geometry, P, Q)
     if columns is None:
@@ -464,12 +464,11 @@ def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, plain, a
             for pc in range(p0, p1, KC):
                 kc = min(KC, p1 - pc)
                 _pack_a_serial(dy_blocks, g * Kg, Kg, pc, kc, FALSE, ap[thread])
-                for jc in range(c0, c1, NC):
-                    nc = min(NC, c1 - jc)
+                # One micro-panel of B at a time, multiplied by all of A while both are in the L2 cache.
+                for jc in range(c0, c1, NR):
+                    nc = min(NR, c1 - jc)
                     if plain:
-                        for jr in range(0, nc, NR):
-                            panel = bp[thread, jr * kc : jr * kc + kc * NR]
-                            _pack_b_panel_transposed(x_blocks, g * crs, pc, kc, jc + jr, min(NR, nc - jr), panel)
+                        _pack_b_panel_transposed(x_blocks, g * crs, pc, kc, jc, nc, bp[thread])
                     else:
                         _pack_b_patches_transposed(x, g * Cg, taps, sh, sw, P, Q, pc, kc, jc, nc, bp[thread])
                     _macro_kernel_serial(ap[thread], Kg, ZERO, kc, bp[thread], nc, partial[i], ZERO, g * crs + jc, TRUE)
