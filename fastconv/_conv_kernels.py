@@ -400,17 +400,25 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
     partial = (
         dw if pixel_ranges == 1 else scratch("partial sums", (pixel_ranges, groups, Kg, crs), dw.dtype, zeros=True)
     )
-    # Packing scratch per thread, not per task.
-    ap = per_thread((_packed_a_size(Kg, KC),), grad_weight.dtype, name="packed A")
-    bp = per_thread((KC * NR,), grad_weight.dtype, name="packed B")
     dy_blocks = grad_output.reshape(N, K, P * Q)
+    # Tasks that split the columns each use all of A (dy): packed once, shared, where it fits the column buffer,
+    # rather than by every task. Otherwise each task packs its KC blocks of A into its thread's scratch.
+    shared_a = pixel_ranges == 1 and column_ranges > 1
+    shared_a = shared_a and groups * _packed_a_size(Kg, N * P * Q) * dw.itemsize <= COLUMN_BUFFER_BYTES
+    if shared_a:
+        ap = scratch("packed output gradient", (groups, _packed_a_size(Kg, N * P * Q)), dw.dtype)
+        for g in range(groups):
+            _pack_a(dy_blocks, np.int64(g * Kg), Kg, ZERO, N * P * Q, FALSE, ap[g])
+    else:
+        ap = per_thread((_packed_a_size(Kg, KC),), grad_weight.dtype, name="packed A")
+    bp = per_thread((KC * NR,), grad_weight.dtype, name="packed B")
     columns = _plain_columns(x, R, S, geometry, P, Q)
     if columns is None:
         taps = transposed_tap_table(Cg, R, S, geometry, x.shape[2], x.shape[3])
-        _weight_grad_tasks(x, dy_blocks, taps, geometry[0], geometry[1], P, Q, column_ranges, FALSE, ap, bp, partial)
+        args = (x, dy_blocks, taps, geometry[0], geometry[1], P, Q, column_ranges, FALSE)
     else:
-        no_taps = np.empty((3, 0), np.int64)
-        _weight_grad_tasks(columns, dy_blocks, no_taps, 1, 1, P, Q, column_ranges, TRUE, ap, bp, partial)
+        args = (columns, dy_blocks, np.empty((3, 0), np.int64), 1, 1, P, Q, column_ranges, TRUE)
+    _weight_grad_tasks(*args, np.bool_(shared_a), ap, bp, partial)
     if pixel_ranges > 1:
         dw[0] = partial[0]
         with np.errstate(all="ignore"):  # inf - inf makes NaN here as in the kernels: no warning for it
@@ -440,7 +448,7 @@ def _plain_columns(x, R, S, geometry, P, Q):
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, plain, ap, bp, partial):
+def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, plain, shared_a, ap, bp, partial):
     """``partial[i][:, :, cols j] += dy · patches(x)ᵀ`` over pixel range ``i``, for every task ``(i, j)``.
 
     ``dy_blocks`` is grad_output as (N, K, P*Q); ``partial`` is (pixel_ranges, groups, Kg, Cg*R*S), each a
@@ -463,7 +471,11 @@ def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, plain, a
         for g in range(groups):
             for pc in range(p0, p1, KC):
                 kc = min(KC, p1 - pc)
-                _pack_a_serial(dy_blocks, g * Kg, Kg, pc, kc, FALSE, ap[thread])
+                if shared_a:  # all of A packed already (then p0 = 0: KC blocks as _pack_a packs them)
+                    a, a_pc = ap[g], pc
+                else:
+                    _pack_a_serial(dy_blocks, g * Kg, Kg, pc, kc, FALSE, ap[thread])
+                    a, a_pc = ap[thread], ZERO
                 # One micro-panel of B at a time, multiplied by all of A while both are in the L2 cache.
                 for jc in range(c0, c1, NR):
                     nc = min(NR, c1 - jc)
@@ -471,7 +483,7 @@ def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, plain, a
                         _pack_b_panel_transposed(x_blocks, g * crs, pc, kc, jc, nc, bp[thread])
                     else:
                         _pack_b_patches_transposed(x, g * Cg, taps, sh, sw, P, Q, pc, kc, jc, nc, bp[thread])
-                    _macro_kernel_serial(ap[thread], Kg, ZERO, kc, bp[thread], nc, partial[i], ZERO, g * crs + jc, TRUE)
+                    _macro_kernel_serial(a, Kg, a_pc, kc, bp[thread], nc, partial[i], ZERO, g * crs + jc, TRUE)
 
 
 @njit(parallel=PRANGE_ONLY, fastmath={"contract", "reassoc"}, cache=True)
