@@ -66,14 +66,14 @@ from ._macro import (
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
 from ._shifted import (
-    TILE_FILTERS,
-    TILE_TAPS,
     _pad_phases,
+    _pixel_major,
     _shifted_gemm,
     _shifted_weight_grad,
     padded_shape,
     shifted_pays,
     tap_offsets,
+    weight_grad_tile,
 )
 from .config import COLUMN_BUFFER_BYTES, GATHER_MAX_WIDTH, KC, MR, NC, NR, WEIGHT_GRAD_CHUNKS
 
@@ -238,34 +238,37 @@ def _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y):
 
 def _conv2d_weight_shifted(x, grad_output, geometry, groups, grad_weight, layout):
     """``grad_weight = conv2d_weight(x, grad_output)`` by ``_shifted.py``: the patches read from the input's
-    padded stride phases, the output gradient read as it is, a block of images at a time (each of the two
-    buffers bounded by the column buffer), as ``layout`` (of ``_shifted.weight_grad_layout``) says. Tasks of a
-    fixed number of output rows, or of whole small images, sum into partial gradients of their own, added in
-    order: the result depends on the shape alone.
+    padded stride phases, the output gradient pixel by pixel (``_pixel_major``), a block of images at a time
+    (each buffer bounded by the column buffer), as ``layout`` (of ``_shifted.weight_grad_layout``) says. Tasks
+    of a fixed number of output rows, or of whole small images, sum into partial gradients of their own, added
+    in order: the result depends on the shape alone.
     """
     N, C, _, _ = x.shape
     _, K, P, Q = grad_output.shape
     _, Cg, R, S = grad_weight.shape
     Kg, crs = K // groups, Cg * R * S
     sh, sw = geometry[:2]
-    Hp, Wp, rows, blocks, images, image_bytes = layout
+    Hp, Wp, rows, blocks, images, filters, image_bytes = layout
     plane, planes = Hp * Wp, C * sh * sw
     offsets = tap_offsets(Cg, R, S, Hp, Wp, geometry)
-    tiles = (-(-crs // TILE_TAPS), -(-Kg // TILE_FILTERS), TILE_TAPS * TILE_FILTERS)
+    taps, width = weight_grad_tile(filters, x.itemsize)
+    tiles = (-(-crs // taps), filters // width, taps * width)
     sums = scratch("weight gradient sums", (groups, *tiles), grad_weight.dtype, zeros=True)
     dy_blocks = grad_output.reshape(N, K, P * Q)
     for n0, n1, xp in _padded_blocks(x, geometry, Hp, Wp, image_bytes):
+        dyt = scratch("pixel-major output gradient", (n1 - n0, P * Q, groups * filters), x.dtype)
+        _pixel_major(dy_blocks[n0:n1], groups, dyt)
         partial = scratch("partial sums", (-(-(n1 - n0) // images) * blocks, groups, *tiles), x.dtype)
         _shifted_weight_grad(
-            xp, np.int64(planes * plane), np.int64(planes // groups * plane), offsets, dy_blocks[n0:n1],
-            np.int64(Wp), np.int64(P), np.int64(Q), np.int64(rows), np.int64(images), partial,
+            xp, np.int64(planes * plane), np.int64(planes // groups * plane), offsets, dyt, np.int64(Wp),
+            np.int64(P), np.int64(Q), np.int64(rows), np.int64(images), partial,
         )  # fmt: skip
         with np.errstate(all="ignore"):  # inf - inf makes NaN here as in the kernels: no warning for it
             for task in range(partial.shape[0]):  # in order: the same sums whatever the thread count
                 sums += partial[task]
     # (g, tap tile, filter tile, tap, filter) -> (g, filter, tap)
-    by_filter = sums.reshape(groups, tiles[0], tiles[1], TILE_TAPS, TILE_FILTERS).transpose(0, 2, 4, 1, 3)
-    by_filter = by_filter.reshape(groups, tiles[1] * TILE_FILTERS, tiles[0] * TILE_TAPS)
+    by_filter = sums.reshape(groups, tiles[0], tiles[1], taps, width).transpose(0, 2, 4, 1, 3)
+    by_filter = by_filter.reshape(groups, tiles[1] * width, tiles[0] * taps)
     grad_weight.reshape(groups, Kg, crs)[...] = by_filter[:, :Kg, :crs]
 
 

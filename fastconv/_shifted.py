@@ -15,14 +15,20 @@ NR values of B for each tap from the padded input itself; the ``Wp - Q`` positio
 row are computed and discarded (``Wp / Q`` times the work: 1.06 on 32x32 images with a 3x3 filter, 1.29 on
 7x7), against a copy of every input value per tap when B is packed from patches (``_im2col.py``), which on
 layers with few filters (a 32 x 288 A) cost more than the products. Each tile sums every tap in its registers,
-so C is written once, bias added on the way. The weight gradient runs its vectors along the output row
-instead: each of 6 taps reads a run of the padded input, each of 4 filters a run of the output gradient as it
-is (no transposed copy), 24 sums of products over the valid positions only (the last vector of a row masked),
-so a layer of 16 filters is not rounded up to a register tile 32 wide.
+so C is written once, bias added on the way. The weight gradient runs its vectors along the filters
+instead, over the valid positions only: the output gradient copied pixel by pixel, its filters side by side
+(``_pixel_major``), each position broadcasts one value of each of 12 (or 24) taps from the padded input and
+multiplies it by 2 (or 1) vectors of filters, into 24 accumulators (``_simd._tap_filter_tile``). Against
+vectors along the output row (6 taps by 4 filters, the last vector of each row masked, each sum's lanes added
+at the end), in one process, alternating (float32, 2 threads, conv2d_weight, ms): 8x32x28x28 -> 32 3x3 0.55
+-> 0.33, 32x32x32x32 -> 32 1.83 -> 1.40, 16x64x32x32 -> 32 s2 0.60 -> 0.45, 8x256x14x14 -> 64 s2 1.95 -> 1.03,
+4x64x16x16 -> 64 5x5 1.27 -> 0.81, 4x8x16x16 -> 16 s2 0.049 -> 0.040; 8x16x56x56 -> 16, 4x32x64x64 -> 32 and
+the 7x7 stem within 6 %; slower with 27 taps (32x3x32x32 -> 32: 36 computed, 0.23 -> 0.26) and 8 filters
+(16x8x32x32 -> 8, a vector half empty: 0.10 -> 0.15).
 
 Footprint: the padded input of a block of images (``COLUMN_BUFFER_BYTES`` at most) and NR values past it,
-which the last tile of the last plane reads for positions it discards; for the weight gradient also per-task
-partial sums, bounded alike (``weight_grad_layout``).
+which the last tile of the last plane reads for positions it discards; for the weight gradient also the
+pixel-major output gradient and per-task partial sums, bounded alike (``weight_grad_layout``).
 """
 
 import functools
@@ -33,7 +39,7 @@ from numba import njit, prange
 
 from ._gemm import _FASTMATH, _data, _round_up, _stack_tile
 from ._parallel import PRANGE_ONLY
-from ._simd import _copy_run, _deinterleave_run, _run_products
+from ._simd import _copy_run, _deinterleave_run, _tap_filter_tile, _transposed_block
 from .config import (
     COLUMN_BUFFER_BYTES,
     KC,
@@ -283,34 +289,40 @@ def _shifted_gemm(ap, m, k, xp, C, plane, channel0, offsets, Wp, y, row0, accumu
             _shifted_tile(ap, m, k, ir, xp, base, offsets, y, n, row0, j0, j_end, Wp, Q, accumulate)
 
 
-#: The weight gradient's tile: TILE_TAPS taps (runs of the padded input) by TILE_FILTERS filters (runs of the
-#: output gradient), one vector accumulator per pair (``_simd._run_products``): 24, with the filters' 4
-#: vectors and one tap's at a time in AVX-512's 32 registers. 4 x 4 did 16 products per step and ran at 240
-#: GFLOP/s (32x32x32x32: 2.4-2.5 -> 2.0-2.1 ms with 4 x 6). 6 x 4 rounds the filters up to a multiple of 4, not
-#: 6 (32 filters computed as 32, not 36), for two more loads of taps split across cache lines per step.
-#: Measured against 4 x 6 (float32, 2 threads, conv2d_weight, alternating processes, ms): 8x32x28x28 -> 32 3x3
-#: 0.55 -> 0.48, 8x16x56x56 -> 16 0.48-0.50 -> 0.41-0.43, 32x32x32x32 -> 32 2.4-2.6 -> 2.1-2.2, 1x32x112x112
-#: -> 32 0.86-0.90 -> 0.66-0.70, 8x64x28x28 -> 20 0.72 -> 0.61, 16x8x32x32 -> 8 0.13-0.15 -> 0.11; the same
-#: on 32x3x32x32 -> 32 (27 taps: 30 computed, not 28) and 4x32x64x64 -> 32.
-TILE_TAPS, TILE_FILTERS = 6, 4
+#: The weight gradient's tiles (``_simd._tap_filter_tile``): taps by vector registers of filters, 24
+#: accumulators either way. Two vectors of filters (32 float32) where a group's filters, rounded up to a vector,
+#: fill them; else one, for 24 taps.
+WIDE_TILE_TAPS, NARROW_TILE_TAPS = 12, 24
+_taps_by_two_vectors = _tap_filter_tile(WIDE_TILE_TAPS, 2)
+_taps_by_one_vector = _tap_filter_tile(NARROW_TILE_TAPS, 1)
+
 
 #: Filters per group up to which the weight gradient is best read from the padded input (wider layers take
-#: a GEMM, whose tile reuses each loaded value more). Measured with 6 x 4 tiles (float32, 2 threads,
-#: conv2d_weight, in one process, alternating, ms, GEMM -> padded input): 8x32x32x32 -> 64 3x3 1.74 -> 1.04,
-#: 32x32x32x32 -> 64 5.46 -> 3.91, 4x32x64x64 -> 64 2.71 -> 1.83, 8x64x56x56 -> 48 7.85 -> 5.08, the 7x7
-#: stride-2 stem 8x3x224x224 -> 64 10.0 -> 6.6 (float64 18.5 -> 12.0), 16x64x32x32 -> 64 3x3 s2 1.48 -> 1.33;
-#: even at 96 (8x32x56x56: 5.37 -> 5.31); slower at 128 (8x48x28x28: 2.45 -> 2.81; ResNet's 8x64x56x56 ->
-#: 128 3x3 s2 3.9 -> 6.6).
+#: a GEMM, whose tile reuses each loaded value more). Measured with 6 x 4 tiles of vectors along the output row
+#: (float32, 2 threads, conv2d_weight, in one process, alternating, ms, GEMM -> padded input): 8x32x32x32 ->
+#: 64 3x3 1.74 -> 1.04, 32x32x32x32 -> 64 5.46 -> 3.91, 4x32x64x64 -> 64 2.71 -> 1.83, 8x64x56x56 -> 48 7.85 ->
+#: 5.08, the 7x7 stride-2 stem 8x3x224x224 -> 64 10.0 -> 6.6 (float64 18.5 -> 12.0), 16x64x32x32 -> 64 3x3 s2
+#: 1.48 -> 1.33. Beyond, up to SHIFTED_WEIGHT_GRAD_WIDE_FILTERS, since the tiles run along the filters
+#: (GEMM -> padded input): 8x64x56x56 -> 128 3x3 s2 2.90 -> 2.48 and 3.15 -> 2.45, 8x48x28x28 -> 128 2.18 ->
+#: 1.60, 8x32x56x56 -> 96 4.95 -> 3.58, 8x64x28x28 -> 128 s2 0.77 -> 0.66, 16x32x32x32 -> 128 3.93 -> 3.21,
+#: 8x96x56x56 -> 128 s2 4.24 -> 3.48, 8x128x56x56 -> 128 s2 5.62 -> 4.74; but where a task has few pixels for
+#: its many partial sums, slower: 4x128x28x28 -> 128 s2 (98 pixels a task) 0.78 -> 0.94, 8x256x28x28 -> 128 s2
+#: (2304 taps) 2.79 -> 3.31, 8x512x14x14 -> 128 s2 1.33 -> 3.92, and 8x128x28x28 -> 256 s2 2.37 -> 2.90: hence
+#: SHIFTED_WEIGHT_GRAD_WIDE_MAX_TAPS and SHIFTED_WEIGHT_GRAD_WIDE_MIN_PIXELS.
 SHIFTED_WEIGHT_GRAD_MAX_FILTERS = 64
+SHIFTED_WEIGHT_GRAD_WIDE_FILTERS = 128
+SHIFTED_WEIGHT_GRAD_WIDE_MAX_TAPS = 1152
+SHIFTED_WEIGHT_GRAD_WIDE_MIN_PIXELS = 192
 
 
 def weight_grad_layout(geometry, itemsize):
-    """How ``_shifted_weight_grad`` works through this layer: ``(Hp, Wp, rows, blocks, images, image_bytes)``:
-    the padded stride phases; ``rows`` output rows per task (about 2048 positions, and at least 8 tasks where
-    the batch has the rows for them: a shape's alone, not the thread count's), ``blocks`` tasks per image, or,
-    where a task takes whole images, ``images`` of them (small images: each task ends by summing its vectors'
-    lanes, which on one 16x16 image is a fifth of its work); and the bytes per image of the larger of its two
-    buffers (padded input, partial sums), which the column buffer bounds."""
+    """How ``_shifted_weight_grad`` works through this layer: ``(Hp, Wp, rows, blocks, images, filters,
+    image_bytes)``: the padded stride phases; ``rows`` output rows per task (about 2048 positions, and at least
+    8 tasks where the batch has the rows for them: a shape's alone, not the thread count's), ``blocks`` tasks
+    per image, or, where a task takes whole images, ``images`` of them; each group's filters rounded up to a
+    vector register (the pixel-major output gradient's columns per group, ``_pixel_major``); and the bytes per
+    image of the largest of its three buffers (padded input, pixel-major output gradient, partial sums), which
+    the column buffer bounds."""
     N, C, _, _ = geometry.input_shape
     K, Cg, R, S = geometry.weight_shape
     _, _, P, Q = geometry.output_shape
@@ -319,63 +331,97 @@ def weight_grad_layout(geometry, itemsize):
     rows = max(1, min(2048 // max(1, Q), -(-N * P // 8)))  # an empty output (P or Q = 0) does no work
     images = max(1, min(2048 // max(1, P * Q), -(-N // 8))) if rows >= P else 1
     blocks = -(-P // rows)
-    taps, width = _round_up(Cg * R * S, TILE_TAPS), _round_up(K // geometry.groups, TILE_FILTERS)
-    image_bytes = max(C * sh * sw * Hp * Wp, blocks * geometry.groups * taps * width) * itemsize
-    return Hp, Wp, min(rows, P), blocks, images, image_bytes
+    filters = _round_up(K // geometry.groups, 64 // itemsize)
+    taps = _round_up(Cg * R * S, weight_grad_tile(filters, itemsize)[0])
+    buffers = (C * sh * sw * Hp * Wp, P * Q * geometry.groups * filters, blocks * geometry.groups * taps * filters)
+    return Hp, Wp, min(rows, P), blocks, images, filters, max(buffers) * itemsize
+
+
+def weight_grad_tile(filters, itemsize):
+    """``(taps, filters)`` of the weight gradient's tile for ``filters`` (rounded up) filters per group."""
+    lanes = 64 // itemsize
+    return (WIDE_TILE_TAPS, 2 * lanes) if filters % (2 * lanes) == 0 else (NARROW_TILE_TAPS, lanes)
 
 
 def shifted_weight_grad_pays(geometry, dtype):
     """Whether the weight gradient should read the patches from the padded input (``_shifted_weight_grad``):
-    at most SHIFTED_WEIGHT_GRAD_MAX_FILTERS filters per group, a filter larger than 1x1, and one image's
-    buffers within the column buffer."""
-    K, _, R, S = geometry.weight_shape
-    if K // geometry.groups > SHIFTED_WEIGHT_GRAD_MAX_FILTERS or R * S == 1:
+    a filter larger than 1x1, one image's buffers within the column buffer, and at most
+    SHIFTED_WEIGHT_GRAD_MAX_FILTERS filters per group, or up to SHIFTED_WEIGHT_GRAD_WIDE_FILTERS with at most
+    SHIFTED_WEIGHT_GRAD_WIDE_MAX_TAPS taps per group and SHIFTED_WEIGHT_GRAD_WIDE_MIN_PIXELS output pixels per
+    task."""
+    K, Cg, R, S = geometry.weight_shape
+    Kg, Q = K // geometry.groups, geometry.output_shape[3]
+    if Kg > SHIFTED_WEIGHT_GRAD_WIDE_FILTERS or R * S == 1:
         return False
-    return weight_grad_layout(geometry, np.dtype(dtype).itemsize)[-1] <= COLUMN_BUFFER_BYTES
+    _, _, rows, _, images, _, image_bytes = weight_grad_layout(geometry, np.dtype(dtype).itemsize)
+    if Kg > SHIFTED_WEIGHT_GRAD_MAX_FILTERS:
+        if Cg * R * S > SHIFTED_WEIGHT_GRAD_WIDE_MAX_TAPS or rows * Q * images < SHIFTED_WEIGHT_GRAD_WIDE_MIN_PIXELS:
+            return False
+    return image_bytes <= COLUMN_BUFFER_BYTES
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _shifted_weight_grad(xp, image_size, group_size, offsets, dy, Wp, P, Q, rows_per_task, images, partial):
-    """``partial[task, g]`` = group g's ``dW`` summed over the output rows of one task, by tiles of TILE_TAPS x
-    TILE_FILTERS: ``partial[task, g, i, j, t * TILE_FILTERS + f]`` is tap ``i * TILE_TAPS + t`` of filter
-    ``j * TILE_FILTERS + f``.
+def _pixel_major(dy, groups, dyt):
+    """``dyt[n, pixel, g * filters + f] = dy[n, g * Kg + f, pixel]``, 0 for ``Kg <= f < filters``: the output
+    gradient (N, K, P*Q) with each pixel's filters side by side, a group's rounded up to ``filters`` (a
+    multiple of a vector register's values). Square blocks of a vector register's pixels by as many filters,
+    transposed in registers (``_simd._transposed_block``); the last pixels of an image, value by value. In
+    parallel over blocks of 64 pixels."""
+    N, K, pixels = dy.shape
+    Kg, filters, d_stride = K // groups, dyt.shape[2] // groups, dyt.shape[2]
+    lanes = 64 // dy.itemsize
+    source, target = _data(dy), _data(dyt)
+    blocks = -(-pixels // 64)
+    for task in prange(N * blocks):
+        n, p0 = task // blocks, task % blocks * 64
+        p1 = min(pixels, p0 + 64)
+        whole = p0 + (p1 - p0) // lanes * lanes
+        for g in range(groups):
+            for f0 in range(0, filters, lanes):
+                valid, k0, column = min(lanes, Kg - f0), g * Kg + f0, g * filters + f0
+                for p in range(p0, whole, lanes):
+                    start = (n * pixels + p) * d_stride + column
+                    _transposed_block(target, start, d_stride, source, (n * K + k0) * pixels + p, pixels, valid)
+                for p in range(whole, p1):
+                    for f in range(lanes):
+                        dyt[n, p, column + f] = dy[n, k0 + f, p] if f < valid else 0
 
-    Tasks are (``images`` images, block of ``rows_per_task`` output rows). Tap ``(c, r, s)`` of group g's output pixel
-    ``(p, q)`` is ``xp`` at ``n * image_size + g * group_size + offsets[tap] + p * Wp + q``, so over a row each
-    tap reads a run of the padded input and each filter a run of ``dy`` (N, K, P*Q), both contiguous:
-    ``_simd._run_products`` sums their products, with no copy of either. Taps and filters past the last are
-    the last again (their sums are dropped). The caller adds the tasks in order: a task owns its partial sums,
-    and their order is fixed by the shape alone, whatever the number of threads.
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _shifted_weight_grad(xp, image_size, group_size, offsets, dyt, Wp, P, Q, rows_per_task, images, partial):
+    """``partial[task, g]`` = group g's ``dWᵀ`` summed over the output rows of one task, by tiles of taps by
+    filters (``weight_grad_tile``'s ``(taps, width)``): ``partial[task, g, i, j, t * width + f]`` is tap ``i *
+    taps + t`` of filter ``j * width + f``.
+
+    Tasks are (``images`` images, block of ``rows_per_task`` output rows). Tap ``(c, r, s)`` of group g's output
+    pixel ``(p, q)`` of image n is ``xp`` at ``n * image_size + g * group_size + offsets[tap] + p * Wp + q``, its
+    filters ``dyt[n, p * Q + q]`` (``_pixel_major``): ``_simd._tap_filter_tile`` sums their outer products
+    along each row, the taps read from the padded input with no copy. The caller adds the tasks in order: a
+    task owns its partial sums, and their order is fixed by the shape alone, whatever the number of threads.
     """
-    N, K, _ = dy.shape
-    groups = partial.shape[1]
-    Kg, taps = K // groups, offsets.size
+    N, _, d_stride = dyt.shape
+    groups, tap_tiles, filter_tiles = partial.shape[1], partial.shape[2], partial.shape[3]
+    filters = d_stride // groups
+    width = filters // filter_tiles
+    wide = width == 2 * (64 // dyt.itemsize)
+    taps = WIDE_TILE_TAPS if wide else NARROW_TILE_TAPS
+    d = dyt.reshape(-1)
     row_blocks = -(-P // rows_per_task)
-    tap_tiles, filter_tiles = partial.shape[2], partial.shape[3]
-    last_tap, last_filter = taps - 1, Kg - 1
-    x_steps, y_steps = (image_size, Wp), (K * P * Q, Q)  # to the next image, to the next row
+    x_steps, d_steps = (image_size, Wp), (P * Q * d_stride, Q * d_stride)  # to the next image, to the next row
     for task in prange(-(-N // images) * row_blocks):
         n, p0 = task // row_blocks * images, task % row_blocks * rows_per_task
         blocks = (min(images, N - n), min(P, p0 + rows_per_task) - p0)  # images, rows of each
         for g in range(groups):
             x0 = n * image_size + g * group_size + p0 * Wp
-            y0 = (n * K + g * Kg) * P * Q + p0 * Q
             for i in range(tap_tiles):
-                t = i * TILE_TAPS
-                x_starts = (
-                    x0 + offsets[min(t, last_tap)],
-                    x0 + offsets[min(t + 1, last_tap)],
-                    x0 + offsets[min(t + 2, last_tap)],
-                    x0 + offsets[min(t + 3, last_tap)],
-                    x0 + offsets[min(t + 4, last_tap)],
-                    x0 + offsets[min(t + 5, last_tap)],
-                )
                 for j in range(filter_tiles):
-                    f = j * TILE_FILTERS
-                    y_starts = (
-                        y0 + min(f, last_filter) * P * Q,
-                        y0 + min(f + 1, last_filter) * P * Q,
-                        y0 + min(f + 2, last_filter) * P * Q,
-                        y0 + min(f + 3, last_filter) * P * Q,
-                    )
-                    _run_products(xp, x_starts, dy, y_starts, blocks, x_steps, y_steps, Q, partial[task, g, i, j])
+                    d0 = (n * P + p0) * Q * d_stride + g * filters + j * width
+                    out = partial[task, g, i, j]
+                    if wide:
+                        _taps_by_two_vectors(
+                            xp, x0, offsets, i * taps, d, d0, blocks, x_steps, d_steps, Q, d_stride, out
+                        )
+                    else:
+                        _taps_by_one_vector(
+                            xp, x0, offsets, i * taps, d, d0, blocks, x_steps, d_steps, Q, d_stride, out
+                        )

@@ -343,85 +343,76 @@ def _gather_taps(typingctx, panel, panel_start, x, pixel, offsets, h_offsets, w_
     return types.none(panel, panel_start, x, pixel, offsets, h_offsets, w_offsets, first, h, w, H, W), codegen
 
 
-def _lane_sum(builder, value):
-    """The sum of a vector's lanes, by halves: a fixed order, the same bits every time."""
-    lanes = value.type.count
-    while lanes > 1:
-        lanes //= 2
-        halves = [ir.Constant(ir.VectorType(ir.IntType(32), lanes), list(range(k, k + lanes))) for k in (0, lanes)]
-        value = builder.fadd(*(builder.shuffle_vector(value, value, half) for half in halves))
-    return builder.extract_element(value, ir.IntType(32)(0))
+def _tap_filter_tile(taps, vectors):
+    """An intrinsic ``(x, x0, offsets, t0, dy, d0, blocks, x_steps, d_steps, length, d_stride, out)`` that writes
+    into ``out`` a tile of the weight gradient, ``taps`` taps by ``vectors`` vector registers of filters::
 
+        out[(i * vectors + k) * lanes + f] = sum over block < blocks[0], row < blocks[1], q < length of
+            x[x0 + offsets[min(t0 + i, len(offsets) - 1)] + block * x_steps[0] + row * x_steps[1] + q]
+            * dy[d0 + block * d_steps[0] + row * d_steps[1] + q * d_stride + k * lanes + f]
 
-@intrinsic
-def _run_products(typingctx, a, a_starts, b, b_starts, blocks, a_steps, b_steps, length, out):
-    """``out[i * len(b_starts) + j] = sum over block < blocks[0], row < blocks[1], q < length of a[a_starts[i] +
-    block * a_steps[0] + row * a_steps[1] + q] * b[b_starts[j] + block * b_steps[0] + row * b_steps[1] + q]``:
-    every product of a few runs of ``a`` with a few runs of ``b``, summed, over rows of several blocks (the
-    weight gradient's output rows of several images).
+    ``x`` is the padded input (tap ``t`` of an output pixel read at ``offsets[t]`` from it, ``_shifted``), ``dy``
+    the output gradient with its filters side by side, pixel by pixel (``d_stride`` apart). Each step of ``q``
+    broadcasts one value of each tap and loads ``vectors`` vectors of filters: an outer product into
+    ``taps * vectors`` accumulators held in registers over every row and block (taps past the last are the
+    last again; the caller drops their sums). No masked lanes, no lane sums: the vectors run along the
+    filters, whatever the width of the rows."""
 
-    ``a`` and ``b`` are arrays read through their data pointers; ``a_starts`` and ``b_starts`` are tuples of
-    int64 (the tile's rows and columns); ``out`` is a 1-D array of their product's size. Vectors run along
-    the runs, one accumulator per product, held in registers over every row; each row ends with one vector
-    masked to its last 1 to lanes - 1 values (zeros on both sides, so no value past the run is read), and
-    each accumulator's lanes are summed by halves at the end: a fixed order, the same bits every call.
-    """
-    dtype = a.dtype
-    n_a, n_b = a_starts.count, b_starts.count
+    def typer(typingctx, x, x0, offsets, t0, dy, d0, blocks, x_steps, d_steps, length, d_stride, out):
+        dtype = x.dtype
 
-    def codegen(context, builder, signature, args):
-        a, a_starts, b, b_starts, blocks, a_steps, b_steps, length, out = args
-        (blocks, rows), (a_block, a_stride), (b_block, b_stride) = (
-            cgutils.unpack_tuple(builder, pair, 2) for pair in (blocks, a_steps, b_steps)
-        )
-        vector, lanes, size = vector_type(context, dtype)
-        index = ir.IntType(64)
-        a_data, b_data, out_data = (
-            context.make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 2, 8)
-        )
-        a_rows = [builder.gep(a_data, [s]) for s in cgutils.unpack_tuple(builder, a_starts, n_a)]
-        b_rows = [builder.gep(b_data, [s]) for s in cgutils.unpack_tuple(builder, b_starts, n_b)]
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{lanes}f{8 * size}"
-        )
-        accumulators = [  # promoted to registers by LLVM
-            cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(n_a * n_b)
-        ]
+        def codegen(context, builder, signature, args):
+            x, x0, offsets, t0, dy, d0, blocks, x_steps, d_steps, length, d_stride, out = args
+            (images, rows), (x_image, x_row), (d_image, d_row) = (
+                cgutils.unpack_tuple(builder, pair, 2) for pair in (blocks, x_steps, d_steps)
+            )
+            vector, lanes, size = vector_type(context, dtype)
+            index = ir.IntType(64)
+            x_data, d_data, out_data = (
+                context.make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 4, 11)
+            )
+            tap_offsets = context.make_array(signature.args[2])(context, builder, offsets)
+            last = builder.sub(cgutils.unpack_tuple(builder, tap_offsets.shape, 1)[0], index(1))
+            x_first = []
+            for i in range(taps):
+                tap = builder.add(t0, index(i))
+                tap = builder.select(builder.icmp_signed("<", tap, last), tap, last)
+                offset = builder.load(builder.gep(tap_offsets.data, [tap]))
+                x_first.append(builder.gep(x_data, [builder.add(x0, offset)]))
+            d_first = builder.gep(d_data, [d0])
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{lanes}f{8 * size}"
+            )
+            accumulators = [  # promoted to registers by LLVM
+                cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(taps * vectors)
+            ]
+            with cgutils.for_range(builder, images) as image:
+                x_image_start = [builder.gep(p, [builder.mul(image.index, x_image)]) for p in x_first]
+                d_image_start = builder.gep(d_first, [builder.mul(image.index, d_image)])
+                with cgutils.for_range(builder, rows) as row:
+                    # The row's pointers once, so that the loop along it holds only them and q in registers.
+                    x_here = [builder.gep(p, [builder.mul(row.index, x_row)]) for p in x_image_start]
+                    d_here = builder.gep(d_image_start, [builder.mul(row.index, d_row)])
+                    with cgutils.for_range(builder, length) as step:
+                        filters = builder.mul(step.index, d_stride)
+                        d_values = [
+                            load(builder, vector, d_here, builder.add(filters, index(k * lanes)), size)
+                            for k in range(vectors)
+                        ]
+                        for i, p in enumerate(x_here):
+                            tap = _splat(builder, builder.load(builder.gep(p, [step.index])), lanes)
+                            for k, d_value in enumerate(d_values):
+                                accumulator = accumulators[i * vectors + k]
+                                total = builder.call(fma, [tap, d_value, builder.load(accumulator)])
+                                builder.store(total, accumulator)
+            for k, accumulator in enumerate(accumulators):
+                store(builder, builder.load(accumulator), out_data, k * lanes, size)
+            return context.get_dummy_value()
 
-        def accumulate(a_values, b_values):
-            for i, a_value in enumerate(a_values):
-                for j, b_value in enumerate(b_values):
-                    accumulator = accumulators[i * n_b + j]
-                    builder.store(builder.call(fma, [a_value, b_value, builder.load(accumulator)]), accumulator)
+        signature = types.none(x, x0, offsets, t0, dy, d0, blocks, x_steps, d_steps, length, d_stride, out)
+        return signature, codegen
 
-        whole = builder.udiv(length, index(lanes))
-        rest = builder.sub(length, builder.mul(whole, index(lanes)))
-        mask = _lane_mask(builder, rest, lanes)
-        with cgutils.for_range(builder, blocks) as block:
-            a_block_start = [builder.gep(p, [builder.mul(block.index, a_block)]) for p in a_rows]
-            b_block_start = [builder.gep(p, [builder.mul(block.index, b_block)]) for p in b_rows]
-            with cgutils.for_range(builder, rows) as row:
-                # The row's pointers once, so that the vector loop holds only them and its offset in registers.
-                a_row, b_row = builder.mul(row.index, a_stride), builder.mul(row.index, b_stride)
-                a_here = [builder.gep(p, [a_row]) for p in a_block_start]
-                b_here = [builder.gep(p, [b_row]) for p in b_block_start]
-                with cgutils.for_range(builder, whole) as step:
-                    offset = builder.mul(step.index, index(lanes))
-                    accumulate(
-                        [load(builder, vector, p, offset, size) for p in a_here],
-                        [load(builder, vector, p, offset, size) for p in b_here],
-                    )
-                with builder.if_then(builder.icmp_signed(">", rest, index(0))):
-                    offset = builder.mul(whole, index(lanes))
-                    accumulate(
-                        [_masked_load(builder, vector, size, p, offset, mask) for p in a_here],
-                        [_masked_load(builder, vector, size, p, offset, mask) for p in b_here],
-                    )
-        for k, accumulator in enumerate(accumulators):
-            builder.store(_lane_sum(builder, builder.load(accumulator)), builder.gep(out_data, [index(k)]))
-        return context.get_dummy_value()
-
-    return types.none(a, a_starts, b, b_starts, blocks, a_steps, b_steps, length, out), codegen
+    return intrinsic(typer)
 
 
 def transpose_lanes(builder, rows):

@@ -270,12 +270,12 @@ def test_padded_input_in_blocks_of_images(rng, monkeypatch, images_per_block, dt
 @pytest.mark.parametrize("images_per_block", [0, 1, 2])
 def test_weight_gradient_from_the_padded_input_in_blocks_of_images(rng, monkeypatch, images_per_block, dtype):
     """The weight gradient by ``_shifted.py`` works on as many images as the column buffer holds (at least one)
-    and sums the blocks' partial gradients in order; 27 taps and 41 filters end in partial tiles of TILE_TAPS
-    and TILE_FILTERS (4 each)."""
+    and sums the blocks' partial gradients in order; 27 taps and 41 filters (48 with the padding to whole
+    vectors) end in partial tiles of taps and filters."""
     x, w, _ = _conv_case(rng, 3, (3, 41, 1), ((9, 10), (3, 3)), dtype)
     monkeypatch.setattr(conv_module, "shifted_weight_grad_pays", lambda *args: True)
-    # Per image, the largest buffer is the partial sums: 4 tasks of 2 output rows x 28 taps x 44 filters.
-    monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", max(1, images_per_block * 4 * 28 * 44 * x.itemsize))
+    # Per image, the largest buffer is the partial sums: 3 tasks of 3 output rows x 48 taps x 48 filters.
+    monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", max(1, images_per_block * 3 * 48 * 48 * x.itemsize))
     blocks = []
     pad = _conv_kernels._pad_phases
     monkeypatch.setattr(_conv_kernels, "_pad_phases", lambda x, *args: blocks.append(len(x)) or pad(x, *args))
@@ -452,15 +452,18 @@ def test_padded_input_is_read_for_few_filters_per_group_and_little_waste():
 
 
 def test_weight_gradient_reads_the_padded_input_for_few_filters():
-    from fastconv._shifted import SHIFTED_WEIGHT_GRAD_MAX_FILTERS as MOST
+    from fastconv._shifted import SHIFTED_WEIGHT_GRAD_WIDE_FILTERS as MOST
     from fastconv._shifted import shifted_weight_grad_pays
 
-    def pays(C, K, R=3, stride=1, groups=1, H=32):
-        geometry = _validate.conv2d_geometry("conv2d", (8, C, H, H), (K, C // groups, R, R), stride, 1, 1, groups)
+    def pays(C, K, R=3, stride=1, groups=1, H=32, N=8):
+        geometry = _validate.conv2d_geometry("conv2d", (N, C, H, H), (K, C // groups, R, R), stride, 1, 1, groups)
         return shifted_weight_grad_pays(geometry, np.float32)
 
     assert pays(32, MOST) and pays(3, 16) and pays(64, 64, groups=2) and pays(32, 32, R=5, stride=2)
     assert not pays(32, MOST + 1) and not pays(32, 32, R=1) and not pays(4096, 32, H=64)
+    # Beyond 64 filters, only with few taps (at most 1152) and many pixels a task (196 here, 98 at N=4)
+    assert pays(64, 128, stride=2, H=56) and pays(128, 128, stride=2, H=28)
+    assert not pays(256, 128, stride=2, H=28) and not pays(128, 128, stride=2, H=28, N=4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
