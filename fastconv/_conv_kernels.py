@@ -66,10 +66,13 @@ from ._macro import (
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
 from ._shifted import (
+    OUTER_PIXELS,
+    _outer_forward,
     _pad_phases,
     _pixel_major,
     _shifted_gemm,
     _shifted_weight_grad,
+    outer_pays,
     padded_shape,
     shifted_pays,
     tap_offsets,
@@ -157,6 +160,9 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
         for g in range(groups):
             _gemm_packed(ap[g], Kg, crs, x_blocks, g * Cg, ZERO, N * P * Q, y_blocks, g * Kg, ZERO, accumulate, bp)
         return
+    if outer_pays(geometry, weight.shape, groups, Q, y.itemsize):
+        _conv2d_outer(x, weight, geometry, groups, accumulate, y)
+        return
     if shifted_pays(geometry, x.shape, weight.shape, groups, P, Q, y.dtype):
         _conv2d_shifted(x, _pack_weights(weight, groups, False), Kg, crs, geometry, R, S, groups, accumulate, y)
         return
@@ -234,6 +240,30 @@ def _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y):
                 ap[g], Kg, crs, xp, np.int64(planes), np.int64(plane), np.int64(g * planes // groups), offsets,
                 np.int64(Wp), y[n0:n1], np.int64(g * Kg), np.bool_(accumulate),
             )  # fmt: skip
+
+
+def _conv2d_outer(x, weight, geometry, groups, accumulate, y):
+    """The forward pass by outer products (``_shifted._outer_forward``): the filters tap by tap, each tap's side
+    by side (``_pixel_major``), and the input padded (not split into stride phases), a block of images at a
+    time."""
+    C = x.shape[1]
+    K, Cg, R, S = weight.shape
+    _, _, P, Q = y.shape
+    sh, sw, pt, pl, dh, dw = geometry
+    if sw not in (1, 2) or Q < OUTER_PIXELS:
+        raise ValueError(f"outer products take a row stride of 1 or 2 and {OUTER_PIXELS} pixels a row, not {sw}, {Q}")
+    crs, width = Cg * R * S, 2 * (64 // y.itemsize)
+    wt = scratch("filters by tap", (1, crs, groups * _round_up(K // groups, width)), y.dtype)
+    _pixel_major(weight.reshape(1, K, crs), groups, wt)
+    Hp, Wp = (P - 1) * sh + dh * (R - 1) + 1, (Q - 1) * sw + dw * (S - 1) + 1
+    padding = (1, 1, pt, pl, dh, dw)
+    taps = tap_offsets(Cg, R, S, Hp, Wp, padding)
+    tiles = per_thread((OUTER_PIXELS * width,), y.dtype, name="outer tiles")
+    for n0, n1, xp in _padded_blocks(x, padding, Hp, Wp, C * Hp * Wp * y.itemsize):
+        _outer_forward(
+            xp, np.int64(C * Hp * Wp), np.int64(Cg * Hp * Wp), taps, wt[0], np.int64(Wp), np.int64(sh),
+            np.int64(sw), np.int64(groups), np.bool_(accumulate), tiles, y[n0:n1],
+        )  # fmt: skip
 
 
 def _conv2d_weight_shifted(x, grad_output, geometry, groups, grad_weight, layout):

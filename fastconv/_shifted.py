@@ -9,6 +9,7 @@ contiguous run. At a stride the same holds of the padded input's stride phases (
 
     # Forward:         [Kg, Cg*R*S] [Cg*R*S, Hp*Wp] -> [Kg, Hp*Wp]     y~ = W @ shifted(x); y = y~[:, :P, :Q]
     # Weight gradient: [Cg*R*S, P*Q] [P*Q, Kg]      -> [Cg*R*S, Kg]    dWᵀ = shifted(x) @ dyᵀ (q < Q only)
+    # Forward, outer:  [P*Q, Cg*R*S] [Cg*R*S, Kg]   -> [P*Q, Kg]       yᵀ = shifted(x)ᵀ @ Wᵀ (q < Q only)
 
 The forward micro-kernel (``_gemm._micro_kernel``'s MR x NR register tile, A packed by ``_pack_a``) loads its
 NR values of B for each tap from the padded input itself; the ``Wp - Q`` positions at the end of each output
@@ -26,6 +27,11 @@ at the end), in one process, alternating (float32, 2 threads, conv2d_weight, ms)
 the 7x7 stem within 6 %; slower with 27 taps (32x3x32x32 -> 32: 36 computed, 0.23 -> 0.26) and 8 filters
 (16x8x32x32 -> 8, a vector half empty: 0.10 -> 0.15).
 
+The third, for strided layers whose rows are whole tiles of 14 pixels (``outer_pays``), is the weight
+gradient's tile turned around: each tap broadcasts one value of each of 14 output pixels of a row (one pointer,
+the stride apart) into an outer product with two vectors of filters, the taps summed in registers
+(``_outer_forward``): no stride phases, no packed patches (8x64x56x56 -> 128 3x3 s2: 3.05 -> 2.43 ms).
+
 Footprint: the padded input of a block of images (``COLUMN_BUFFER_BYTES`` at most) and NR values past it,
 which the last tile of the last plane reads for positions it discards; for the weight gradient also the
 pixel-major output gradient and per-task partial sums, bounded alike (``weight_grad_layout``).
@@ -39,7 +45,7 @@ from numba import njit, prange
 
 from ._gemm import _FASTMATH, _data, _round_up, _stack_tile
 from ._parallel import PRANGE_ONLY
-from ._simd import _copy_run, _deinterleave_run, _tap_filter_tile, _transposed_block
+from ._simd import _copy_run, _deinterleave_run, _pixel_filter_tile, _tap_filter_tile, _transposed_block
 from .config import (
     COLUMN_BUFFER_BYTES,
     KC,
@@ -425,3 +431,71 @@ def _shifted_weight_grad(xp, image_size, group_size, offsets, dyt, Wp, P, Q, row
                         _taps_by_one_vector(
                             xp, x0, offsets, i * taps, d, d0, blocks, x_steps, d_steps, Q, d_stride, out
                         )
+
+
+#: Output pixels of a row per tile of the forward pass by outer products (``_outer_forward``), by two vector
+#: registers of filters: 28 accumulators, the two vectors of filters and a broadcast in AVX-512's 32 registers,
+#: and one pointer for the pixels, each the stride after the last (12 pixels, one pointer each, ran out of
+#: general registers: 0.55x).
+OUTER_PIXELS = 14
+_pixels_at_stride_1 = _pixel_filter_tile(OUTER_PIXELS, 2, 1)
+_pixels_at_stride_2 = _pixel_filter_tile(OUTER_PIXELS, 2, 2)
+
+#: The forward pass of a stride-2 layer by outer products where its rows are whole tiles and it has this many
+#: taps per group: with fewer, each tile's output is written for too few products (the 7x7 stem, 147 taps:
+#: 4.75 -> 5.5 ms); with more, a tile of filters' taps no longer fits in L2 beside the input (8x256x14x14 ->
+#: 512 3x3 s2, 2304 taps: 2.45 -> 4.0 ms). Measured (float32, 2 threads, ms, GEMM of the stride phases'
+#: patches -> outer products): 8x64x56x56 -> 128 3x3 s2 2.92-3.02 -> 2.10-2.14, 8x128x28x28 -> 256 3x3 s2
+#: 2.41-2.72 -> 2.18-2.19; rows not a multiple of the tile (8x64x32x32 -> 128 s2, 16 pixels: 28 computed)
+#: 0.89 -> 1.16.
+OUTER_MIN_TAPS, OUTER_MAX_TAPS = 256, 1152
+
+
+def outer_pays(geometry, weight_shape, groups, Q, itemsize):
+    """Whether the forward pass (by GEMM, not 1x1) of a layer with this kernel geometry should be
+    ``_outer_forward``: stride 2, output rows of whole tiles of OUTER_PIXELS, OUTER_MIN_TAPS to OUTER_MAX_TAPS
+    taps per group, and at least two vectors of filters per group."""
+    K, Cg, R, S = weight_shape
+    taps = Cg * R * S
+    wide = K // groups >= 2 * (64 // itemsize)
+    return tuple(geometry[:2]) == (2, 2) and Q % OUTER_PIXELS == 0 and OUTER_MIN_TAPS <= taps <= OUTER_MAX_TAPS and wide
+
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _outer_forward(xp, image_size, group_size, taps, wt, Wp, sh, sw, groups, accumulate, tiles, y):
+    """``y (+)= conv2d`` of the images padded in ``xp`` (``image_size`` values each, a group's channels
+    ``group_size`` apart), by tiles of OUTER_PIXELS output pixels of a row by two vector registers of filters
+    (``_simd._pixel_filter_tile``): tap ``t`` of output pixel ``(p, q)`` is ``xp`` at ``p * sh * Wp + q * sw +
+    taps[t]`` from its image's group's first plane, its filters ``wt[t, g * filters : (g + 1) * filters]``
+    (``_pixel_major`` of the weights: each group's filters rounded up to whole tiles, zeros past them).
+
+    One task per output row, group and tile of filters; a row's last tile, where the row is not a whole number of
+    tiles, ends at its last pixel and writes only the pixels the others did not: each element of ``y`` written
+    once, its taps summed in order, whatever the number of threads. With ``accumulate`` added to ``y`` (which
+    holds the bias), else ``y`` is overwritten. Only stride 1 or 2 along the rows (``sw``), rows of at least
+    OUTER_PIXELS pixels."""
+    N, K, P, Q = y.shape
+    w_stride = wt.shape[1]
+    filters, Kg = w_stride // groups, K // groups
+    width = 2 * (64 // wt.itemsize)
+    filter_tiles = filters // width
+    w = wt.reshape(-1)
+    for task in prange(N * P * groups * filter_tiles):
+        j, g = task % filter_tiles, task // filter_tiles % groups
+        p, n = task // (filter_tiles * groups) % P, task // (filter_tiles * groups * P)
+        out = tiles[numba.get_thread_id()]
+        row = n * image_size + g * group_size + p * sh * Wp
+        w0, k0 = g * filters + j * width, g * Kg + j * width
+        done = 0
+        while done < Q:
+            q0 = min(done, Q - OUTER_PIXELS)
+            if sw == 1:
+                _pixels_at_stride_1(xp, row + q0, taps, w, w0, w_stride, out)
+            else:
+                _pixels_at_stride_2(xp, row + 2 * q0, taps, w, w0, w_stride, out)
+            for f in range(min(width, Kg - j * width)):
+                target = y[n, k0 + f, p]
+                for i in range(done - q0, OUTER_PIXELS):
+                    value = out[i * width + f]
+                    target[q0 + i] = target[q0 + i] + value if accumulate else value
+            done = q0 + OUTER_PIXELS

@@ -88,6 +88,16 @@ def _splat(builder, value, lanes):
     return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
 
+def _accumulators(builder, vector, count):
+    """``(fma, accumulators)``: the ``llvm.fma`` of ``vector`` and ``count`` zeroed vector slots on the stack,
+    which LLVM promotes to registers: a register tile's accumulators."""
+    lanes = vector.count
+    name = f"llvm.fma.v{lanes}f{64 if isinstance(vector.element, ir.DoubleType) else 32}"
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3), name)
+    zero = ir.Constant(vector, [0.0] * lanes)
+    return fma, [cgutils.alloca_once_value(builder, zero) for _ in range(count)]
+
+
 def _lane_mask(builder, count, lanes):
     """``<lanes x i1>`` with lane ``i`` set when ``i < count`` (an i64 value)."""
     lane = ir.Constant(ir.VectorType(ir.IntType(64), lanes), list(range(lanes)))
@@ -168,13 +178,8 @@ def _narrow_tile(typingctx, kc, a_panel, a_next, b_panel, tile):
         vector, lanes, size = vector_type(context, dtype)
         per_row = NARROW // lanes
         index = ir.IntType(64)
-        fma = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{lanes}f{8 * size}"
-        )
+        fma, accumulators = _accumulators(builder, vector, 2 * MR * per_row)
         broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-        accumulators = [  # promoted to registers by LLVM
-            cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(2 * MR * per_row)
-        ]
         with cgutils.for_range(builder, kc) as loop:
             b_row = builder.mul(loop.index, index(NR))
             b = [load(builder, vector, b_data, builder.add(b_row, index(v * lanes)), size) for v in range(per_row)]
@@ -380,12 +385,7 @@ def _tap_filter_tile(taps, vectors):
                 offset = builder.load(builder.gep(tap_offsets.data, [tap]))
                 x_first.append(builder.gep(x_data, [builder.add(x0, offset)]))
             d_first = builder.gep(d_data, [d0])
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{lanes}f{8 * size}"
-            )
-            accumulators = [  # promoted to registers by LLVM
-                cgutils.alloca_once_value(builder, ir.Constant(vector, [0.0] * lanes)) for _ in range(taps * vectors)
-            ]
+            fma, accumulators = _accumulators(builder, vector, taps * vectors)
             with cgutils.for_range(builder, images) as image:
                 x_image_start = [builder.gep(p, [builder.mul(image.index, x_image)]) for p in x_first]
                 d_image_start = builder.gep(d_first, [builder.mul(image.index, d_image)])
@@ -411,6 +411,53 @@ def _tap_filter_tile(taps, vectors):
 
         signature = types.none(x, x0, offsets, t0, dy, d0, blocks, x_steps, d_steps, length, d_stride, out)
         return signature, codegen
+
+    return intrinsic(typer)
+
+
+def _pixel_filter_tile(pixels, vectors, step):
+    """An intrinsic ``(x, x0, taps, w, w0, w_stride, out)`` that writes into ``out`` a tile of a convolution's
+    output, ``pixels`` output pixels of a row by ``vectors`` vector registers of filters::
+
+        out[(i * vectors + k) * lanes + f] = sum over t < len(taps) of
+            x[x0 + taps[t] + i * step] * w[w0 + t * w_stride + k * lanes + f]
+
+    ``x`` is the padded input (pixel ``i`` of the tile read ``step`` values after pixel ``i - 1``: the stride,
+    a constant here, so that one pointer and immediate offsets address every pixel), ``taps`` the offset of
+    each tap from a pixel's first, and ``w`` the filters with each tap's side by side (``w_stride`` apart). Each
+    tap broadcasts one value per pixel into an outer product with ``vectors`` vectors of filters:
+    ``_tap_filter_tile`` with pixels in the place of taps, summing over the taps instead of the pixels."""
+
+    def typer(typingctx, x, x0, taps, w, w0, w_stride, out):
+        dtype = x.dtype
+
+        def codegen(context, builder, signature, args):
+            x, x0, taps, w, w0, w_stride, out = args
+            vector, lanes, size = vector_type(context, dtype)
+            index = ir.IntType(64)
+            x_data, w_data, out_data = (
+                context.make_array(signature.args[i])(context, builder, args[i]).data for i in (0, 3, 6)
+            )
+            tap_offsets = context.make_array(signature.args[2])(context, builder, taps)
+            count = cgutils.unpack_tuple(builder, tap_offsets.shape, 1)[0]
+            x_first, w_first = builder.gep(x_data, [x0]), builder.gep(w_data, [w0])
+            fma, accumulators = _accumulators(builder, vector, pixels * vectors)
+            with cgutils.for_range(builder, count) as tap:
+                here = builder.gep(x_first, [builder.load(builder.gep(tap_offsets.data, [tap.index]))])
+                filters = builder.mul(tap.index, w_stride)
+                w_values = [
+                    load(builder, vector, w_first, builder.add(filters, index(k * lanes)), size) for k in range(vectors)
+                ]
+                for i in range(pixels):
+                    value = _splat(builder, builder.load(builder.gep(here, [index(i * step)])), lanes)
+                    for k, w_value in enumerate(w_values):
+                        accumulator = accumulators[i * vectors + k]
+                        builder.store(builder.call(fma, [value, w_value, builder.load(accumulator)]), accumulator)
+            for k, accumulator in enumerate(accumulators):
+                store(builder, builder.load(accumulator), out_data, k * lanes, size)
+            return context.get_dummy_value()
+
+        return types.none(x, x0, taps, w, w0, w_stride, out), codegen
 
     return intrinsic(typer)
 

@@ -180,6 +180,8 @@ def test_results_do_not_depend_on_the_thread_count(rng):
     dy_wide = random_array(rng, (1, 64, 46, 46), "float32")
     w_4x4 = random_array(rng, (16, 16, 4, 4), "float32")  # conv_transpose2d 4x4 s2: Winograd on the phases
     dy_4x4 = random_array(rng, (2, 48, 20, 20), "float32")  # and conv2d_weight 4x4 s2: 200 tiles, 48 filters
+    x_28 = random_array(rng, (2, 32, 56, 28), "float32")  # 288 taps at stride 2, 14 pixels a row: outer products
+    w_288 = random_array(rng, (64, 32, 3, 3), "float32")
 
     def run():
         return [
@@ -193,6 +195,7 @@ def test_results_do_not_depend_on_the_thread_count(rng):
             fastconv.conv2d_weight(x, (72, 8, 3, 3), dy_72, padding=1),
             fastconv.conv_transpose2d(dy, w_4x4, None, stride=2, padding=1),
             fastconv.conv2d_weight(dy, (48, 16, 4, 4), dy_4x4, stride=2, padding=1),
+            fastconv.conv2d(x_28, w_288, stride=2, padding=1),
         ]
 
     saved = fastconv.get_num_threads()

@@ -451,6 +451,46 @@ def test_padded_input_is_read_for_few_filters_per_group_and_little_waste():
     assert not shifted_pays(g.kernel_geometry, g.input_shape, g.weight_shape, 1, 32, 32, np.float64)
 
 
+OUTER_CASES = [  # (N, C, H, W, K, R, S, stride, padding, dilation, groups) of conv2d, forced by outer products
+    (2, 8, 20, 35, 40, 3, 3, (2, 2), (1, 2), 1, 1),  # 19 pixels a row: the last tile overlaps the first
+    (2, 8, 20, 30, 40, 3, 3, 1, 1, (2, 1), 2),  # stride 1, dilation, groups; 40 filters: a tile part empty
+    (1, 6, 17, 33, 20, 5, 3, (3, 2), (2, 0), 1, 2),  # row stride 3 between tiles of stride-2 pixels
+    (3, 4, 9, 58, 33, 2, 2, (1, 2), 0, 1, 1),  # 29 pixels a row
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("case", OUTER_CASES)
+def test_forward_by_outer_products(rng, monkeypatch, case, bias, dtype):
+    """``_shifted._outer_forward``, taken by any layer here: tiles of 14 pixels of a row by two vectors of
+    filters, the bias added to (``accumulate``) or the output overwritten."""
+    N, C, H, W, K, R, S, stride, padding, dilation, groups = case
+    x, w, b = _conv_case(rng, N, (C, K, groups), ((H, W), (R, S)), dtype, bias)
+    params = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    monkeypatch.setattr(_conv_kernels, "outer_pays", lambda *args: True)
+    outer = _conv_kernels._outer_forward
+    calls = []
+    monkeypatch.setattr(_conv_kernels, "_outer_forward", lambda *args: calls.append(1) or outer(*args))
+    assert_close(fastconv.conv2d(x, w, b, algorithm="gemm", **params), reference.conv2d(x, w, b, **params))
+    assert calls
+
+
+def test_forward_by_outer_products_for_strided_layers_of_whole_tiles():
+    """``outer_pays``: stride 2, rows a multiple of 14 pixels, 256 to 1152 taps per group, two vectors of
+    filters at least."""
+    from fastconv._shifted import outer_pays
+
+    def pays(C, H, K, R=3, stride=2, groups=1, dtype=np.float32):
+        g = _validate.conv2d_geometry("conv2d", (8, C, H, H), (K, C // groups, R, R), stride, R // 2, 1, groups)
+        return outer_pays(g.kernel_geometry, g.weight_shape, groups, g.output_shape[3], np.dtype(dtype).itemsize)
+
+    assert pays(64, 56, 128) and pays(128, 28, 256) and pays(32, 56, 64) and pays(16, 56, 32, R=5)
+    assert pays(64, 56, 16, dtype=np.float64) and not pays(64, 56, 16)  # two vectors: 16 float64, 32 float32
+    assert not pays(64, 56, 128, stride=1) and not pays(64, 32, 128)  # stride 1; 16 pixels a row
+    assert not pays(256, 28, 256) and not pays(3, 224, 64, R=7)  # 2304 taps; the stem's 147
+
+
 def test_weight_gradient_reads_the_padded_input_for_few_filters():
     from fastconv._shifted import SHIFTED_WEIGHT_GRAD_WIDE_FILTERS as MOST
     from fastconv._shifted import shifted_weight_grad_pays
