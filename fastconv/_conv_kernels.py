@@ -486,10 +486,11 @@ def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, plain, s
 
     ``dy_blocks`` is grad_output as (N, K, P*Q); ``partial`` is (pixel_ranges, groups, Kg, Cg*R*S), each a
     blocked matrix whose column ``g * Cg*R*S + c`` is group g's column c; ``taps`` is ``transposed_tap_table`` of one
-    group's taps; ``ap`` and ``bp`` hold one packed panel of A and of B per thread. Column ranges start at
-    multiples of NR, so B's micro-panels stay whole. With ``plain``, ``x`` (N, groups * Cg*R*S, P, Q) is the
-    patch matrix itself, channels by pixels (``_plain_columns``): B, its transpose, is packed in square blocks
-    (``_pack_b_panel_transposed``), not gathered.
+    group's taps; ``bp`` holds one packed micro-panel of B per thread, ``ap`` one packed KC block of A per
+    thread or, with ``shared_a`` (one range of pixels), each group's A packed whole by ``_pack_a``, which every
+    task reads. Column ranges start at multiples of NR, so B's micro-panels stay whole. With ``plain``, ``x``
+    (N, groups * Cg*R*S, P, Q) is the patch matrix itself, channels by pixels (``_plain_columns``): B, its
+    transpose, is packed in square blocks (``_pack_b_panel_transposed``), not gathered.
     """
     pixel_ranges, groups, Kg, crs = partial.shape
     Cg = x.shape[1] // groups
