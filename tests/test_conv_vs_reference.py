@@ -464,11 +464,14 @@ OUTER_CASES = [  # (N, C, H, W, K, R, S, stride, padding, dilation, groups) of c
 @pytest.mark.parametrize("case", OUTER_CASES)
 def test_forward_by_outer_products(rng, monkeypatch, case, bias, dtype):
     """``_shifted._outer_forward``, taken by any layer here: tiles of 14 pixels of a row by two vectors of
-    filters, the bias added to (``accumulate``) or the output overwritten."""
+    filters, the bias added to (``accumulate``) or the output overwritten; with a bias, one image padded at a
+    time (the column buffer holds no more)."""
     N, C, H, W, K, R, S, stride, padding, dilation, groups = case
     x, w, b = _conv_case(rng, N, (C, K, groups), ((H, W), (R, S)), dtype, bias)
     params = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     monkeypatch.setattr(_conv_kernels, "outer_pays", lambda *args: True)
+    if bias:
+        monkeypatch.setattr(_conv_kernels, "COLUMN_BUFFER_BYTES", 1)
     outer = _conv_kernels._outer_forward
     calls = []
     monkeypatch.setattr(_conv_kernels, "_outer_forward", lambda *args: calls.append(1) or outer(*args))
