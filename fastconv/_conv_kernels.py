@@ -66,13 +66,14 @@ from ._macro import (
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
 from ._shifted import (
-    OUTER_PIXELS,
+    WIDE_TILE_PIXELS,
     _outer_forward,
     _pad_phases,
     _pixel_major,
     _shifted_gemm,
     _shifted_weight_grad,
     outer_pays,
+    outer_tile,
     padded_shape,
     shifted_pays,
     tap_offsets,
@@ -243,26 +244,27 @@ def _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y):
 
 
 def _conv2d_outer(x, weight, geometry, groups, accumulate, y):
-    """The forward pass by outer products (``_shifted._outer_forward``): the filters tap by tap, each tap's side
-    by side (``_pixel_major``), and the input padded (not split into stride phases), a block of images at a
-    time."""
+    """The forward pass by outer products (``_shifted._outer_forward``), at a row stride of 2: the filters tap by
+    tap, each tap's side by side (``_pixel_major``), and the input padded (not split into stride phases), a
+    block of images at a time."""
     C = x.shape[1]
     K, Cg, R, S = weight.shape
     _, _, P, Q = y.shape
     sh, sw, pt, pl, dh, dw = geometry
-    if sw not in (1, 2) or Q < OUTER_PIXELS:
-        raise ValueError(f"outer products take a row stride of 1 or 2 and {OUTER_PIXELS} pixels a row, not {sw}, {Q}")
+    pixels = outer_tile(Q)
+    if sw != 2 or Q < pixels:
+        raise ValueError(f"outer products take a row stride of 2 and rows of {pixels} pixels at least, not {sw}, {Q}")
     crs, width = Cg * R * S, 2 * (64 // y.itemsize)
     wt = scratch("filters by tap", (1, crs, groups * _round_up(K // groups, width)), y.dtype)
     _pixel_major(weight.reshape(1, K, crs), groups, wt)
     Hp, Wp = (P - 1) * sh + dh * (R - 1) + 1, (Q - 1) * sw + dw * (S - 1) + 1
     padding = (1, 1, pt, pl, dh, dw)
     taps = tap_offsets(Cg, R, S, Hp, Wp, padding)
-    tiles = per_thread((OUTER_PIXELS * width,), y.dtype, name="outer tiles")
+    tiles = per_thread((WIDE_TILE_PIXELS * width,), y.dtype, name="outer tiles")
     for n0, n1, xp in _padded_blocks(x, padding, Hp, Wp, C * Hp * Wp * y.itemsize):
         _outer_forward(
             xp, np.int64(C * Hp * Wp), np.int64(Cg * Hp * Wp), taps, wt[0], np.int64(Wp), np.int64(sh),
-            np.int64(sw), np.int64(groups), np.bool_(accumulate), tiles, y[n0:n1],
+            np.int64(pixels), np.int64(groups), np.bool_(accumulate), tiles, y[n0:n1],
         )  # fmt: skip
 
 

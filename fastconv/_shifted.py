@@ -27,10 +27,11 @@ at the end), in one process, alternating (float32, 2 threads, conv2d_weight, ms)
 the 7x7 stem within 6 %; slower with 27 taps (32x3x32x32 -> 32: 36 computed, 0.23 -> 0.26) and 8 filters
 (16x8x32x32 -> 8, a vector half empty: 0.10 -> 0.15).
 
-The third, for strided layers whose rows are whole tiles of 14 pixels (``outer_pays``), is the weight
-gradient's tile turned around: each tap broadcasts one value of each of 14 output pixels of a row (one pointer,
-the stride apart) into an outer product with two vectors of filters, the taps summed in registers
-(``_outer_forward``): no stride phases, no packed patches (8x64x56x56 -> 128 3x3 s2: 3.05 -> 2.43 ms).
+The third, for strided layers whose rows are whole tiles of 14 or 8 pixels (``outer_pays``), is the weight
+gradient's tile turned around: each tap broadcasts one value of each of 14 (8) output pixels of a row (one
+pointer, the stride apart) into an outer product with two vectors of filters, the taps summed in registers
+(``_outer_forward``): no stride phases, no packed patches (8x64x56x56 -> 128 3x3 s2: 3.05 -> 2.43 ms,
+16x64x32x32 -> 32 s2 0.82 -> 0.48).
 
 Footprint: the padded input of a block of images (``COLUMN_BUFFER_BYTES`` at most) and NR values past it,
 which the last tile of the last plane reads for positions it discards; for the weight gradient also the
@@ -434,46 +435,54 @@ def _shifted_weight_grad(xp, image_size, group_size, offsets, dyt, Wp, P, Q, row
 
 
 #: Output pixels of a row per tile of the forward pass by outer products (``_outer_forward``), by two vector
-#: registers of filters: 28 accumulators, the two vectors of filters and a broadcast in AVX-512's 32 registers,
-#: and one pointer for the pixels, each the stride after the last (12 pixels, one pointer each, ran out of
-#: general registers: 0.55x).
-OUTER_PIXELS = 14
-_pixels_at_stride_1 = _pixel_filter_tile(OUTER_PIXELS, 2, 1)
-_pixels_at_stride_2 = _pixel_filter_tile(OUTER_PIXELS, 2, 2)
+#: registers of filters: 14 make 28 accumulators, with the two vectors of filters and a broadcast in AVX-512's
+#: 32 registers, and one pointer for the pixels, each the stride after the last (12 pixels, one pointer each,
+#: ran out of general registers: 0.55x). Rows that are not a multiple of 14 pixels take tiles of 8 (CIFAR's 16
+#: and 32: 16 accumulators; tiles of 14 computed 28 pixels of a 16-pixel row: 8x64x32x32 -> 128 3x3 s2 0.89 ->
+#: 1.16 ms, in tiles of 8 1.05 -> 0.81).
+WIDE_TILE_PIXELS, NARROW_TILE_PIXELS = 14, 8
+_fourteen_pixels = _pixel_filter_tile(WIDE_TILE_PIXELS, 2, 2)
+_eight_pixels = _pixel_filter_tile(NARROW_TILE_PIXELS, 2, 2)
 
 #: The forward pass of a stride-2 layer by outer products where its rows are whole tiles and it has this many
 #: taps per group: with fewer, each tile's output is written for too few products (the 7x7 stem, 147 taps:
 #: 4.75 -> 5.5 ms); with more, a tile of filters' taps no longer fits in L2 beside the input (8x256x14x14 ->
 #: 512 3x3 s2, 2304 taps: 2.45 -> 4.0 ms). Measured (float32, 2 threads, ms, GEMM of the stride phases'
 #: patches -> outer products): 8x64x56x56 -> 128 3x3 s2 2.92-3.02 -> 2.10-2.14, 8x128x28x28 -> 256 3x3 s2
-#: 2.41-2.72 -> 2.18-2.19; rows not a multiple of the tile (8x64x32x32 -> 128 s2, 16 pixels: 28 computed)
-#: 0.89 -> 1.16.
+#: 2.41-2.72 -> 2.18-2.19, 8x64x32x32 -> 128 1.05 -> 0.81, 16x64x32x32 -> 32 0.75-0.97 -> 0.34; 8x128x16x16 ->
+#: 256 (8-pixel rows, 1152 taps) 0.78-0.88 -> 0.83.
 OUTER_MIN_TAPS, OUTER_MAX_TAPS = 256, 1152
+
+
+def outer_tile(Q):
+    """Output pixels per tile of ``_outer_forward`` for rows of ``Q`` pixels (at least NARROW_TILE_PIXELS)."""
+    return WIDE_TILE_PIXELS if Q % WIDE_TILE_PIXELS == 0 else NARROW_TILE_PIXELS
 
 
 def outer_pays(geometry, weight_shape, groups, Q, itemsize):
     """Whether the forward pass (by GEMM, not 1x1) of a layer with this kernel geometry should be
-    ``_outer_forward``: stride 2, output rows of whole tiles of OUTER_PIXELS, OUTER_MIN_TAPS to OUTER_MAX_TAPS
+    ``_outer_forward``: stride 2, output rows of whole tiles (``outer_tile``), OUTER_MIN_TAPS to OUTER_MAX_TAPS
     taps per group, and at least two vectors of filters per group."""
     K, Cg, R, S = weight_shape
     taps = Cg * R * S
     wide = K // groups >= 2 * (64 // itemsize)
-    return tuple(geometry[:2]) == (2, 2) and Q % OUTER_PIXELS == 0 and OUTER_MIN_TAPS <= taps <= OUTER_MAX_TAPS and wide
+    whole = Q > 0 and Q % outer_tile(Q) == 0
+    return tuple(geometry[:2]) == (2, 2) and whole and OUTER_MIN_TAPS <= taps <= OUTER_MAX_TAPS and wide
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _outer_forward(xp, image_size, group_size, taps, wt, Wp, sh, sw, groups, accumulate, tiles, y):
+def _outer_forward(xp, image_size, group_size, taps, wt, Wp, sh, pixels, groups, accumulate, tiles, y):
     """``y (+)= conv2d`` of the images padded in ``xp`` (``image_size`` values each, a group's channels
-    ``group_size`` apart), by tiles of OUTER_PIXELS output pixels of a row by two vector registers of filters
-    (``_simd._pixel_filter_tile``): tap ``t`` of output pixel ``(p, q)`` is ``xp`` at ``p * sh * Wp + q * sw +
-    taps[t]`` from its image's group's first plane, its filters ``wt[t, g * filters : (g + 1) * filters]``
-    (``_pixel_major`` of the weights: each group's filters rounded up to whole tiles, zeros past them).
+    ``group_size`` apart), at a row stride of 2, by tiles of ``pixels`` output pixels of a row (``outer_tile``)
+    by two vector registers of filters (``_simd._pixel_filter_tile``): tap ``t`` of output pixel ``(p, q)`` is
+    ``xp`` at ``p * sh * Wp + 2 * q + taps[t]`` from its image's group's first plane, its filters ``wt[t, g *
+    filters : (g + 1) * filters]`` (``_pixel_major`` of the weights: each group's filters rounded up to whole
+    tiles, zeros past them).
 
     One task per output row, group and tile of filters; a row's last tile, where the row is not a whole number of
     tiles, ends at its last pixel and writes only the pixels the others did not: each element of ``y`` written
     once, its taps summed in order, whatever the number of threads. With ``accumulate`` added to ``y`` (which
-    holds the bias), else ``y`` is overwritten. Only stride 1 or 2 along the rows (``sw``), rows of at least
-    OUTER_PIXELS pixels."""
+    holds the bias), else ``y`` is overwritten. Rows of at least ``pixels`` pixels."""
     N, K, P, Q = y.shape
     w_stride = wt.shape[1]
     filters, Kg = w_stride // groups, K // groups
@@ -488,14 +497,14 @@ def _outer_forward(xp, image_size, group_size, taps, wt, Wp, sh, sw, groups, acc
         w0, k0 = g * filters + j * width, g * Kg + j * width
         done = 0
         while done < Q:
-            q0 = min(done, Q - OUTER_PIXELS)
-            if sw == 1:
-                _pixels_at_stride_1(xp, row + q0, taps, w, w0, w_stride, out)
+            q0 = min(done, Q - pixels)
+            if pixels == WIDE_TILE_PIXELS:
+                _fourteen_pixels(xp, row + 2 * q0, taps, w, w0, w_stride, out)
             else:
-                _pixels_at_stride_2(xp, row + 2 * q0, taps, w, w0, w_stride, out)
+                _eight_pixels(xp, row + 2 * q0, taps, w, w0, w_stride, out)
             for f in range(min(width, Kg - j * width)):
                 target = y[n, k0 + f, p]
-                for i in range(done - q0, OUTER_PIXELS):
+                for i in range(done - q0, pixels):
                     value = out[i * width + f]
                     target[q0 + i] = target[q0 + i] + value if accumulate else value
-            done = q0 + OUTER_PIXELS
+            done = q0 + pixels

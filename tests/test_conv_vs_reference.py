@@ -452,10 +452,10 @@ def test_padded_input_is_read_for_few_filters_per_group_and_little_waste():
 
 
 OUTER_CASES = [  # (N, C, H, W, K, R, S, stride, padding, dilation, groups) of conv2d, forced by outer products
-    (2, 8, 20, 35, 40, 3, 3, (2, 2), (1, 2), 1, 1),  # 19 pixels a row: the last tile overlaps the first
-    (2, 8, 20, 30, 40, 3, 3, 1, 1, (2, 1), 2),  # stride 1, dilation, groups; 40 filters: a tile part empty
-    (1, 6, 17, 33, 20, 5, 3, (3, 2), (2, 0), 1, 2),  # row stride 3 between tiles of stride-2 pixels
-    (3, 4, 9, 58, 33, 2, 2, (1, 2), 0, 1, 1),  # 29 pixels a row
+    (2, 8, 20, 35, 40, 3, 3, (2, 2), (1, 2), 1, 1),  # 19 pixels a row, tiles of 8: the last overlaps the second
+    (2, 8, 20, 56, 40, 3, 3, (1, 2), 1, (2, 1), 2),  # tiles of 14, dilation, groups; 40 filters: a tile part empty
+    (1, 6, 17, 33, 20, 5, 3, (3, 2), (2, 0), 1, 2),  # row stride 3, 16 pixels a row: two tiles of 8
+    (3, 4, 9, 22, 33, 2, 2, (1, 2), 0, 1, 1),  # 11 pixels a row
 ]
 
 
@@ -463,7 +463,7 @@ OUTER_CASES = [  # (N, C, H, W, K, R, S, stride, padding, dilation, groups) of c
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("case", OUTER_CASES)
 def test_forward_by_outer_products(rng, monkeypatch, case, bias, dtype):
-    """``_shifted._outer_forward``, taken by any layer here: tiles of 14 pixels of a row by two vectors of
+    """``_shifted._outer_forward``, taken by any layer here: tiles of 14 or 8 pixels of a row by two vectors of
     filters, the bias added to (``accumulate``) or the output overwritten; with a bias, one image padded at a
     time (the column buffer holds no more)."""
     N, C, H, W, K, R, S, stride, padding, dilation, groups = case
@@ -480,7 +480,7 @@ def test_forward_by_outer_products(rng, monkeypatch, case, bias, dtype):
 
 
 def test_forward_by_outer_products_for_strided_layers_of_whole_tiles():
-    """``outer_pays``: stride 2, rows a multiple of 14 pixels, 256 to 1152 taps per group, two vectors of
+    """``outer_pays``: stride 2, rows a multiple of 14 or 8 pixels, 256 to 1152 taps per group, two vectors of
     filters at least."""
     from fastconv._shifted import outer_pays
 
@@ -490,7 +490,8 @@ def test_forward_by_outer_products_for_strided_layers_of_whole_tiles():
 
     assert pays(64, 56, 128) and pays(128, 28, 256) and pays(32, 56, 64) and pays(16, 56, 32, R=5)
     assert pays(64, 56, 16, dtype=np.float64) and not pays(64, 56, 16)  # two vectors: 16 float64, 32 float32
-    assert not pays(64, 56, 128, stride=1) and not pays(64, 32, 128)  # stride 1; 16 pixels a row
+    assert pays(64, 32, 128) and pays(64, 64, 32)  # rows of 16 and 32 pixels: tiles of 8
+    assert not pays(64, 56, 128, stride=1) and not pays(64, 24, 128)  # stride 1; 12 pixels a row
     assert not pays(256, 28, 256) and not pays(3, 224, 64, R=7)  # 2304 taps; the stem's 147
 
 
