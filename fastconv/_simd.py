@@ -98,6 +98,24 @@ def _accumulators(builder, vector, count):
     return fma, [cgutils.alloca_once_value(builder, zero) for _ in range(count)]
 
 
+def _add_outer_product(builder, fma, accumulators, scalars, vectors):
+    """``accumulators[i * len(vectors) + k] += scalars[i] * vectors[k]``, each scalar broadcast to every lane:
+    one step of a register tile of outer products (``_accumulators``)."""
+    lanes = vectors[0].type.count
+    for i, scalar in enumerate(scalars):
+        broadcast = _splat(builder, scalar, lanes)
+        for k, value in enumerate(vectors):
+            accumulator = accumulators[i * len(vectors) + k]
+            builder.store(builder.call(fma, [broadcast, value, builder.load(accumulator)]), accumulator)
+
+
+def _store_accumulators(builder, accumulators, pointer, size):
+    """Store a register tile's accumulators one after the other from ``pointer``."""
+    for k, accumulator in enumerate(accumulators):
+        value = builder.load(accumulator)
+        store(builder, value, pointer, k * value.type.count, size)
+
+
 def _lane_mask(builder, count, lanes):
     """``<lanes x i1>`` with lane ``i`` set when ``i < count`` (an i64 value)."""
     lane = ir.Constant(ir.VectorType(ir.IntType(64), lanes), list(range(lanes)))
@@ -179,22 +197,13 @@ def _narrow_tile(typingctx, kc, a_panel, a_next, b_panel, tile):
         per_row = NARROW // lanes
         index = ir.IntType(64)
         fma, accumulators = _accumulators(builder, vector, 2 * MR * per_row)
-        broadcast = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
         with cgutils.for_range(builder, kc) as loop:
             b_row = builder.mul(loop.index, index(NR))
             b = [load(builder, vector, b_data, builder.add(b_row, index(v * lanes)), size) for v in range(per_row)]
-            for half in range(2):
-                a_row = builder.gep(a_data[half], [builder.mul(loop.index, index(MR))])
-                for i in range(MR):
-                    a = builder.load(builder.gep(a_row, [index(i)]))
-                    a = builder.insert_element(ir.Constant(vector, ir.Undefined), a, ir.IntType(32)(0))
-                    a = builder.shuffle_vector(a, a, broadcast)
-                    for v in range(per_row):
-                        accumulator = accumulators[(half * MR + i) * per_row + v]
-                        builder.store(builder.call(fma, [a, b[v], builder.load(accumulator)]), accumulator)
-        for row in range(2 * MR):
-            for v in range(per_row):
-                store(builder, builder.load(accumulators[row * per_row + v]), tile, row * NARROW + v * lanes, size)
+            a_rows = [builder.gep(a_data[half], [builder.mul(loop.index, index(MR))]) for half in range(2)]
+            a = [builder.load(builder.gep(row, [index(i)])) for row in a_rows for i in range(MR)]
+            _add_outer_product(builder, fma, accumulators, a, b)
+        _store_accumulators(builder, accumulators, tile, size)  # row by row: NARROW values a row
         return context.get_dummy_value()
 
     return types.none(kc, a_panel, a_next, b_panel, tile), codegen
@@ -399,14 +408,9 @@ def _tap_filter_tile(taps, vectors):
                             load(builder, vector, d_here, builder.add(filters, index(k * lanes)), size)
                             for k in range(vectors)
                         ]
-                        for i, p in enumerate(x_here):
-                            tap = _splat(builder, builder.load(builder.gep(p, [step.index])), lanes)
-                            for k, d_value in enumerate(d_values):
-                                accumulator = accumulators[i * vectors + k]
-                                total = builder.call(fma, [tap, d_value, builder.load(accumulator)])
-                                builder.store(total, accumulator)
-            for k, accumulator in enumerate(accumulators):
-                store(builder, builder.load(accumulator), out_data, k * lanes, size)
+                        x_values = [builder.load(builder.gep(p, [step.index])) for p in x_here]
+                        _add_outer_product(builder, fma, accumulators, x_values, d_values)
+            _store_accumulators(builder, accumulators, out_data, size)
             return context.get_dummy_value()
 
         signature = types.none(x, x0, offsets, t0, dy, d0, blocks, x_steps, d_steps, length, d_stride, out)
@@ -448,13 +452,9 @@ def _pixel_filter_tile(pixels, vectors, step):
                 w_values = [
                     load(builder, vector, w_first, builder.add(filters, index(k * lanes)), size) for k in range(vectors)
                 ]
-                for i in range(pixels):
-                    value = _splat(builder, builder.load(builder.gep(here, [index(i * step)])), lanes)
-                    for k, w_value in enumerate(w_values):
-                        accumulator = accumulators[i * vectors + k]
-                        builder.store(builder.call(fma, [value, w_value, builder.load(accumulator)]), accumulator)
-            for k, accumulator in enumerate(accumulators):
-                store(builder, builder.load(accumulator), out_data, k * lanes, size)
+                x_values = [builder.load(builder.gep(here, [index(i * step)])) for i in range(pixels)]
+                _add_outer_product(builder, fma, accumulators, x_values, w_values)
+            _store_accumulators(builder, accumulators, out_data, size)
             return context.get_dummy_value()
 
         return types.none(x, x0, taps, w, w0, w_stride, out), codegen
