@@ -416,11 +416,11 @@ def _phase_task(xp, layout, planes, phases, step, groups, c_block, accumulate, u
     N, C = y.shape[:2]
     Kg, Cg = planes // groups, C // groups
     Hp, Wp = layout[0], layout[1]
-    # The phases of one chunk of tiles are neighbouring tasks, so each thread's share of the tasks (Numba splits
-    # the loop into one contiguous range per thread) covers whole images of y, where the phases interleave:
-    # with the phases in turn, the two threads wrote alternate rows of every image, and in this machine's slow
-    # periods, when the threads of one process slow each other on shared lines and pages, conv_transpose2d
-    # 8x128x16x16 -> 64 4x4 s2 took 1.9-2.0 ms instead of 1.15; phases by chunk, 1.25-1.3 (same bits).
+    # The phases of a chunk of tiles are neighbouring tasks, so each thread's share (Numba gives each thread one
+    # contiguous range of tasks) covers whole images of y. With the phases in turn, the two threads wrote
+    # alternate rows of every image; in this machine's slow periods, when the two threads of one process slow
+    # each other (two single-threaded processes side by side do not), conv_transpose2d 8x128x16x16 -> 64 4x4 s2
+    # took 1.9-2.0 ms instead of 1.15, and by images 1.25-1.3 (same bits).
     index = task % phases.shape[0]
     phase = phases[index]
     Pa, Qb, row0, col0 = phase[2], phase[3], phase[4], phase[5]
@@ -458,9 +458,8 @@ def _phase_tasks(xp, layout, planes, phases, step, groups, c_block, per_phase, a
     (rows ``(a, b, Pa, Qb, row0, col0)``: the phase writes ``y``'s pixels ``(step i + a, step j + b)``, ``i <
     Pa``, ``j < Qb``, its tile ``(0, 0)`` reading the planes from ``(row0, col0)``). The tasks
     ``_phase_task``, ``per_phase`` of each phase (as many as the largest phase needs), the phases of one chunk
-    of tiles side by side, in parallel, each thread
-    with its own scratch rows of ``v`` (9, min(KC, planes/groups) * NR + pad), ``m`` (9, c_block + 1, NR) and
-    ``runs`` (NR, 4)."""
+    of tiles side by side, in parallel, each thread with its own scratch rows of ``v`` (9, min(KC,
+    planes/groups) * NR + pad), ``m`` (9, c_block + 1, NR) and ``runs`` (NR, 4)."""
     for task in prange(phases.shape[0] * per_phase):
         t = numba.get_thread_id()
         _phase_task(xp, layout, planes, phases, step, groups, c_block, accumulate, up, v[t], m[t], runs[t], y, task)
