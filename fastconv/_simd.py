@@ -47,6 +47,34 @@ def store(builder, value, pointer, offset, size):
     builder.store(value, builder.bitcast(address, value.type.as_pointer()), align=size)
 
 
+def store_streaming(builder, value, pointer, offset, size):
+    """Store the vector ``value`` at ``pointer + offset`` (in values) past the caches (a non-temporal store, no
+    read of the lines first) where that address is a multiple of a vector register's width, as such stores
+    need; elsewhere an ordinary store. The stores are weakly ordered: ``_store_fence`` before they are read."""
+    address = builder.gep(pointer, [ir.IntType(64)(offset) if isinstance(offset, int) else offset])
+    target = builder.bitcast(address, value.type.as_pointer())
+    misaligned = builder.and_(builder.ptrtoint(address, ir.IntType(64)), ir.IntType(64)(_VECTOR_BYTES - 1))
+    with builder.if_else(builder.icmp_unsigned("==", misaligned, ir.IntType(64)(0))) as (aligned, other):
+        with aligned:
+            streamed = builder.store(value, target, align=_VECTOR_BYTES)
+            streamed.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        with other:
+            builder.store(value, target, align=size)
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """``sfence``: the non-temporal stores this thread made before it (``store_streaming``) reach memory before
+    any store after it, so that another thread which sees the later ones reads them."""
+
+    def codegen(context, builder, signature, args):
+        no_arguments = ir.FunctionType(ir.VoidType(), [])
+        builder.call(cgutils.get_or_insert_function(builder.module, no_arguments, "llvm.x86.sse.sfence"), [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
 def deinterleaved_columns(context, builder, dtype, row, count, valid=None):
     """The first ``count`` of the vectors of columns ``2l``, ``2l + 1``, ``2l + 2``, ``2l + 3`` (lane ``l``) from
     the pointer ``row``: two double-width loads, at 0 and 2, each split into its even and odd values. A vector

@@ -46,9 +46,11 @@ from ._simd import (
     _masked_store,
     _prefetch,
     _splat,
+    _store_fence,
     deinterleaved_columns,
     interleaved,
     store,
+    store_streaming,
     vector_type,
 )
 from .config import (
@@ -59,6 +61,7 @@ from .config import (
     WINOGRAD_MIN_TILES,
     WINOGRAD_SMALL_IMAGE,
     WINOGRAD_SMALL_IMAGE_TILES,
+    WINOGRAD_STREAM_FILTERS_BYTES,
 )
 
 _FASTMATH = {"contract"}
@@ -121,7 +124,7 @@ def winograd_workspace(geometry, dtype):
 
 
 @intrinsic
-def _filter_block_vector(typingctx, weight, first, row_step, c_step, rows, swapped, count, up, g, start):
+def _filter_block_vector(typingctx, weight, first, row_step, c_step, rows, swapped, count, up, g, start, streaming):
     """Transform the filters of MR output channels (rows) and a vector register of input channels (lanes) into
     their place in ``up`` (``_transform_filter_rows``), as vector code.
 
@@ -130,12 +133,13 @@ def _filter_block_vector(typingctx, weight, first, row_step, c_step, rows, swapp
     per row. ``G g Gᵀ`` is computed in float64, along each axis ``(a, (a + b + c) / 2, (a - b + c) / 2, c)``
     summed left to right, and rounded once when stored. The MR rows' values for position ``xi`` are
     interleaved, channel by channel, into ``up[g, xi, start : start + MR * count]``: MR values per channel, as
-    ``_pack_a`` lays out A's micro-panels. Rows past ``rows`` are zeros.
+    ``_pack_a`` lays out A's micro-panels. Rows past ``rows`` are zeros. With ``streaming``, whole vectors are
+    stored past the caches (``_simd.store_streaming``).
     """
     dtype = weight.dtype
 
     def codegen(context, builder, signature, args):
-        weight, first, row_step, c_step, rows, swapped, count, up, g, start = args
+        weight, first, row_step, c_step, rows, swapped, count, up, g, start, streaming = args
         register, _, size = vector_type(context, dtype)
         lanes = FILTER_LANES  # whatever the dtype: a vector of float64 takes two registers
         vector = llvm_ir.VectorType(register.element, lanes)
@@ -181,18 +185,21 @@ def _filter_block_vector(typingctx, weight, first, row_step, c_step, rows, swapp
             offset = builder.add(builder.mul(g, strides[0]), builder.mul(index(xi), strides[1]))
             offset = builder.add(builder.sdiv(offset, index(size)), start)
             with builder.if_else(builder.icmp_signed("==", count, index(lanes))) as (whole, part):
-                with whole:
-                    store(builder, out, array.data, offset, size)
+                with whole, builder.if_else(streaming) as (past_caches, cached):
+                    with past_caches:
+                        store_streaming(builder, out, array.data, offset, size)
+                    with cached:
+                        store(builder, out, array.data, offset, size)
                 with part:
                     _masked_store(builder, out, size, array.data, offset, stored)
         return context.get_dummy_value()
 
-    signature = types.none(weight, first, row_step, c_step, rows, swapped, count, up, g, start)
+    signature = types.none(weight, first, row_step, c_step, rows, swapped, count, up, g, start, streaming)
     return signature, codegen
 
 
 @njit(cache=True)
-def _transform_filter_rows(weight, task, Kg, Cg, swapped, up):
+def _transform_filter_rows(weight, task, Kg, Cg, swapped, streaming, up):
     """Rows ``ir : ir + MR`` of ``up[g, xi]`` (task ``g * blocks + ir // MR``), the packed A of the group's ``[Kg,
     Cg]`` matrices ``(G g Gᵀ)[xi]``, 16 input channels at a time (``_filter_block_vector``).
 
@@ -228,7 +235,10 @@ def _transform_filter_rows(weight, task, Kg, Cg, swapped, up):
             for run in range(runs):
                 for offset in range(0, length + 15, 16):
                     _prefetch(_data(weight), min(ahead + run * run_step + offset, weight.size - 1))
-            _filter_block_vector(weight, first + (pc + c0) * c_step, row_step, c_step, rows, swapped, count, up, g, at)
+            block = first + (pc + c0) * c_step
+            _filter_block_vector(weight, block, row_step, c_step, rows, swapped, count, up, g, at, streaming)
+    if streaming:
+        _store_fence()
 
 
 @njit(cache=True, inline="always")
@@ -616,11 +626,12 @@ def _tile_task(x, pt, pl, groups, span, accumulate, up, v, m, runs, y, task):
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _winograd_tasks(x, weight, swapped, pt, pl, groups, tasks, span, accumulate, up, v, m, runs, y):
+def _winograd_tasks(x, weight, swapped, streaming, pt, pl, groups, tasks, span, accumulate, up, v, m, runs, y):
     """``y (+)= conv2d(x, weight)`` for a 3x3, stride-1, undilated convolution.
 
     First the filters are transformed into ``up`` (its rows past Kg zeros), in parallel over output channels
-    (``swapped``: see ``_transform_filter_rows``). Then the rows of ``tasks``, ``(g, first tile, last tile,
+    (``swapped``: see ``_transform_filter_rows``), past the caches with ``streaming`` (large layers: see
+    ``config.WINOGRAD_STREAM_FILTERS_BYTES``), each task ending with a store fence. Then the rows of ``tasks``, ``(g, first tile, last tile,
     first output channel, last)`` (``_winograd_task_table``; ``_tile_task``), run in parallel, each thread with
     its own scratch, indexed by ``numba.get_thread_id()``: ``v`` (threads, 16, min(KC, Cg) * span + pad) the
     tiles' transformed input as packed B panels, ``m`` (threads, 16, most channels of a task + 1, span) their
@@ -629,7 +640,7 @@ def _winograd_tasks(x, weight, swapped, pt, pl, groups, tasks, span, accumulate,
     """
     Kg, Cg = y.shape[1] // groups, x.shape[1] // groups
     for task in prange(groups * _round_up(Kg, MR) // MR):
-        _transform_filter_rows(weight, task, Kg, Cg, swapped, up)
+        _transform_filter_rows(weight, task, Kg, Cg, swapped, streaming, up)
     for task in prange(tasks.shape[0]):
         t = numba.get_thread_id()
         _tile_task(x, pt, pl, groups, span, accumulate, up, v[t], m[t], runs[t], y, tasks[task])
@@ -731,4 +742,5 @@ def _conv2d_winograd(x, weight, geometry, groups, accumulate, y, swapped=False):
     runs = per_thread((NR, 4), np.int64, name="winograd runs")
     _, _, pt, pl, _, _ = geometry
     args = (pt, pl, groups, tasks, np.int64(span), np.bool_(accumulate), up, v, m, runs, y)
-    _winograd_tasks(x, weight, np.bool_(swapped), *args)
+    streaming = np.bool_(up.nbytes >= WINOGRAD_STREAM_FILTERS_BYTES)
+    _winograd_tasks(x, weight, np.bool_(swapped), streaming, *args)

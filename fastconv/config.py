@@ -93,6 +93,14 @@ WINOGRAD_MIN_TILES = 48
 WINOGRAD_SMALL_IMAGE = 8
 WINOGRAD_SMALL_IMAGE_TILES = 2.5
 
+#: Transformed filters of at least this many bytes are stored past the caches (``_simd.store_streaming``): an
+#: ordinary store first reads the line it writes, and 16 MiB of them (512 x 512 filters) do not stay in cache
+#: for the GEMMs anyway. Measured on a machine whose numpy.matmul reaches 200 GFLOP/s (float32, 2 threads):
+#: the filter transform alone, 512 x 512 filters 2.35 -> 1.14 ms, 256 x 512 0.50 -> 0.58; conv2d by Winograd,
+#: in one process alternating, 8x512x7x7 10.97 -> 9.01 ms, 4x512x7x7 5.75 -> 4.60, 8x256x14x14 (4 MiB) 6.47
+#: -> 6.40, 8x64x56x56 (256 KiB) 8.1 -> 9.1.
+WINOGRAD_STREAM_FILTERS_BYTES = 8 * 2**20
+
 #: The weight gradient of such a layer takes Winograd (``_winograd_grad.py``) from this many 2x2 tiles in the
 #: batch, split into at least 4 ranges (one partial sum of 16 x K x C/groups values each): with fewer tiles
 #: per range, adding up the partial sums costs more than the multiplications saved. Beyond 128 channels it

@@ -5,7 +5,7 @@ import pytest
 
 import fastconv
 from conftest import assert_close, random_array, requires_torch
-from fastconv import _winograd_grad, reference
+from fastconv import _winograd, _winograd_grad, reference
 from fastconv import conv as conv_module
 from fastconv._validate import parse_conv2d
 from fastconv._winograd import _winograd_k_block, _winograd_span, _winograd_task_table
@@ -185,6 +185,28 @@ def test_input_gradient_by_winograd_reads_the_filters_swapped_and_rotated(rng, d
     assert _choose_algorithm("auto", as_conv2d) == "winograd"
     expected = reference.conv2d_input(x_shape, w, dy, padding=padding, groups=groups)
     assert_close(fastconv.conv2d_input(x_shape, w, dy, padding=padding, groups=groups), expected)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("swapped", [False, True])
+@pytest.mark.parametrize("C, K, groups", [(32, 20, 1), (36, 12, 2), (3, 5, 1)])
+def test_filters_stored_past_the_caches_give_the_same_bits(rng, monkeypatch, dtype, swapped, C, K, groups):
+    """Transformed filters stored past the caches (large layers; here any) give the bits of ordinary stores:
+    rows a multiple of 16 channels long (every whole vector aligned) and not (channels 36 and 3: some or all
+    stored the ordinary way), in the forward pass and with the filters read swapped (the input gradient)."""
+    x = random_array(rng, (2, C, 9, 8), dtype)
+    w = random_array(rng, (C, K // groups, 3, 3) if swapped else (K, C // groups, 3, 3), dtype)
+    _, geometry, _ = parse_conv2d("conv2d", x.shape, np.empty((K, C // groups, 3, 3), dtype), 1, 1, 1, groups)
+    dtype = np.dtype(dtype)
+    results = []
+    for threshold in (2**62, 0):
+        monkeypatch.setattr(_winograd, "WINOGRAD_STREAM_FILTERS_BYTES", threshold)
+        y = np.empty(geometry.output_shape, dtype)
+        _winograd._conv2d_winograd(x, w, geometry.kernel_geometry, groups, False, y, swapped)
+        results.append(y)
+    np.testing.assert_array_equal(results[0], results[1])
+    flipped = w if not swapped else conv_module._flip_for_input_grad(w, groups)
+    assert_close(results[1], reference.conv2d(x, flipped, padding=1, groups=groups))
 
 
 @requires_torch
