@@ -24,8 +24,10 @@ input channels. The tiles of the whole batch are processed in chunks of NR (the 
 each by one thread (or, with as few chunks as threads, all of them by each thread, for a share of the output
 channels): it transforms the chunk's input tiles straight into packed B panels (``V``, in cache),
 multiplies them by the packed transformed filters with the GEMM's micro-kernel into ``M``, and transforms
-``M`` into output pixels. Nothing the size of the image is allocated. Every output is written by one thread
-and summed in a fixed order, so results do not depend on the thread count.
+``M`` into output pixels. On small images (WINOGRAD_PAD_MAX_SIZE) the input is first copied with its
+padding, so that every tile is read whole, as vectors; otherwise nothing the size of the image is allocated.
+Every output is written by one thread and summed in a fixed order, so results do not depend on the thread
+count.
 """
 
 import numba
@@ -38,6 +40,7 @@ from numba.extending import intrinsic
 from ._gemm import _data, _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
+from ._shifted import _pad_phases
 from ._simd import (
     Vector,
     _gather,
@@ -59,6 +62,7 @@ from .config import (
     NR,
     WINOGRAD_MIN_CHANNELS,
     WINOGRAD_MIN_TILES,
+    WINOGRAD_PAD_MAX_SIZE,
     WINOGRAD_SMALL_IMAGE,
     WINOGRAD_SMALL_IMAGE_TILES,
     WINOGRAD_STREAM_FILTERS_BYTES,
@@ -114,13 +118,25 @@ def winograd_pays(geometry, input_gradient=False):
     return per_group >= WINOGRAD_MIN_CHANNELS and tiles >= required
 
 
+def _padded_shape(P, Q):
+    """``(Hp, Wp)``, the padded input the tiles of a ``P x Q`` output read, or None where it is not copied so
+    (``config.WINOGRAD_PAD_MAX_SIZE``): the rows and columns of every 4x4 tile, in steps of 2."""
+    if min(P, Q) > WINOGRAD_PAD_MAX_SIZE:
+        return None
+    return 2 * -(-P // 2) + 2, 2 * -(-Q // 2) + 2
+
+
 def winograd_workspace(geometry, dtype):
-    """Bytes of scratch ``_conv2d_winograd`` allocates: transformed filters and each thread's chunk buffers."""
+    """Bytes of scratch ``_conv2d_winograd`` allocates: transformed filters, each thread's chunk buffers and,
+    on small images, the padded input."""
+    N, C = geometry.input_shape[:2]
     K, Cg = geometry.weight_shape[:2]
     groups = geometry.groups
     filters = groups * XI * (_round_up(K // groups, MR) * Cg + 16)
     per_thread = XI * (min(KC, Cg) * MAX_SPAN_CHUNKS * NR + 16) + XI * (MAX_K_BLOCK + 1) * NR
-    return dtype.itemsize * (filters + numba.config.NUMBA_NUM_THREADS * per_thread)
+    padded = _padded_shape(*geometry.output_shape[2:])
+    padded_input = 0 if padded is None else N * C * padded[0] * padded[1]
+    return dtype.itemsize * (filters + numba.config.NUMBA_NUM_THREADS * per_thread + padded_input)
 
 
 @intrinsic
@@ -631,12 +647,12 @@ def _winograd_tasks(x, weight, swapped, streaming, pt, pl, groups, tasks, span, 
 
     First the filters are transformed into ``up`` (its rows past Kg zeros), in parallel over output channels
     (``swapped``: see ``_transform_filter_rows``), past the caches with ``streaming`` (large layers: see
-    ``config.WINOGRAD_STREAM_FILTERS_BYTES``), each task ending with a store fence. Then the rows of ``tasks``, ``(g, first tile, last tile,
-    first output channel, last)`` (``_winograd_task_table``; ``_tile_task``), run in parallel, each thread with
-    its own scratch, indexed by ``numba.get_thread_id()``: ``v`` (threads, 16, min(KC, Cg) * span + pad) the
-    tiles' transformed input as packed B panels, ``m`` (threads, 16, most channels of a task + 1, span) their
-    GEMM results, ``runs`` (threads, NR, 4) the runs of tiles of one chunk of them. The parallel loops only
-    call serial functions.
+    ``config.WINOGRAD_STREAM_FILTERS_BYTES``), each task ending with a store fence. Then the rows of
+    ``tasks``, ``(g, first tile, last tile, first output channel, last)`` (``_winograd_task_table``;
+    ``_tile_task``), run in parallel, each thread with its own scratch, indexed by ``numba.get_thread_id()``:
+    ``v`` (threads, 16, min(KC, Cg) * span + pad) the tiles' transformed input as packed B panels, ``m``
+    (threads, 16, most channels of a task + 1, span) their GEMM results, ``runs`` (threads, NR, 4) the runs of
+    tiles of one chunk of them. The parallel loops only call serial functions.
     """
     Kg, Cg = y.shape[1] // groups, x.shape[1] // groups
     for task in prange(groups * _round_up(Kg, MR) // MR):
@@ -741,6 +757,12 @@ def _conv2d_winograd(x, weight, geometry, groups, accumulate, y, swapped=False):
     m = per_thread((XI, k_block + 1, span), dtype, name="winograd products")
     runs = per_thread((NR, 4), np.int64, name="winograd runs")
     _, _, pt, pl, _, _ = geometry
+    padded = _padded_shape(*y.shape[2:])
+    if padded is not None:  # every tile inside the copy: read as vectors, none a pixel at a time
+        N, C = x.shape[:2]
+        xp = scratch("winograd padded input", (N * C * padded[0] * padded[1],), dtype)
+        _pad_phases(x, pt, pl, np.int64(1), np.int64(1), np.int64(padded[0]), np.int64(padded[1]), xp)
+        x, pt, pl = xp.reshape(N, C, *padded), np.int64(0), np.int64(0)
     args = (pt, pl, groups, tasks, np.int64(span), np.bool_(accumulate), up, v, m, runs, y)
     streaming = np.bool_(up.nbytes >= WINOGRAD_STREAM_FILTERS_BYTES)
     _winograd_tasks(x, weight, np.bool_(swapped), streaming, *args)

@@ -101,6 +101,14 @@ WINOGRAD_SMALL_IMAGE_TILES = 2.5
 #: -> 6.40, 8x64x56x56 (256 KiB) 8.1 -> 9.1.
 WINOGRAD_STREAM_FILTERS_BYTES = 8 * 2**20
 
+#: On outputs at most this many pixels high or wide, Winograd reads a zero-padded copy of the input: every
+#: tile then lies inside it and is transformed in vectors, where the tiles overlapping the padding (three of
+#: four on 7x7 images, a quarter on 28x28) would be read a pixel at a time. Measured on a machine whose
+#: numpy.matmul reaches 200 GFLOP/s (float32, 2 threads, conv2d by Winograd, one process alternating, ms):
+#: 8x512x7x7 11.6 -> 10.9, 8x256x14x14 8.9 -> 8.5, 8x128x28x28 9.3 -> 8.5, 8x64x56x56 10.5 -> 9.9 (a slow
+#: period of the machine); 1x64x224x224 16.8 -> 17.2 (3.5 % of its tiles on the border).
+WINOGRAD_PAD_MAX_SIZE = 64
+
 #: The weight gradient of such a layer takes Winograd (``_winograd_grad.py``) from this many 2x2 tiles in the
 #: batch, split into at least 4 ranges (one partial sum of 16 x K x C/groups values each): with fewer tiles
 #: per range, adding up the partial sums costs more than the multiplications saved. Beyond 128 channels it

@@ -209,6 +209,23 @@ def test_filters_stored_past_the_caches_give_the_same_bits(rng, monkeypatch, dty
     assert_close(results[1], reference.conv2d(x, flipped, padding=1, groups=groups))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("N, C, H, W, K, padding, groups", CASES)
+def test_padded_copy_gives_the_bits_of_reading_around_the_padding(
+    rng, monkeypatch, N, C, H, W, K, padding, groups, dtype
+):
+    """Small images are read from a zero-padded copy, every tile whole; large ones in place, the tiles on the
+    border a pixel at a time. Both ways give the same bits, on every case (the copy's rows and columns past
+    what the tiles read are cropped, asymmetric padding included)."""
+    x = random_array(rng, (N, C, H, W), dtype)
+    w = random_array(rng, (K, C // groups, 3, 3), dtype)
+    results = []
+    for largest in (2**62, -1):  # every image copied, none
+        monkeypatch.setattr(_winograd, "WINOGRAD_PAD_MAX_SIZE", largest)
+        results.append(fastconv.conv2d(x, w, padding=padding, groups=groups, algorithm="winograd"))
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 @requires_torch
 def test_winograd_error_in_float32_stays_near_the_direct_sum():
     """The documented accuracy: within a few times the direct float32 sum's error, on 512 channels."""
