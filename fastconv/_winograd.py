@@ -63,8 +63,6 @@ from .config import (
     WINOGRAD_MIN_CHANNELS,
     WINOGRAD_MIN_TILES,
     WINOGRAD_PAD_MAX_SIZE,
-    WINOGRAD_SMALL_IMAGE,
-    WINOGRAD_SMALL_IMAGE_TILES,
     WINOGRAD_STREAM_FILTERS_BYTES,
 )
 
@@ -97,15 +95,13 @@ def winograd_applies(geometry):
     return geometry.weight_shape[2:] == (3, 3) and geometry.stride == (1, 1) and geometry.dilation == (1, 1)
 
 
-def winograd_pays(geometry, input_gradient=False):
+def winograd_pays(geometry):
     """Whether ``algorithm="auto"`` should take Winograd over the GEMM path for this (applicable) layer.
 
     The transforms cost about as much per pixel and channel as the multiplications they save when a group has
     few channels, and the filters are transformed on every call: Winograd pays with at least
     WINOGRAD_MIN_CHANNELS input and output channels per group and WINOGRAD_MIN_TILES 2x2 tiles in the batch,
-    as many again per 256 channels beyond 256, and on small images beyond 256 channels
-    WINOGRAD_SMALL_IMAGE_TILES times that, except for an ``input_gradient`` (measured on Zen 4, see
-    ``config.py``).
+    as many again per 256 channels beyond 256 (measured on Zen 4, see ``config.py``).
     """
     N, C, _, _ = geometry.input_shape
     K = geometry.weight_shape[0]
@@ -113,8 +109,6 @@ def winograd_pays(geometry, input_gradient=False):
     tiles = N * -(-P // 2) * -(-Q // 2)
     per_group = min(C, K) // geometry.groups
     required = WINOGRAD_MIN_TILES * max(256, per_group) / 256
-    if per_group > 256 and min(P, Q) < WINOGRAD_SMALL_IMAGE and not input_gradient:
-        required *= WINOGRAD_SMALL_IMAGE_TILES
     return per_group >= WINOGRAD_MIN_CHANNELS and tiles >= required
 
 

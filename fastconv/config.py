@@ -81,17 +81,14 @@ DIRECT_MAX_OUT_PER_GROUP = 4
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_TILES = 48
 
-#: Beyond 256 channels, on outputs under WINOGRAD_SMALL_IMAGE pixels high or wide, where most tiles overlap
-#: the padding (three of four on 7x7 images, transformed one value at a time) and the last row and column of
-#: tiles half overhang the output, the forward pass asks for WINOGRAD_SMALL_IMAGE_TILES times as many tiles.
-#: Measured since the GEMM path packs large weights a block at a time, with PyTorch's calls in between as the
-#: bench makes them (float32, 2 threads), Winograd against GEMM, 512 channels: 7x7 images, 128 tiles 5.70-5.96
-#: against 5.05-5.33 ms, 192 tiles 8.42 against 7.89, 256 tiles 9.30 against 9.73; 14x14 images, 98 tiles
-#: 5.69 against 6.00, 147 tiles 7.63 against 8.29, 196 tiles 8.48 against 9.82. Not for the input gradient:
-#: by GEMM it first flips the filters (1.5-2 ms at 512 x 512), and its Winograd reads them as they are
-#: (8x512x7x7: 6.06 against 7.14 ms).
-WINOGRAD_SMALL_IMAGE = 8
-WINOGRAD_SMALL_IMAGE_TILES = 2.5
+#: Small images need no more tiles than that. The forward pass used to ask 2.5 times as many beyond 256
+#: channels on outputs under 8 pixels, where three of four tiles overlapped the padding and were read a pixel
+#: at a time (on a machine whose matmul reached 450 GFLOP/s, 8x512x7x7: Winograd 5.70-5.96 ms, GEMM
+#: 5.05-5.33). Since the padded copy (WINOGRAD_PAD_MAX_SIZE) and the filters stored past the caches, on a
+#: machine whose numpy.matmul reaches 200 GFLOP/s (float32, 2 threads, one process alternating, Winograd
+#: against GEMM, ms): 512 channels on 7x7 images, 32 tiles 4.84 / 3.33, 64 tiles 6.07 / 6.37, 128 tiles
+#: 8.70 / 10.38, 256 tiles 16.0 / 21.4; 8x384x7x7 (128 tiles) 6.73 / 7.07; 512 channels on 14x14, 49 tiles
+#: 5.56 / 6.25, 98 tiles 9.39 / 11.42.
 
 #: Transformed filters of at least this many bytes are stored past the caches (``_simd.store_streaming``): an
 #: ordinary store first reads the line it writes, and 16 MiB of them (512 x 512 filters) do not stay in cache

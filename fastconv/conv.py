@@ -87,7 +87,7 @@ def _workspace_bytes(geometry, dtype, direct=False):
     return 2 * COLUMN_BUFFER_BYTES + dtype.itemsize * (weights + subsampled)
 
 
-def _choose_algorithm(algorithm, geometry, input_gradient=False):
+def _choose_algorithm(algorithm, geometry):
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, but got algorithm={algorithm!r}")
     if algorithm == "winograd" and not (winograd_applies(geometry) or strided_winograd_applies(geometry)):
@@ -100,7 +100,7 @@ def _choose_algorithm(algorithm, geometry, input_gradient=False):
         if geometry.groups > 1 and out_per_group <= DIRECT_MAX_OUT_PER_GROUP:
             return "direct"
         if winograd_applies(geometry):
-            return "winograd" if winograd_pays(geometry, input_gradient) else "gemm"
+            return "winograd" if winograd_pays(geometry) else "gemm"
         return "winograd" if strided_winograd_applies(geometry) and strided_winograd_pays(geometry) else "gemm"
     return algorithm
 
@@ -212,7 +212,7 @@ def _input_grad(grad_output, weight, bias, geometry, dtype):
             return _initial(geometry.input_shape, dtype, bias)
         # Winograd's filter transform reads the filters rotated and swapped itself: no flipped copy (1-2 ms at
         # 512x512 filters).
-        swapped = _choose_algorithm("auto", as_conv2d, input_gradient=True) == "winograd"
+        swapped = _choose_algorithm("auto", as_conv2d) == "winograd"
         if direct or swapped or not _columns_pay(geometry, dtype):
             filters = weight if swapped else _flip_for_input_grad(weight, geometry.groups)
             # Without swapped filters "auto" chooses the GEMM path or direct loops: it would ask Winograd for more.
