@@ -590,13 +590,35 @@ def _prefetch_tiles(x_data, shape, c, pt, pl, runs, n_runs):
 
 
 @njit(cache=True, inline="always")
-def _tile_task(x, pt, pl, groups, span, accumulate, up, v, m, runs, y, task):
+def _chunk_inputs(x, pt, pl, c0, first, last, j, kc, p0, p1, P, Q, v, runs):
+    """Channels ``c0 + p0 : c0 + p1`` of a KC block of ``kc`` channels from ``c0``, for chunk ``j`` of the tiles
+    ``first:last``: their input tiles transformed into packed B micro-panel ``j`` of ``v`` (tiles past the last
+    zeros)."""
+    chunk_first = first + j * NR
+    chunk_last = min(last, chunk_first + NR)
+    n_runs = chunk_runs(P, Q, chunk_first, chunk_last, runs)
+    for p in range(p0, p1):
+        c = c0 + p
+        if p + PREFETCH_CHANNELS < p1 and x.shape[3] >= PREFETCH_MIN_WIDTH:
+            _prefetch_tiles(_data(x), x.shape, c + PREFETCH_CHANNELS, pt, pl, runs, n_runs)
+        base = (j * kc + p) * NR
+        for t in range(chunk_last - chunk_first, NR):
+            for xi in range(XI):
+                v[xi, base + t] = 0
+        for i in range(n_runs):
+            _input_tiles(x, runs[i, 0], c, runs[i, 1], runs[i, 2], runs[i, 3], pt, pl, v, base, ONE)
+            base += runs[i, 3]
+
+
+@njit(cache=True, inline="always")
+def _tile_task(x, pt, pl, groups, span, accumulate, shared, up, v, m, runs, y, task):
     """Task ``task = (g, first, last, k0, k1)`` of ``_winograd_tasks``: tiles ``first:last`` (at most ``span``) of
     group ``g``, its output channels ``k0:k1``.
 
     Transforms the tiles' input into ``v``, one KC block of channels at a time, a packed B micro-panel per
-    chunk of NR tiles, multiplies them by the transformed filters into ``m`` (one GEMM per position of the
-    tile, with the GEMM's micro-kernel), and transforms ``m`` into the output tiles of those channels.
+    chunk of NR tiles (unless ``shared``: then ``v`` holds them already), multiplies them by the transformed
+    filters into ``m`` (one GEMM per position of the tile, with the GEMM's micro-kernel), and transforms ``m``
+    into the output tiles of those channels.
     """
     _, C, _, _ = x.shape
     _, K, P, Q = y.shape
@@ -607,20 +629,8 @@ def _tile_task(x, pt, pl, groups, span, accumulate, up, v, m, runs, y, task):
     for pc in range(0, Cg, KC):
         kc = min(KC, Cg - pc)
         for j in range(chunks):
-            chunk_first = first + j * NR
-            chunk_last = min(last, chunk_first + NR)
-            n_runs = chunk_runs(P, Q, chunk_first, chunk_last, runs)
-            for p in range(kc):
-                c = g * Cg + pc + p
-                if p + PREFETCH_CHANNELS < kc and x.shape[3] >= PREFETCH_MIN_WIDTH:
-                    _prefetch_tiles(_data(x), x.shape, c + PREFETCH_CHANNELS, pt, pl, runs, n_runs)
-                base = (j * kc + p) * NR
-                for t in range(chunk_last - chunk_first, NR):  # tiles past the last: zeros
-                    for xi in range(XI):
-                        v[xi, base + t] = 0
-                for i in range(n_runs):
-                    _input_tiles(x, runs[i, 0], c, runs[i, 1], runs[i, 2], runs[i, 3], pt, pl, v, base, ONE)
-                    base += runs[i, 3]
+            if not shared:
+                _chunk_inputs(x, pt, pl, g * Cg + pc, first, last, j, kc, 0, kc, P, Q, v, runs)
         for xi in range(XI):  # rows k0:k1 of the GEMM xi, into rows 0:k1-k0 of m
             for j in range(chunks):
                 panel = v[xi, j * kc * NR : (j + 1) * kc * NR]
@@ -651,9 +661,34 @@ def _winograd_tasks(x, weight, swapped, streaming, pt, pl, groups, tasks, span, 
     Kg, Cg = y.shape[1] // groups, x.shape[1] // groups
     for task in prange(groups * _round_up(Kg, MR) // MR):
         _transform_filter_rows(weight, task, Kg, Cg, swapped, streaming, up)
+    # Tasks that all take every tile of one block of channels (shared_inputs) share its transformed input: the
+    # threads transform a share of its channels each into v[0], once, instead of all of them each.
+    shared = shared_inputs(groups, Cg, tasks)
+    if shared:
+        P, Q = y.shape[2], y.shape[3]
+        last = tasks[0, 2]
+        chunks = -(-last // NR)
+        parts = v.shape[0] * chunks
+        for part in prange(parts):
+            j, share = part % chunks, part // chunks
+            p0, p1 = share * Cg // v.shape[0], (share + 1) * Cg // v.shape[0]
+            _chunk_inputs(x, pt, pl, 0, 0, last, j, Cg, p0, p1, P, Q, v[0], runs[numba.get_thread_id()])
     for task in prange(tasks.shape[0]):
         t = numba.get_thread_id()
-        _tile_task(x, pt, pl, groups, span, accumulate, up, v[t], m[t], runs[t], y, tasks[task])
+        own = v[0] if shared else v[t]
+        _tile_task(x, pt, pl, groups, span, accumulate, shared, up, own, m[t], runs[t], y, tasks[task])
+
+
+@njit(cache=True)
+def shared_inputs(groups, Cg, tasks):
+    """Whether the tasks of ``_winograd_tasks`` share one transformed input: one group of at most KC channels,
+    and at least two tasks, each of every tile (they split the output channels)."""
+    if groups != 1 or Cg > KC or tasks.shape[0] < 2:
+        return False
+    for i in range(tasks.shape[0]):
+        if tasks[i, 1] != 0 or tasks[i, 2] != tasks[0, 2]:
+            return False
+    return True
 
 
 #: Most output channels one task computes. Each task transforms its chunk's input tiles for all of the group's

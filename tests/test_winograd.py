@@ -118,6 +118,23 @@ def test_winograd_tasks_cover_every_output_once_in_equal_shares(threads, groups,
         assert len(tasks) == 8 and sorted(int(k1 - k0) for *_, k0, k1 in tasks)[:2] == [128, 128]
 
 
+@pytest.mark.parametrize(
+    "groups, tiles, Kg, shared",
+    [
+        (1, 128, 512, True),  # 8x512x7x7: two chunks, each thread all the tiles for half the output channels
+        (1, 64, 512, True),  # one chunk, split by output channels
+        (1, 392, 256, False),  # 7 chunks: tasks of different tiles
+        (2, 128, 512, False),  # groups: one block of channels each
+    ],
+)
+def test_tasks_of_every_tile_share_the_transformed_input(groups, tiles, Kg, shared):
+    """Where every task takes all the tiles (the threads split the output channels), the input is transformed
+    once, a share of its channels by each thread, not once per task."""
+    _, tasks = _winograd_task_table(groups, tiles, Kg, 2)
+    assert _winograd.shared_inputs(groups, 256, tasks) == shared
+    assert not _winograd.shared_inputs(groups, KC + 1, tasks)  # two blocks of channels: each task its own
+
+
 def test_auto_takes_winograd_for_wide_3x3_layers_and_the_input_gradient_follows(rng):
     C = K = WINOGRAD_MIN_CHANNELS
     side = 2 * int(np.ceil(np.sqrt(WINOGRAD_MIN_TILES)))  # enough 2x2 tiles in one image
