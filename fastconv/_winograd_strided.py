@@ -41,10 +41,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._conv_kernels import _padded_blocks
-from ._gemm import ZERO, _micro_kernel, _panel_rows, _round_up
+from ._gemm import TRANSPOSED_AHEAD, ZERO, _data, _micro_kernel, _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from ._simd import Vector, deinterleaved_columns, interleaved, load, store, vector_type
+from ._simd import Vector, _prefetch, deinterleaved_columns, interleaved, load, store, vector_type
 from ._winograd import _positions, chunk_runs, task_share
 from .config import (
     COLUMN_BUFFER_BYTES,
@@ -199,6 +199,10 @@ def _transform_filters(weight, task, Kg, Cg, pt, pl, up):
         kc = min(KC, Kg - pc)
         for kk in range(kc):
             offset = pc * m_pad + ir * kc + kk * MR
+            # MR filters (four cache lines) from each row, rows far apart: prefetched, as _gemm's transposed A.
+            ahead = (min(g * Kg + pc + kk + TRANSPOSED_AHEAD, weight.shape[0] - 1) * Cg + ir) * 16
+            for line in range(0, min(MR, Cg - ir) * 16, 16):
+                _prefetch(_data(weight), ahead + line)
             filters = weight[g * Kg + pc + kk, ir:]
             if ir + MR <= Cg:
                 destinations = (
