@@ -37,6 +37,11 @@ from .config import KC, MC, MR, NC, NR
 #: NARROW columns (``_panel_rows``).
 NARROW_PASSES = 2
 
+#: Bytes of accumulators the micro-kernel's register tile may hold: half of AVX-512's 32 vector registers, the
+#: rest for B's vectors and A's values. A float64 MR x NR tile would take all 32, and LLVM spills: float64 goes
+#: to the narrow tile (16 registers) for every micro-panel of B instead, a pass per NARROW columns.
+TILE_REGISTER_BYTES = 16 * 64
+
 # Arguments typed as plain int64 and bool, not as Numba literals: a literal argument (a bare 0 or True) would
 # compile the callee once more, for that one value.
 ZERO = np.int64(0)
@@ -353,7 +358,7 @@ def _panel_rows(ap, m, pc, kc, first, last, b_panel, c, i0, j0, n_valid, accumul
     phase) 0.55-0.60 -> 0.42-0.49.
     """
     m_pad = _round_up(m, MR)
-    if n_valid <= NARROW_PASSES * NARROW:
+    if n_valid <= NARROW_PASSES * NARROW or c.itemsize * MR * NR > TILE_REGISTER_BYTES:
         tile = numba.carray(_stack_tile(c.dtype), (2 * MR, NARROW))
         for ir in range(first, last, 2 * MR):
             start = pc * m_pad + ir * kc
