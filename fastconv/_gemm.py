@@ -189,7 +189,7 @@ TRANSPOSED_AHEAD = 16
 def _pack_a_transposed_group(a, row0, col0, kc, panels):
     """GROUP consecutive micro-panels of a transposed A: rows ``row0 : row0 + GROUP * MR`` of A (columns of
     ``a``), A's columns ``col0 : col0 + kc`` (rows of ``a``, across its blocks), into ``panels``."""
-    ncols, nrows = a.shape[1], a.shape[2]
+    ncols, row_length = a.shape[1], a.shape[2]
     data = _data(a)
     p = 0
     while p < kc:
@@ -197,7 +197,7 @@ def _pack_a_transposed_group(a, row0, col0, kc, panels):
         run = min(kc - p, left)
         for q in range(run):
             ahead = min(col + q + TRANSPOSED_AHEAD, ncols - 1)
-            _prefetch(data, (block * ncols + ahead) * nrows + row0)
+            _prefetch(data, (block * ncols + ahead) * row_length + row0)
             src = a[block, col + q, row0 : row0 + GROUP * MR]
             for g in range(GROUP):
                 dst = panels[g * kc * MR + (p + q) * MR : g * kc * MR + (p + q + 1) * MR]

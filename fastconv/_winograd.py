@@ -656,7 +656,9 @@ def _winograd_tasks(x, weight, swapped, streaming, pt, pl, groups, tasks, span, 
     ``_tile_task``), run in parallel, each thread with its own scratch, indexed by ``numba.get_thread_id()``:
     ``v`` (threads, 16, min(KC, Cg) * span + pad) the tiles' transformed input as packed B panels, ``m``
     (threads, 16, most channels of a task + 1, span) their GEMM results, ``runs`` (threads, NR, 4) the runs of
-    tiles of one chunk of them. The parallel loops only call serial functions.
+    tiles of one chunk of them. Where every task takes all the tiles (``shared_inputs``), their transformed
+    input is made once, before the tasks, a share of the channels by each thread, into ``v[0]``, which all the
+    tasks then read. The parallel loops only call serial functions.
     """
     Kg, Cg = y.shape[1] // groups, x.shape[1] // groups
     for task in prange(groups * _round_up(Kg, MR) // MR):

@@ -199,7 +199,8 @@ def _transform_filters(weight, task, Kg, Cg, pt, pl, up):
         kc = min(KC, Kg - pc)
         for kk in range(kc):
             offset = pc * m_pad + ir * kc + kk * MR
-            # MR filters (four cache lines) from each row, rows far apart: prefetched, as _gemm's transposed A.
+            # MR 4x4 filters from each row (a cache line each in float32), rows far apart: prefetched, as
+            # _gemm's transposed A is.
             ahead = (min(g * Kg + pc + kk + TRANSPOSED_AHEAD, weight.shape[0] - 1) * Cg + ir) * 16
             for line in range(0, min(MR, Cg - ir) * 16, 16):
                 _prefetch(_data(weight), ahead + line)
