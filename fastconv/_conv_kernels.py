@@ -61,6 +61,7 @@ from ._macro import (
     a_tasks,
     no_patches,
     packs_per_task,
+    stream_output,
     task_scratch,
 )
 from ._parallel import PRANGE_ONLY
@@ -153,13 +154,16 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     Kg = K // groups
     crs = Cg * R * S
     y_blocks = y.reshape(N, K, P * Q)
+    stream = stream_output(y) and crs <= KC  # written in one KC block: else read back by the next
     pointwise = _pointwise(R, S, geometry, P, Q, x)  # the patch matrix is x: packed as a plain matrix
     x_blocks = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
     if pointwise and not packs_per_task(Kg, patches=False):
         ap = _pack_weights(weight, groups, False)
         bp = scratch("shared panel", _packed_b_size(N * P * Q), y.dtype)
         for g in range(groups):
-            _gemm_packed(ap[g], Kg, crs, x_blocks, g * Cg, ZERO, N * P * Q, y_blocks, g * Kg, ZERO, accumulate, bp)
+            _gemm_packed(
+                ap[g], Kg, crs, x_blocks, g * Cg, ZERO, N * P * Q, y_blocks, g * Kg, ZERO, accumulate, bp, stream=stream
+            )
         return
     if outer_pays(geometry, weight.shape, groups, Q, y.itemsize):
         _conv2d_outer(x, weight, geometry, groups, accumulate, y)
@@ -208,7 +212,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
                 a, a_pc = (ap[0], ZERO) if by_blocks else (ap[g], pc)
                 _macro_kernel(
                     a, Kg, a_pc, kc, source, b, g * crs, patch_x, taps, *stride, P, Q, ZERO, (n1 - n0) * P * Q,
-                    y_blocks[n0:n1], g * Kg, ZERO, bool(accumulate or pc > 0), panels, pixel_tables,
+                    y_blocks[n0:n1], g * Kg, ZERO, bool(accumulate or pc > 0), stream, panels, pixel_tables,
                 )  # fmt: skip
 
 

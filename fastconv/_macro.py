@@ -56,7 +56,8 @@ from ._gemm import (
 from ._im2col import _gathered_patch_panel, _patch_panel
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
-from .config import KC, MC, MR, NC, NR
+from ._simd import _store_fence
+from .config import KC, MC, MR, NC, NR, STREAM_OUTPUT_BYTES
 
 #: Where the macro-kernel's micro-panels of B come from (module docstring). Numpy scalars, not Python ints:
 #: a literal argument would compile the kernel once more.
@@ -90,8 +91,9 @@ def _block_rows(m):
 
 @njit(parallel=PRANGE_ONLY, cache=True)
 def _macro_kernel(
-    ap, m, pc, kc, source, b, b_row0, x, taps, sh, sw, P, Q, jc, nc, c, c_row0, c_col0, accumulate, panels, pixel_tables
-):
+    ap, m, pc, kc, source, b, b_row0, x, taps, sh, sw, P, Q, jc, nc, c, c_row0, c_col0, accumulate, stream, panels,
+    pixel_tables,
+):  # fmt: skip
     """``C[:, jc:jc+nc] (+)= A[:, pc:pc+kc] @ B[pc:pc+kc, jc:jc+nc]`` for one KC block.
 
     ``ap`` is all of A packed by ``_pack_a``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0:]``, blocked. B is, by
@@ -100,7 +102,8 @@ def _macro_kernel(
     ``taps`` is ``_tap_table`` of this block, made by the caller: a kernel allocates nothing); ``GATHERED``, the
     same patches, gathered value by value (``_gathered_patch_panel``: small images). The last three are packed by
     each task into its thread's row of ``panels`` (:func:`task_scratch`). ``PACK_SHARED`` only packs the shared
-    panel of B (``_pack_b``): one kernel for both steps, so one parallel kernel less to compile.
+    panel of B (``_pack_b``): one kernel for both steps, so one parallel kernel less to compile. With ``stream``,
+    C's whole tiles are stored past the caches (``_gemm._micro_kernel``), each task's stores fenced at its end.
     """
     n_jr = -(-nc // NR)
     mc = _block_rows(m)
@@ -122,7 +125,9 @@ def _macro_kernel(
                 _gathered_patch_panel(x, taps, sh, sw, P, Q, kc, jc + jr, n_valid, panel, pixel_tables[thread])
             else:
                 _pack_b_panel(b, b_row0, 0, pc, kc, jc + jr, n_valid, panel)
-        _panel_rows(ap, m, pc, kc, ic, min(ic + mc, m), panel, c, c_row0, c_col0 + jc + jr, n_valid, accumulate)
+        _panel_rows(ap, m, pc, kc, ic, min(ic + mc, m), panel, c, c_row0, c_col0 + jc + jr, n_valid, accumulate, stream)
+        if stream:
+            _store_fence()
 
 
 def _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp):
@@ -136,7 +141,7 @@ def _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp):
     one_row = np.empty((1, 1, 1), bp.dtype)  # C, untouched: one task per micro-panel of B
     _macro_kernel(
         bp, np.int64(1), pc, kc, PACK_SHARED, b, b_row0, no_x, no_taps, 1, 1, 1, 1, b_col0 + jc, nc, one_row,
-        ZERO, ZERO, FALSE, bp.reshape(1, -1), np.empty((1, 3, NR), np.int64),
+        ZERO, ZERO, FALSE, FALSE, bp.reshape(1, -1), np.empty((1, 3, NR), np.int64),
     )  # fmt: skip
 
 
@@ -150,7 +155,7 @@ def _pack_b_transposed(bt, pc, kc, jc, nc, bp):
         _pack_b_panel_transposed(bt_blocks, ZERO, pc, kc, jc + j, min(NR, nc - j), bp[j * kc : j * kc + kc * NR])
 
 
-def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, bp, bt=None, a=None):
+def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, bp, bt=None, a=None, stream=False):
     """``C (+)= A @ B`` on blocked matrices (see ``_pack_a``), with A (m x k) already packed by ``_pack_a``,
     through a shared panel of B.
 
@@ -162,6 +167,8 @@ def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, 
     Given ``a``, a pair ``(blocked matrix, transposed)`` for ``_pack_a``, A is not packed yet: each KC block of
     it is packed into ``ap`` (``_packed_a_size(m, KC)`` values) just before its products. Each block is used
     once per NC columns, so packing a large A whole would write it to memory only to read it back.
+
+    With ``stream``, a C overwritten in one KC block is stored past the caches (:func:`stream_output`).
     """
     if k == 0 and not accumulate:
         _zero_columns(c, c_row0, m, c_col0, n)
@@ -179,7 +186,8 @@ def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, 
                 _pack_b_transposed(bt, pc, kc, jc, nc, bp)
             _macro_kernel(
                 ap, m, ZERO if a is not None else pc, kc, SHARED, b, b_row0, no_x, no_taps, 1, 1, 1, 1, ZERO, nc,
-                c, c_row0, c_col0 + jc, np.bool_(accumulate or pc > 0), panels, no_pixels,
+                c, c_row0, c_col0 + jc, np.bool_(accumulate or pc > 0), np.bool_(stream and k <= KC), panels,
+                no_pixels,
             )  # fmt: skip
 
 
@@ -210,7 +218,9 @@ def _a_block(a, transposed, i0, rows, pc, kc, bp, nc, c, c_row0, c_col0, accumul
         _pack_a_panel(a, i0, rows, pc, kc, transposed, ap, t)
     for jr in range(0, nc, NR):
         b_panel = bp[jr * kc : jr * kc + kc * NR]
-        _panel_rows(ap, rows, ZERO, kc, ZERO, rows, b_panel, c, c_row0 + i0, c_col0 + jr, min(NR, nc - jr), accumulate)
+        _panel_rows(
+            ap, rows, ZERO, kc, ZERO, rows, b_panel, c, c_row0 + i0, c_col0 + jr, min(NR, nc - jr), accumulate, FALSE
+        )
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
@@ -246,7 +256,14 @@ def _gemm_a_per_task(a, transposed, m, k, b, b_row0, b_col0, n, c, c_row0, c_col
             _a_block_tasks(*args, c_row0, c_col0 + jc, np.bool_(pc > 0), a_panels)
 
 
-def _gemm_per_task(ap, m, k, b, b_row0, n, c, c_row0, accumulate):
+def stream_output(c):
+    """Whether the GEMM writing ``c`` should store it past the caches (``config.STREAM_OUTPUT_BYTES``): ``c``
+    64-byte aligned (:func:`_scratch.empty_aligned`), as non-temporal stores need, and too large for the
+    cores' L2 caches."""
+    return c.nbytes >= STREAM_OUTPUT_BYTES and c.ctypes.data % 64 == 0
+
+
+def _gemm_per_task(ap, m, k, b, b_row0, n, c, c_row0, accumulate, stream=False):
     """``_gemm_packed`` with B packed per task (``PLAIN``), for B and C starting at column 0."""
     if k == 0 and not accumulate:
         _zero_columns(c, c_row0, m, ZERO, n)
@@ -256,7 +273,7 @@ def _gemm_per_task(ap, m, k, b, b_row0, n, c, c_row0, accumulate):
         kc = min(KC, k - pc)
         _macro_kernel(
             ap, m, pc, kc, PLAIN, b, b_row0, no_x, no_taps, 1, 1, 1, 1, ZERO, n, c, c_row0, ZERO,
-            np.bool_(accumulate or pc > 0), panels, pixel_tables,
+            np.bool_(accumulate or pc > 0), np.bool_(stream and k <= KC), panels, pixel_tables,
         )  # fmt: skip
 
 
@@ -322,6 +339,7 @@ def _gemm(a, b, c, a_transposed=False, b_transposed=False):
             for i in range(1, ranges):
                 c += partial[i]
         return
+    stream = stream_output(c)
     # Blocked matrices of one block each.
     a_blocks, b_blocks, c_blocks = a.reshape(1, *a.shape), b.reshape(1, *b.shape), c.reshape(1, m, n)
     bt = b if b_transposed else None  # then packed into the shared panel by rows of b, in square blocks
@@ -329,12 +347,14 @@ def _gemm(a, b, c, a_transposed=False, b_transposed=False):
         # packed whole first: 512x392x4608 4.6-4.8 -> 4.5-4.6 ms, 1024^3 5.3-5.5 -> 5.1-5.3.
         ap = scratch("packed A block", _packed_a_size(m, KC), c.dtype)
         bp = scratch("shared panel", _packed_b_size(min(n, NC)), c.dtype)
-        _gemm_packed(ap, m, k, b_blocks, ZERO, ZERO, n, c_blocks, ZERO, ZERO, FALSE, bp, bt, (a_blocks, a_transposed))
+        _gemm_packed(
+            ap, m, k, b_blocks, ZERO, ZERO, n, c_blocks, ZERO, ZERO, FALSE, bp, bt, (a_blocks, a_transposed), stream
+        )
         return
     ap = scratch("packed A", _packed_a_size(m, k), c.dtype)  # at most MC rows: packed whole, in one launch
     _pack_a(a_blocks, ZERO, m, ZERO, k, np.bool_(a_transposed), ap)
     if b_transposed:
         bp = scratch("shared panel", _packed_b_size(min(n, NC)), c.dtype)
-        _gemm_packed(ap, m, k, b_blocks, ZERO, ZERO, n, c_blocks, ZERO, ZERO, FALSE, bp, bt)
+        _gemm_packed(ap, m, k, b_blocks, ZERO, ZERO, n, c_blocks, ZERO, ZERO, FALSE, bp, bt, stream=stream)
     else:
-        _gemm_per_task(ap, m, k, b_blocks, ZERO, n, c_blocks, ZERO, FALSE)
+        _gemm_per_task(ap, m, k, b_blocks, ZERO, n, c_blocks, ZERO, FALSE, stream)

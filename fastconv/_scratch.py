@@ -67,6 +67,17 @@ def _new_view(pool, name, shape, dtype):
     return array
 
 
+def empty_aligned(shape, dtype):
+    """``np.empty(shape, dtype)`` starting on a cache line (64 bytes): NumPy's own may start anywhere 16 bytes
+    apart, and a vector store into such an array splits a line; the non-temporal stores of a GEMM's output
+    (``config.STREAM_OUTPUT_BYTES``) need the alignment."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    offset = -buffer.ctypes.data % _ALIGNMENT
+    return buffer[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
 def per_thread_length(length, dtype):
     """The values :func:`per_thread` gives a one-dimensional row of ``length``: up to a pair of cache lines."""
     line_pair = 2 * _ALIGNMENT // np.dtype(dtype).itemsize

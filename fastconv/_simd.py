@@ -75,6 +75,24 @@ def _store_fence(typingctx):
     return types.none(), codegen
 
 
+@intrinsic
+def _stream_row(typingctx, target, target_start, tile, row):
+    """``target[target_start : target_start + NR] = tile[row * NR : (row + 1) * NR]``, stored past the caches
+    (``store_streaming``): row ``row`` of a register tile (``tile`` a pointer to it) into C (``target`` a
+    pointer to its data). The caller fences the stores (``_store_fence``) before C is read."""
+
+    def codegen(context, builder, signature, args):
+        target, target_start, tile, row = args
+        vector, lanes, size = vector_type(context, signature.args[0].dtype)
+        source = builder.gep(tile, [builder.mul(row, ir.IntType(64)(NR))])
+        for v in range(0, NR, lanes):
+            value = load(builder, vector, source, v, size)
+            store_streaming(builder, value, target, builder.add(target_start, ir.IntType(64)(v)), size)
+        return context.get_dummy_value()
+
+    return types.none(target, target_start, tile, row), codegen
+
+
 def deinterleaved_columns(context, builder, dtype, row, count, valid=None):
     """The first ``count`` of the vectors of columns ``2l``, ``2l + 1``, ``2l + 2``, ``2l + 3`` (lane ``l``) from
     the pointer ``row``: two double-width loads, at 0 and 2, each split into its even and odd values. A vector

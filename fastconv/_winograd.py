@@ -37,7 +37,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._gemm import _data, _panel_rows, _round_up
+from ._gemm import FALSE, _data, _panel_rows, _round_up
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
 from ._shifted import _pad_phases
@@ -634,7 +634,9 @@ def _tile_task(x, pt, pl, groups, span, accumulate, shared, up, v, m, runs, y, t
         for xi in range(XI):  # rows k0:k1 of the GEMM xi, into rows 0:k1-k0 of m
             for j in range(chunks):
                 panel = v[xi, j * kc * NR : (j + 1) * kc * NR]
-                _panel_rows(up[g, xi], Kg, pc, kc, k0, k1, panel, m, -k0, xi * span + j * NR, WHOLE_PANEL, pc > 0)
+                _panel_rows(
+                    up[g, xi], Kg, pc, kc, k0, k1, panel, m, -k0, xi * span + j * NR, WHOLE_PANEL, pc > 0, FALSE
+                )
     for j in range(chunks):
         n_runs = chunk_runs(P, Q, first + j * NR, min(last, first + j * NR + NR), runs)
         for k in range(k0, k1):

@@ -34,6 +34,15 @@ NC = 2048
 #: chunks of output rows, so memory stays bounded whatever the image size.
 COLUMN_BUFFER_BYTES = 32 * 2**20
 
+#: A GEMM's C of at least this many bytes, overwritten in one pass over the shared dimension (the output of a
+#: conv2d by GEMM, of ``gemm``), is stored past the caches (non-temporal stores, ``_simd._stream_row``): C
+#: larger than the two cores' L2 caches goes to memory anyway, and an ordinary store first reads the line it
+#: writes. Measured (float32, 2 threads, one process alternating, ms): conv2d 8x64x56x56 -> 256 1x1 5.89 ->
+#: 4.56, 8x256x56x56 -> 64 5.59 -> 5.12, 8x64x28x28 -> 128 0.68 -> 0.58; conv2d_backward 8x256x56x56 -> 64
+#: 11.6 -> 10.3; gemm 256x25088x64 5.55 -> 4.58. The next layer reading the output pays nothing for it:
+#: 8x64x56x56 -> 256 -> 64 (two 1x1) 11.5 -> 9.8, 8x64x28x28 -> 128 1x1 then 3x3 4.37 -> 4.23.
+STREAM_OUTPUT_BYTES = 2 * 2**20
+
 #: The forward pass by GEMM in float32 reads B straight from the padded input (``_shifted.py``), not from packed
 #: patches, when a group has at most SHIFTED_MAX_OUT_PER_GROUP filters and the positions it computes past the
 #: output (at the end of each row, and in the last tile of NR of each image) cost less than packing, whose cost

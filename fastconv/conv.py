@@ -21,6 +21,7 @@ from ._conv_kernels import (
 from ._direct import conv2d_direct, conv2d_direct_weight, direct_workspace
 from ._im2col import _depth_to_space, _scatter_phase, _scatter_phase_pair, _space_to_depth
 from ._parallel import run, sized
+from ._scratch import empty_aligned
 from ._shifted import shifted_weight_grad_pays, weight_grad_layout
 from ._winograd import _conv2d_winograd, winograd_applies, winograd_pays, winograd_workspace
 from ._winograd_grad import conv2d_weight_winograd, winograd_weight_grad_pays, winograd_weight_grad_workspace
@@ -72,7 +73,7 @@ def _initial(shape, dtype, bias):
     """An output array holding the bias along axis 1, or zeros."""
     if bias is None:
         return np.zeros(shape, dtype)
-    out = np.empty(shape, dtype)
+    out = empty_aligned(shape, dtype)
     out[...] = bias.astype(dtype).reshape(1, -1, 1, 1)
     return out
 
@@ -142,7 +143,7 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d
         return _run_direct(conv2d_direct, x, weight, bias, geometry, geometry.output_shape, dtype)
     # Without a bias the first block overwrites the output: no pass to zero it first.
     overwrite = bias is None and x.size and weight.size
-    y = np.empty(geometry.output_shape, dtype) if overwrite else _initial(geometry.output_shape, dtype, bias)
+    y = empty_aligned(geometry.output_shape, dtype) if overwrite else _initial(geometry.output_shape, dtype, bias)
     if y.size and x.size:
         args = (v.kernel_ready(x, dtype), v.kernel_ready(weight, dtype), geometry.kernel_geometry, geometry.groups)
         if strided:

@@ -1,10 +1,9 @@
 """``gemm(a, b)``: the project's own blocked matrix product, without BLAS."""
 
-import numpy as np
-
 from . import _validate as v
 from ._macro import _gemm
 from ._parallel import run, sized
+from ._scratch import empty_aligned
 
 __all__ = ["gemm"]
 
@@ -60,7 +59,7 @@ def gemm(a, b):
     a_transposed, b_transposed = _stored_by_columns(a), _stored_by_columns(b)
     if a_transposed and b_transposed:
         return gemm(b.T, a.T).T  # two operands stored by rows: no copy of either, a view of the product
-    c = np.empty((a.shape[0], b.shape[1]), dtype)
+    c = empty_aligned((a.shape[0], b.shape[1]), dtype)
     flops = 2 * c.size * a.shape[1]
     if c.size:
         # An operand stored by columns (a transposed view, Fortran order) is packed from its transpose.

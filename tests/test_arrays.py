@@ -7,7 +7,7 @@ import pytest
 
 import fastconv
 from conftest import assert_close, random_array
-from fastconv import _conv_kernels, reference
+from fastconv import _conv_kernels, _macro, reference
 from fastconv import conv as conv_module
 
 PARAMS = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=2)
@@ -167,6 +167,35 @@ def test_input_gradient_adds_each_task_back_with_the_same_bits(
     apart = fastconv.conv_transpose2d(x, w, **params)
     np.testing.assert_array_equal(fused, apart)
     assert_close(fused, reference.conv_transpose2d(x, w, **params))
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, padding",
+    [
+        ((2, 16, 8, 8), (80, 16, 1, 1), 1, 0),  # 1x1: rows of 64 pixels, whole tiles on cache lines
+        ((3, 8, 7, 7), (12, 8, 1, 1), 1, 0),  # 1x1: rows of 49 pixels, tiles across images and cache lines
+        ((2, 8, 12, 12), (36, 8, 3, 3), 1, 1),  # patches packed per task
+        ((2, 8, 12, 12), (20, 8, 3, 3), 2, 1),
+    ],
+)
+def test_streamed_output_has_the_bits_of_a_cached_one(rng, monkeypatch, x_shape, w_shape, stride, padding):
+    """conv2d by GEMM stores an output of ``config.STREAM_OUTPUT_BYTES`` or more past the caches (here from its
+    first byte), its gradients likewise where they are GEMM outputs: the same bits as through the caches, and
+    the reference's values."""
+    x = random_array(rng, x_shape, "float32")
+    w = random_array(rng, w_shape, "float32")
+    params = dict(stride=stride, padding=padding)
+    dy = random_array(rng, reference.conv2d(x, w, **params).shape, "float32")
+
+    def results():
+        return [fastconv.conv2d(x, w, **params, algorithm="gemm"), *fastconv.conv2d_backward(x, w, dy, **params)]
+
+    cached = results()
+    monkeypatch.setattr(_macro, "STREAM_OUTPUT_BYTES", 0)
+    streamed = results()
+    for a, b in zip(streamed, cached):
+        np.testing.assert_array_equal(a, b)
+    assert_close(streamed[0], reference.conv2d(x, w, **params))
 
 
 def test_results_do_not_depend_on_the_thread_count(rng):

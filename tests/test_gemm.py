@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_close, random_array
-from fastconv import config, gemm
+from fastconv import _macro, config, gemm
 from fastconv._gemm import NARROW, NARROW_PASSES, TRUE, ZERO, _pack_a, _packed_a_size, _packed_b_size
 from fastconv._macro import _gemm_a_per_task, _gemm_packed, _k_ranges
 
@@ -125,3 +125,18 @@ def test_few_tiles_of_c_split_the_shared_dimension(rng, dtype):
         assert_close(gemm(a, b), (a.astype(np.float64) @ b.astype(np.float64)).astype(dtype))
     assert _k_ranges(config.MC, 4 * config.NR, 10**6) == 1  # enough tiles for every thread
     assert _k_ranges(64, 64, config.KC) == 1  # too short to split
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "m, n, k", [(300, 301, 299), (64, 3 * config.NR, 64), (config.MC + 1, config.NC + 5, config.KC)]
+)
+def test_streamed_output_has_the_bits_of_a_cached_one(rng, monkeypatch, dtype, m, n, k):
+    """A C stored past the caches (``config.STREAM_OUTPUT_BYTES``, here from its first byte) holds the bits of
+    one stored through them: whole tiles streamed, where their rows start on a cache line, the rest not."""
+    a = random_array(rng, (m, k), dtype)
+    b = random_array(rng, (k, n), dtype)
+    cached = gemm(a, b)
+    monkeypatch.setattr(_macro, "STREAM_OUTPUT_BYTES", 0)
+    np.testing.assert_array_equal(gemm(a, b), cached)
+    np.testing.assert_array_equal(gemm(a, np.asfortranarray(b)), cached)  # B packed from its transpose
