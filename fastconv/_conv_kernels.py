@@ -72,11 +72,13 @@ from ._shifted import (
     _pad_phases,
     _pixel_major,
     _shifted_gemm,
+    _shifted_gemm_staged,
     _shifted_weight_grad,
     outer_pays,
     outer_tile,
     padded_shape,
     shifted_pays,
+    staged_rows,
     tap_offsets,
     weight_grad_tile,
 )
@@ -239,6 +241,17 @@ def _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y):
     Hp, Wp = padded_shape(P, Q, R, S, geometry)
     plane, planes = Hp * Wp, C * sh * sw  # planes per image
     offsets = tap_offsets(C // groups, R, S, Hp, Wp, geometry)
+    # An output too large for the caches is staged a block of rows at a time and streamed out (_shifted.py).
+    rows = staged_rows(x.shape[0], P, Q, Kg, y.itemsize) if stream_output(y) and not accumulate else 0
+    if rows:
+        staging = per_thread((Kg * rows * Q,), y.dtype, name="shifted staging")
+        for n0, n1, xp in _padded_blocks(x, geometry, Hp, Wp, planes * plane * y.itemsize):
+            for g in range(groups):
+                _shifted_gemm_staged(
+                    ap[g], Kg, crs, xp, np.int64(planes), np.int64(plane), np.int64(g * planes // groups), offsets,
+                    np.int64(Wp), y[n0:n1], np.int64(g * Kg), np.int64(rows), staging,
+                )  # fmt: skip
+        return
     for n0, n1, xp in _padded_blocks(x, geometry, Hp, Wp, planes * plane * y.itemsize):
         for g in range(groups):
             _shifted_gemm(

@@ -46,7 +46,15 @@ from numba import njit, prange
 
 from ._gemm import _FASTMATH, _data, _round_up, _stack_tile
 from ._parallel import PRANGE_ONLY
-from ._simd import _copy_run, _deinterleave_run, _pixel_filter_tile, _tap_filter_tile, _transposed_block
+from ._simd import (
+    _copy_run,
+    _deinterleave_run,
+    _pixel_filter_tile,
+    _store_fence,
+    _stream_vectors,
+    _tap_filter_tile,
+    _transposed_block,
+)
 from .config import (
     COLUMN_BUFFER_BYTES,
     KC,
@@ -56,6 +64,8 @@ from .config import (
     SHIFTED_MAX_A_TRAFFIC,
     SHIFTED_MAX_OUT_PER_GROUP,
     SHIFTED_MAX_STRIDED_TAPS,
+    SHIFTED_STAGED_MIN_TASKS,
+    SHIFTED_STAGING_BYTES,
     SHIFTED_WASTE_BUDGET,
 )
 
@@ -294,6 +304,48 @@ def _shifted_gemm(ap, m, k, xp, C, plane, channel0, offsets, Wp, y, row0, accumu
         j_end = min(j0 + NR, span)
         for ir in range(ic, min(ic + MC, m), MR):
             _shifted_tile(ap, m, k, ir, xp, base, offsets, y, n, row0, j0, j_end, Wp, Q, accumulate)
+
+
+def staged_rows(N, P, Q, m, itemsize):
+    """Output rows per task of :func:`_shifted_gemm_staged` for ``m`` filters of ``P x Q`` outputs of ``N``
+    images: as many as fill ``config.SHIFTED_STAGING_BYTES`` of staging, or 0 where that leaves fewer than
+    ``config.SHIFTED_STAGED_MIN_TASKS`` tasks (a thread idle a good part of the call)."""
+    rows = max(1, min(P, SHIFTED_STAGING_BYTES // (m * Q * itemsize)))
+    return rows if N * -(-P // rows) >= SHIFTED_STAGED_MIN_TASKS else 0
+
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _shifted_gemm_staged(ap, m, k, xp, C, plane, channel0, offsets, Wp, y, row0, rows, staging):
+    """``y[:, row0 : row0 + m] = conv2d`` of one group, as :func:`_shifted_gemm`, but a task per ``rows`` output
+    rows of an image: its tiles are stored in the thread's row of ``staging`` (``m * rows * Q`` values, in the
+    cache), then each filter's rows, contiguous in ``y``, are copied out past the caches
+    (``_simd._stream_vectors``). The same sums, so the same bits; no line of ``y`` is read before it is written.
+    The tiles start anew on each task's first row: up to NR - 1 positions more computed per task."""
+    N, _, P, Q = y.shape
+    blocks = -(-P // rows)
+    lanes = 64 // y.itemsize
+    target = _data(y)
+    for task in prange(N * blocks):
+        n, p0 = task // blocks, task % blocks * rows
+        count = (min(P, p0 + rows) - p0) * Q  # values per filter
+        stage = staging[numba.get_thread_id()]
+        stage_y = stage[: m * rows * Q].reshape((1, m, rows, Q))
+        span = (count // Q - 1) * Wp + Q
+        for j0 in range(0, span, NR):
+            base = (n * C + channel0) * plane + p0 * Wp + j0
+            for ir in range(0, m, MR):
+                _shifted_tile(ap, m, k, ir, xp, base, offsets, stage_y, 0, 0, j0, min(j0 + NR, span), Wp, Q, False)
+        for i in range(m):
+            start = ((n * y.shape[1] + row0 + i) * P + p0) * Q
+            head = min(count, -start % lanes)  # values before the first whole cache line
+            vectors = (count - head) // lanes
+            source = stage[i * rows * Q : i * rows * Q + count]
+            for t in range(head):
+                target[start + t] = source[t]
+            _stream_vectors(target, start + head, _data(stage), i * rows * Q + head, vectors)
+            for t in range(head + vectors * lanes, count):
+                target[start + t] = source[t]
+        _store_fence()
 
 
 #: The weight gradient's tiles (``_simd._tap_filter_tile``): taps by vector registers of filters, 24

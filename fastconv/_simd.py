@@ -93,6 +93,24 @@ def _stream_row(typingctx, target, target_start, tile, row):
     return types.none(target, target_start, tile, row), codegen
 
 
+@intrinsic
+def _stream_vectors(typingctx, target, target_start, source, source_start, count):
+    """``count`` vector registers of values from ``source + source_start`` stored at ``target + target_start``
+    past the caches (``store_streaming``; ``target`` and ``source`` pointers, ``target + target_start`` best on a
+    cache line). The caller fences the stores (``_store_fence``) before they are read."""
+
+    def codegen(context, builder, signature, args):
+        target, target_start, source, source_start, count = args
+        vector, lanes, size = vector_type(context, signature.args[0].dtype)
+        with cgutils.for_range(builder, count) as loop:
+            offset = builder.mul(loop.index, ir.IntType(64)(lanes))
+            value = load(builder, vector, source, builder.add(source_start, offset), size)
+            store_streaming(builder, value, target, builder.add(target_start, offset), size)
+        return context.get_dummy_value()
+
+    return types.none(target, target_start, source, source_start, count), codegen
+
+
 def deinterleaved_columns(context, builder, dtype, row, count, valid=None):
     """The first ``count`` of the vectors of columns ``2l``, ``2l + 1``, ``2l + 2``, ``2l + 3`` (lane ``l``) from
     the pointer ``row``: two double-width loads, at 0 and 2, each split into its even and odd values. A vector

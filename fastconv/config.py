@@ -67,6 +67,15 @@ SHIFTED_WASTE_BUDGET = 20
 SHIFTED_MAX_STRIDED_TAPS = 160
 SHIFTED_MAX_A_TRAFFIC = 20 * 2**20
 
+#: The forward pass from the padded input writes an output of STREAM_OUTPUT_BYTES or more a block of output rows
+#: per task, staged in SHIFTED_STAGING_BYTES of the thread's cache and then streamed out whole cache lines at a
+#: time (``_shifted._shifted_gemm_staged``): the tiles' runs of a row start anywhere in a line, and streamed as
+#: they come (the lines they cover whole) they gained nothing. Not where that leaves fewer than
+#: SHIFTED_STAGED_MIN_TASKS tasks. Measured (float32, 2 threads, one process alternating, ms): the 7x7 stride-2
+#: stem 8x3x224x224 -> 64 12.0 -> 10.7-10.8, 32x32x32x32 -> 32 3x3 3.93 -> 3.46.
+SHIFTED_STAGING_BYTES = 512 * 2**10
+SHIFTED_STAGED_MIN_TASKS = 16
+
 #: Bytes of scratch each thread keeps from one call to the next (``_scratch.py``): packed weights and panels,
 #: column buffers, stride phases. Beyond it, scratch is allocated for the call alone. Enough for the column
 #: buffer and the stride phases (COLUMN_BUFFER_BYTES each) and the packed weights of a 512x512 3x3 layer.

@@ -198,6 +198,36 @@ def test_streamed_output_has_the_bits_of_a_cached_one(rng, monkeypatch, x_shape,
     assert_close(streamed[0], reference.conv2d(x, w, **params))
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, padding, groups",
+    [
+        ((2, 8, 12, 11), (6, 8, 3, 3), 1, 1, 1),  # 6 filters: a micro-panel and a half
+        ((3, 3, 31, 30), (16, 3, 7, 7), 2, 3, 1),  # an RGB stem at stride 2
+        ((2, 8, 9, 9), (12, 4, 3, 3), 1, 0, 2),
+    ],
+)
+def test_staged_output_has_the_bits_of_one_written_in_place(
+    rng, monkeypatch, rows, x_shape, w_shape, stride, padding, groups
+):
+    """The forward pass from the padded input stages a large output a block of rows per task and streams it out
+    (``_shifted._shifted_gemm_staged``; here from its first byte, ``rows`` rows a task): its tiles start on each
+    task's first row, but every output is summed as before: the same bits."""
+    x = random_array(rng, x_shape, "float32")
+    w = random_array(rng, w_shape, "float32")
+    params = dict(stride=stride, padding=padding, groups=groups)
+    in_place = fastconv.conv2d(x, w, **params)
+    calls = []
+    staged_kernel = _conv_kernels._shifted_gemm_staged
+    monkeypatch.setattr(_conv_kernels, "_shifted_gemm_staged", lambda *args: calls.append(staged_kernel(*args)))
+    monkeypatch.setattr(_conv_kernels, "staged_rows", lambda *args: rows)
+    monkeypatch.setattr(_macro, "STREAM_OUTPUT_BYTES", 0)
+    staged = fastconv.conv2d(x, w, **params)
+    assert len(calls) == groups
+    np.testing.assert_array_equal(staged, in_place)
+    assert_close(staged, reference.conv2d(x, w, **params))
+
+
 def test_results_do_not_depend_on_the_thread_count(rng):
     """The same bits on one thread and on all (``fastconv.set_num_threads``: Numba's own setting is overridden
     by every launch), whatever the size of the call."""
