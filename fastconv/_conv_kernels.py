@@ -123,6 +123,14 @@ def patchify(R, S, geometry, P, Q, H, W):
     return (R, S) == tuple(geometry[:2]) != (1, 1) and tuple(geometry[2:]) == (0, 0, 1, 1) and (P * R, Q * S) == (H, W)
 
 
+def subsampled_1x1(R, S, geometry, P, Q, H, W):
+    """Whether a 1x1 layer's outputs read pixels of x alone, every sh-th row and sw-th column from the first: no
+    padding before x, and none of the padding after it (asymmetric padding) read, so that those pixels, copied
+    together (``_subsample``), are its patch matrix."""
+    sh, sw, pt, pl = geometry[:4]
+    return R == S == 1 and (pt, pl) == (0, 0) and (P - 1) * sh < H and (Q - 1) * sw < W
+
+
 def _column_buffer(crs, rows_per_chunk, n_rows, Q, dtype):
     """The column buffer of a chunk, as a blocked matrix of one block, and the rows per chunk it allows."""
     rows = min(rows_per_chunk, n_rows)
@@ -145,7 +153,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     N = x.shape[0]
     K, Cg, R, S = weight.shape
     _, _, P, Q = y.shape
-    if R == S == 1 and geometry[2:4] == (0, 0) and geometry[:2] != (1, 1):
+    if subsampled_1x1(R, S, geometry, P, Q, *x.shape[2:]) and geometry[:2] != (1, 1):
         # A strided, unpadded 1x1 convolution reads every sh-th row and sw-th column only: those pixels, copied
         # together (at most a quarter of x at stride 2), make it a stride-1 one, a plain GEMM with no gather.
         sh, sw = geometry[:2]
@@ -488,7 +496,7 @@ def _plain_columns(x, R, S, geometry, P, Q):
     if _pointwise(R, S, geometry, P, Q, x):
         return x
     patchify_layer = patchify(R, S, geometry, P, Q, H, W)
-    subsample = R == S == 1 and geometry[2:] == (0, 0, 1, 1)
+    subsample = subsampled_1x1(R, S, geometry, P, Q, H, W)
     if not (patchify_layer or subsample) or N * C * R * S * P * Q * x.itemsize > COLUMN_BUFFER_BYTES:
         return None
     columns = scratch("plain columns", (N, C * R * S, P, Q), x.dtype)

@@ -228,6 +228,30 @@ def test_staged_output_has_the_bits_of_one_written_in_place(
     assert_close(staged, reference.conv2d(x, w, **params))
 
 
+@pytest.mark.parametrize(
+    "x_shape, stride, padding",
+    [
+        ((1, 2, 3, 3), 2, ((0, 2), (0, 2))),  # the last output row and column read the padding
+        ((2, 3, 4, 5), 2, ((0, 3), (0, 1))),
+        ((2, 2, 3, 3), 1, ((0, 1), (0, 0))),
+        ((3, 3, 0, 0), 1, ((0, 2), (0, 2))),  # an empty input: every output reads the padding
+        ((2, 3, 5, 5), 2, ((0, 1), (0, 1))),  # the padding after the input not read at all
+    ],
+)
+def test_1x1_layers_padded_after_the_input_only_match_the_reference(rng, x_shape, stride, padding):
+    """A 1x1 layer with no padding before the input reads every sh-th pixel of it (``_subsample``), unless
+    padding after it puts its last outputs beyond it: those read zeros, not memory past ``x`` (found by the
+    fuzz test: the forward pass read past ``x``, the weight gradient left scratch unwritten)."""
+    x = random_array(rng, x_shape, "float32")
+    w = random_array(rng, (4, x_shape[1], 1, 1), "float32")
+    params = dict(stride=stride, padding=padding)
+    y = fastconv.conv2d(x, w, **params)
+    assert_close(y, reference.conv2d(x, w, **params))
+    dy = random_array(rng, y.shape, "float32")
+    for got, want in zip(fastconv.conv2d_backward(x, w, dy, **params), reference.conv2d_backward(x, w, dy, **params)):
+        assert_close(got, want)
+
+
 def test_results_do_not_depend_on_the_thread_count(rng):
     """The same bits on one thread and on all (``fastconv.set_num_threads``: Numba's own setting is overridden
     by every launch), whatever the size of the call."""
