@@ -32,9 +32,11 @@ from ._gemm import (
     _n_tiles,
     _pack_a,
     _pack_a_serial,
+    _pack_b_panel,
     _pack_b_panel_transposed,
     _packed_a_size,
     _packed_b_size,
+    _panel_rows,
     _round_up,
 )
 from ._im2col import (
@@ -82,7 +84,18 @@ from ._shifted import (
     tap_offsets,
     weight_grad_tile,
 )
-from .config import COLUMN_BUFFER_BYTES, GATHER_MAX_WIDTH, KC, MR, NC, NR, WEIGHT_GRAD_CHUNKS
+from ._simd import _transposed_block
+from .config import (
+    COLUMN_BUFFER_BYTES,
+    GATHER_MAX_WIDTH,
+    KC,
+    MR,
+    NC,
+    NR,
+    SWAPPED_MAX_PIXELS,
+    SWAPPED_MIN_WEIGHT_BYTES,
+    WEIGHT_GRAD_CHUNKS,
+)
 
 #: Weights of at most this many values are packed on the calling thread (``_pack_weights``).
 SERIAL_PACK_VALUES = 2**14
@@ -355,6 +368,19 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     row_counts, row_pairs = col2im_rows(R, grad_input.shape[2], P, sh, pt, dh)
     # Each phase row padded by a cache line at least: two threads never write into one line.
     phase_rows = per_thread((sw, _round_up(-(-W // sw), 16) + 16), grad_input.dtype, name="phase rows")
+    # Few pixels, large W: W as B, packed from its rows (_input_grad_swapped_tasks).
+    if one_chunk and N * P * Q <= SWAPPED_MAX_PIXELS and weight.nbytes >= SWAPPED_MIN_WEIGHT_BYTES:
+        task_rows = channel_task_rows(Cg, R * S)
+        n = N * P * Q
+        ap = scratch("pixels packed", _packed_a_size(n, Kg), grad_input.dtype)
+        b_panels = per_thread((KC * NR,), grad_input.dtype, name="task B panel")
+        tiles = per_thread((_round_up(n, MR) * NR,), grad_input.dtype, name="task tiles")
+        for g in range(groups):
+            dy_t = np.ascontiguousarray(dy_blocks[:, g * Kg : (g + 1) * Kg].transpose(1, 0, 2)).reshape(1, Kg, n)
+            (_pack_a_serial if ap.size <= SERIAL_PACK_VALUES else _pack_a)(dy_t, ZERO, n, ZERO, Kg, TRUE, ap)
+            args = (w_mat[g : g + 1], ap, n, col, np.int64(task_rows), b_panels, tiles, R, S, geometry, P, Q)
+            _input_grad_swapped_tasks(*args, grad_input, np.int64(g * Cg), row_counts, row_pairs, taps, phase_rows)
+        return
     if one_chunk and N * P * Q <= NC:
         task_rows = channel_task_rows(Cg, R * S)
         a_panels = per_thread((_packed_a_size(task_rows, KC),), grad_input.dtype, name="task A panels")
@@ -412,6 +438,57 @@ def _input_grad_tasks(
         for pc in range(0, Kg, KC):
             _a_block(w_mat, TRUE, i0, rows, pc, min(KC, Kg - pc), panels[pc // KC], n, col, ZERO, ZERO, pc > 0,
                      a_panels[thread])  # fmt: skip
+        for c in range(i0 // taps_per_channel, (i0 + rows) // taps_per_channel):
+            for image in range(N):
+                _col2im_plane(col[0], R, S, geometry, ZERO, N * P, P, Q, grad_input, c0, image, c, ZERO, np.int64(1),
+                              row_counts, row_pairs, taps, phase_rows[thread])  # fmt: skip
+
+
+@njit(cache=True)
+def _transpose_tile(tiles, start, n, n_valid, col, j0):
+    """``col[0, j0 + j, i] = tiles.flat[start + i * NR + j]`` for ``i < n``, ``j < n_valid``: square blocks of
+    ``lanes`` by ``_simd._transposed_block``, the rest value by value."""
+    lanes = 64 // col.itemsize
+    length = col.shape[2]
+    source, target = _data(tiles), _data(col)
+    whole_i, whole_j = n - n % lanes, n_valid - n_valid % lanes
+    for j in range(0, whole_j, lanes):
+        for i in range(0, whole_i, lanes):
+            _transposed_block(target, (j0 + j) * length + i, length, source, start + i * NR + j, NR, lanes)
+    for j in range(n_valid):
+        first = whole_i if j < whole_j else 0
+        for i in range(first, n):
+            target[(j0 + j) * length + i] = source[start + i * NR + j]
+
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _input_grad_swapped_tasks(
+    w_mat, ap, n, col, task_rows, b_panels, tiles, R, S, geometry, P, Q, grad_input, c0, row_counts, row_pairs, taps,
+    phase_rows,
+):  # fmt: skip
+    """``_input_grad_tasks`` with the roles of the GEMM's operands swapped, for few output pixels
+    (``config.SWAPPED_MAX_PIXELS``): ``colᵀ = dyᵀ @ W``, dyᵀ (the ``n`` pixels by Kg, packed by ``_pack_a``
+    into ``ap``) as A, the task's columns of W as B, a micro-panel of NR taps at a time packed from W's rows
+    (contiguous: no transposed packing) into the thread's ``b_panels``, multiplied into the thread's ``tiles``
+    (pixels by NR), then transposed into the task's rows of ``col`` (``_transpose_tile``) and added back into
+    its channels. The same products summed in the same order as ``_input_grad_tasks``: the same bits."""
+    crs, Kg = w_mat.shape[2], w_mat.shape[1]
+    N = grad_input.shape[0]
+    taps_per_channel = R * S
+    m_pad = _round_up(n, MR)
+    for task in prange(-(-crs // task_rows)):
+        i0 = task * task_rows
+        rows = min(task_rows, crs - i0)
+        thread = numba.get_thread_id()
+        panel = b_panels[thread]
+        tile = tiles[thread, : m_pad * NR].reshape((1, m_pad, NR))
+        for j0 in range(i0, i0 + rows, NR):
+            n_valid = min(NR, i0 + rows - j0)
+            for pc in range(0, Kg, KC):
+                kc = min(KC, Kg - pc)
+                _pack_b_panel(w_mat, ZERO, ZERO, pc, kc, j0, n_valid, panel)
+                _panel_rows(ap, n, pc, kc, ZERO, n, panel, tile, ZERO, ZERO, n_valid, pc > 0, FALSE)
+            _transpose_tile(tiles, thread * tiles.shape[1], n, n_valid, col, j0)
         for c in range(i0 // taps_per_channel, (i0 + rows) // taps_per_channel):
             for image in range(N):
                 _col2im_plane(col[0], R, S, geometry, ZERO, N * P, P, Q, grad_input, c0, image, c, ZERO, np.int64(1),

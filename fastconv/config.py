@@ -208,6 +208,21 @@ PHASES_MIN_CHANNELS = 32
 PHASES_MIN_PIXELS = 256
 PHASES_MIN_POSITIONS = 2048
 
+#: The input gradient (so conv_transpose2d) of at most SWAPPED_MAX_PIXELS output pixels in the batch, in one chunk, with
+#: weights of SWAPPED_MIN_WEIGHT_BYTES or more, is computed as ``colᵀ = dyᵀ @ W``
+#: (``_conv_kernels._input_grad_swapped_tasks``): W, the large operand, packed as B straight from its rows, a
+#: micro-panel per task, where as Wᵀ (A) it is packed transposed, a cache line from each of its rows, each value used
+#: for only the few pixels. The same bits either way. Measured in one process, alternating (float32, 2 threads, ms, Wᵀ @
+#: dy -> dyᵀ @ W): conv_transpose2d 8x512x4x4 -> 256 4x4 s2 (128 pixels) 4.03 -> 3.53, 1x512x4x4 0.85 -> 0.58,
+#: 4x1024x4x4 -> 512 8.53 -> 7.42, 2x256x7x7 -> 128 3x3 s2 0.53 -> 0.46; conv2d_input 2x512x7x7 <- 512 3x3 (98 pixels)
+#: 4.14 -> 3.35, 1x256x14x14 <- 512 3x3 s2 1.01 -> 0.88; from 392 pixels even or slower (8x256x7x7 -> 128 3x3 s2 1.76 ->
+#: 1.65, 8x512x7x7 -> 256 5.48 -> 5.57, conv2d_input 8x128x14x14 <- 256 s2 1.80 -> 1.87, 784 pixels 4x64x28x28 <- 128 s2
+#: 0.84 -> 0.94); slower with small weights, whose transposed packing is cheap (ms, 73 KiB: conv_transpose2d 4x64x8x8 ->
+#: 32 3x3 s2 0.19 -> 0.24; 4.6 KiB: conv2d_input 4x8x16x16 <- 16 3x3 s2 0.070 -> 0.081), even at 512 KiB (8x128x4x4 ->
+#: 64 4x4 s2 0.394 / 0.395).
+SWAPPED_MAX_PIXELS = 256
+SWAPPED_MIN_WEIGHT_BYTES = 2**20
+
 #: A call of fewer floating-point operations than this (one convolution's: each gradient of conv2d_backward
 #: counts as one) runs its kernels on the calling thread alone (``_parallel.sized``). A parallel loop's second
 #: thread, asleep between calls, takes 5-10 us to wake, and a small call makes several such launches. Measured

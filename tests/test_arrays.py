@@ -228,6 +228,38 @@ def test_staged_output_has_the_bits_of_one_written_in_place(
     assert_close(staged, reference.conv2d(x, w, **params))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, groups",
+    [
+        ((3, 64, 5, 6), (64, 30, 3, 3), 2, 2),  # 30 channels of 9 taps a group: tasks of 4 channels, the last of 2
+        ((2, 520, 3, 3), (520, 4, 4, 4), 2, 1),  # 520 filters: two KC blocks, the second added to the first
+        ((5, 24, 7, 5), (24, 40, 4, 4), 2, 1),  # 175 pixels: square blocks of 16 transposed, and the rest
+        ((1, 16, 1, 1), (16, 8, 4, 4), 1, 1),  # one pixel
+    ],
+)
+def test_input_gradient_by_swapped_operands_gives_the_same_bits(
+    rng, monkeypatch, dtype, x_shape, w_shape, stride, groups
+):
+    """With few output pixels and large weights (here any), the input gradient multiplies ``dyᵀ @ W``
+    (``_conv_kernels._input_grad_swapped_tasks``) rather than ``Wᵀ @ dy``: the same products summed in the same
+    order, so the same bits, and the right ones."""
+    x = random_array(rng, x_shape, dtype)
+    w = random_array(rng, w_shape, dtype)
+    params = dict(stride=stride, padding=1 if stride > 1 else 0, groups=groups)
+    monkeypatch.setattr(_conv_kernels, "SWAPPED_MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(_conv_kernels, "SWAPPED_MAX_PIXELS", 0)
+    plain = fastconv.conv_transpose2d(x, w, **params)
+    monkeypatch.setattr(_conv_kernels, "SWAPPED_MAX_PIXELS", 10**9)
+    calls = []
+    swapped_kernel = _conv_kernels._input_grad_swapped_tasks
+    monkeypatch.setattr(_conv_kernels, "_input_grad_swapped_tasks", lambda *args: calls.append(swapped_kernel(*args)))
+    swapped = fastconv.conv_transpose2d(x, w, **params)
+    assert len(calls) == groups
+    np.testing.assert_array_equal(swapped, plain)
+    assert_close(swapped, reference.conv_transpose2d(x, w, **params))
+
+
 @pytest.mark.parametrize(
     "x_shape, stride, padding",
     [
