@@ -38,6 +38,7 @@ from ._gemm import (
     _packed_b_size,
     _panel_rows,
     _round_up,
+    no_bias,
 )
 from ._im2col import (
     _col2im,
@@ -150,11 +151,13 @@ def _column_buffer(crs, rows_per_chunk, n_rows, Q, dtype):
     return scratch("column buffer", (1, crs, rows * Q), dtype), rows
 
 
-def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
+def _conv2d_forward(x, weight, geometry, groups, accumulate, y, bias=None):
     """``y (+)= conv2d(x, weight)``: x (N, C, H, W), weight (K, Cg, R, S), y (N, K, P, Q).
 
     With ``accumulate`` the result is added to ``y`` (which holds the bias); without, ``y`` is overwritten and
-    need not be initialised (it must have C * R * S > 0 then).
+    need not be initialised (it must have C * R * S > 0 then). Given ``bias`` (K values, not with
+    ``accumulate``), ``y = bias + conv2d``: added by the stores of an output streamed past the caches, else
+    stored first and added to, as with ``accumulate``.
 
     Implicit im2col: the patch matrix is packed straight from ``x``, one micro-panel per task (``_macro.py``),
     so the only scratch is one packed micro-panel per thread, whatever the image size, and, for a strided layer
@@ -177,23 +180,36 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
     Kg = K // groups
     crs = Cg * R * S
     y_blocks = y.reshape(N, K, P * Q)
-    stream = stream_output(y) and crs <= KC  # written in one KC block: else read back by the next
+    # Written in one KC block, or the next would read it back; not where it holds the bias already.
+    stream = stream_output(y) and crs <= KC and not accumulate
     pointwise = _pointwise(R, S, geometry, P, Q, x)  # the patch matrix is x: packed as a plain matrix
     x_blocks = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
-    if pointwise and not packs_per_task(Kg, patches=False):
+    path = "plain GEMM" if pointwise and not packs_per_task(Kg, patches=False) else "GEMM"
+    if path == "GEMM" and outer_pays(geometry, weight.shape, groups, Q, y.itemsize):
+        path = "outer"
+    elif path == "GEMM" and shifted_pays(geometry, x.shape, weight.shape, groups, P, Q, y.dtype):
+        path = "shifted"
+    staged = staged_rows(N, P, Q, Kg, y.itemsize) if path == "shifted" and stream_output(y) and not accumulate else 0
+    if bias is not None and not (staged if path == "shifted" else stream and path != "outer"):
+        y[...] = bias.reshape(1, -1, 1, 1)  # no store of the path adds it: stored first, then added to
+        bias, accumulate, stream = None, True, False
+    if path == "plain GEMM":
         ap = _pack_weights(weight, groups, False)
         bp = scratch("shared panel", _packed_b_size(N * P * Q), y.dtype)
         for g in range(groups):
             _gemm_packed(
-                ap[g], Kg, crs, x_blocks, g * Cg, ZERO, N * P * Q, y_blocks, g * Kg, ZERO, accumulate, bp, stream=stream
-            )
+                ap[g], Kg, crs, x_blocks, g * Cg, ZERO, N * P * Q, y_blocks, g * Kg, ZERO, accumulate, bp,
+                stream=stream, bias=bias,
+            )  # fmt: skip
         return
-    if outer_pays(geometry, weight.shape, groups, Q, y.itemsize):
+    if path == "outer":
         _conv2d_outer(x, weight, geometry, groups, accumulate, y)
         return
-    if shifted_pays(geometry, x.shape, weight.shape, groups, P, Q, y.dtype):
-        _conv2d_shifted(x, _pack_weights(weight, groups, False), Kg, crs, geometry, R, S, groups, accumulate, y)
+    if path == "shifted":
+        ap = _pack_weights(weight, groups, False)
+        _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y, staged, bias)
         return
+    bias = y_blocks[0, 0, :0] if bias is None else bias
     panels, pixel_tables = task_scratch(y.dtype)
     patches = GATHERED if Q <= GATHER_MAX_WIDTH else PATCHES
     no_x, no_taps = no_patches(y.dtype)
@@ -235,7 +251,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y):
                 a, a_pc = (ap[0], ZERO) if by_blocks else (ap[g], pc)
                 _macro_kernel(
                     a, Kg, a_pc, kc, source, b, g * crs, patch_x, taps, *stride, P, Q, ZERO, (n1 - n0) * P * Q,
-                    y_blocks[n0:n1], g * Kg, ZERO, bool(accumulate or pc > 0), stream, panels, pixel_tables,
+                    y_blocks[n0:n1], g * Kg, ZERO, bool(accumulate or pc > 0), stream, bias, panels, pixel_tables,
                 )  # fmt: skip
 
 
@@ -253,24 +269,25 @@ def _padded_blocks(x, geometry, Hp, Wp, image_bytes):
         yield n0, n1, xp
 
 
-def _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y):
+def _conv2d_shifted(x, ap, Kg, crs, geometry, R, S, groups, accumulate, y, staged, bias):
     """The forward pass by ``_shifted.py``: the input's padded stride phases made a block of images at a time
-    (as many as fill the column buffer), each block one parallel GEMM per group with B read from them."""
+    (as many as fill the column buffer), each block one parallel GEMM per group with B read from them. With
+    ``staged`` rows (``_shifted.staged_rows``), a task per block of that many output rows of an image, staged
+    and streamed out, ``bias`` (if not None) added on the way."""
     C = x.shape[1]
     _, _, P, Q = y.shape
     sh, sw = geometry[:2]
     Hp, Wp = padded_shape(P, Q, R, S, geometry)
     plane, planes = Hp * Wp, C * sh * sw  # planes per image
     offsets = tap_offsets(C // groups, R, S, Hp, Wp, geometry)
-    # An output too large for the caches is staged a block of rows at a time and streamed out (_shifted.py).
-    rows = staged_rows(x.shape[0], P, Q, Kg, y.itemsize) if stream_output(y) and not accumulate else 0
-    if rows:
-        staging = per_thread((Kg * rows * Q,), y.dtype, name="shifted staging")
+    if staged:
+        staging = per_thread((Kg * staged * Q,), y.dtype, name="shifted staging")
+        bias = staging[0, :0] if bias is None else bias
         for n0, n1, xp in _padded_blocks(x, geometry, Hp, Wp, planes * plane * y.itemsize):
             for g in range(groups):
                 _shifted_gemm_staged(
                     ap[g], Kg, crs, xp, np.int64(planes), np.int64(plane), np.int64(g * planes // groups), offsets,
-                    np.int64(Wp), y[n0:n1], np.int64(g * Kg), np.int64(rows), staging,
+                    np.int64(Wp), y[n0:n1], np.int64(g * Kg), np.int64(staged), staging, bias,
                 )  # fmt: skip
         return
     for n0, n1, xp in _padded_blocks(x, geometry, Hp, Wp, planes * plane * y.itemsize):
@@ -487,7 +504,7 @@ def _input_grad_swapped_tasks(
             for pc in range(0, Kg, KC):
                 kc = min(KC, Kg - pc)
                 _pack_b_panel(w_mat, ZERO, ZERO, pc, kc, j0, n_valid, panel)
-                _panel_rows(ap, n, pc, kc, ZERO, n, panel, tile, ZERO, ZERO, n_valid, pc > 0, FALSE)
+                _panel_rows(ap, n, pc, kc, ZERO, n, panel, tile, ZERO, ZERO, n_valid, pc > 0, FALSE, no_bias(tile))
             _transpose_tile(tiles, thread * tiles.shape[1], n, n_valid, col, j0)
         for c in range(i0 // taps_per_channel, (i0 + rows) // taps_per_channel):
             for image in range(N):

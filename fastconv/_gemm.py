@@ -288,12 +288,14 @@ def _pack_b_panel_transposed(bt, row0, pc, kc, j0, n_valid, panel):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate, stream):
+def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate, stream, bias):
     """``C[i0:i0+m_valid, j0:j0+n_valid] (+)= A~ @ B~`` for one MR x NR tile of the blocked matrix ``c``.
 
     ``a_panel`` is kc x MR and ``b_panel`` kc x NR, both packed. The loops over MR and NR have constant trip
     counts, so LLVM unrolls them and keeps the whole tile in registers. With ``stream`` (and not
-    ``accumulate``), a whole tile is stored past the caches (``_simd._stream_row``): the caller fences.
+    ``accumulate``), a whole tile is stored past the caches (``_simd._stream_row``): the caller fences; and
+    ``bias[row]`` of C's row is added to the tile, where ``bias`` is not empty (:func:`no_bias`): C's one
+    store, which would otherwise have added the tile to the bias stored before.
     """
     registers = _stack_tile(c.dtype)
     tile = numba.carray(registers, (MR, NR))
@@ -308,6 +310,11 @@ def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate,
             a_i = a[i]
             for j in range(NR):
                 tile[i, j] += a_i * b[j]
+    if stream and bias.size:
+        for i in range(m_valid):
+            b = bias[i0 + i]
+            for j in range(NR):
+                tile[i, j] += b
     block, col, left = _segment(c.shape[2], j0)
     if stream and not accumulate and m_valid == MR and n_valid == NR and left >= NR:
         for i in range(MR):
@@ -326,6 +333,12 @@ def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate,
                     dst[q] = tile[i, q]
         return
     _write_back(tile, c, i0, j0, m_valid, n_valid, accumulate)
+
+
+@njit(cache=True, inline="always")
+def no_bias(c):
+    """The ``bias`` argument of the micro-kernel for a C that takes none: an empty view, of C's dtype."""
+    return c.reshape(-1)[:0]
 
 
 @njit(cache=True, inline="always")
@@ -351,16 +364,17 @@ def _write_back(tile, c, i0, j0, m_valid, n_valid, accumulate):
 
 
 @njit(cache=True)
-def _panel_rows(ap, m, pc, kc, first, last, b_panel, c, i0, j0, n_valid, accumulate, stream):
+def _panel_rows(ap, m, pc, kc, first, last, b_panel, c, i0, j0, n_valid, accumulate, stream, bias):
     """``C[i0 + first : i0 + last, j0 : j0 + n_valid] (+)= A~ @ B~`` for rows ``first:last`` (multiples of MR) of A
-    packed by ``_pack_a`` and one micro-panel of B: by the micro-kernel (``stream`` as there), or by the narrow one, two
-    A micro-panels at a time, a pass per NARROW columns, when B's micro-panel has at most NARROW_PASSES * NARROW valid
-    columns (the last of a B whose width is not a multiple of NR). Measured, float32, 2 threads, against the
-    micro-kernel alone: gemm 512x392x4608 (its last micro-panel of B 8 columns wide) 4.85-5.11 -> 4.44 ms, 512x200x512
-    0.32 -> 0.27 ms; conv2d by GEMM 8x256x14x14 -> 512 3x3 s2 3.02-3.04 -> 2.88 ms, 8x512x7x7 -> 512 3x3 6.15-6.17 ->
-    5.72-5.83 ms. Two passes for 17-32 columns, against the micro-kernel: gemm 512x32x4096 0.81-0.90 -> 0.62-0.87 ms,
-    512x96x2048 0.67-0.75 -> 0.57-0.66, 256x25x8192 1.43-1.70 -> 1.00-1.33, 1024x160x1024 0.91-0.95 -> 0.81-0.94;
-    conv_transpose2d 2x256x8x8 -> 128 4x4 s2 by phases (32 tiles a phase) 0.55-0.60 -> 0.42-0.49.
+    packed by ``_pack_a`` and one micro-panel of B: by the micro-kernel (``stream`` and ``bias`` as there: the narrow
+    one adds the bias too, but stores through the caches), or by the narrow one, two A micro-panels at a time, a pass
+    per NARROW columns, when B's micro-panel has at most NARROW_PASSES * NARROW valid columns (the last of a B whose
+    width is not a multiple of NR). Measured, float32, 2 threads, against the micro-kernel alone: gemm 512x392x4608 (its
+    last micro-panel of B 8 columns wide) 4.85-5.11 -> 4.44 ms, 512x200x512 0.32 -> 0.27 ms; conv2d by GEMM 8x256x14x14
+    -> 512 3x3 s2 3.02-3.04 -> 2.88 ms, 8x512x7x7 -> 512 3x3 6.15-6.17 -> 5.72-5.83 ms. Two passes for 17-32 columns,
+    against the micro-kernel: gemm 512x32x4096 0.81-0.90 -> 0.62-0.87 ms, 512x96x2048 0.67-0.75 -> 0.57-0.66,
+    256x25x8192 1.43-1.70 -> 1.00-1.33, 1024x160x1024 0.91-0.95 -> 0.81-0.94; conv_transpose2d 2x256x8x8 -> 128 4x4 s2
+    by phases (32 tiles a phase) 0.55-0.60 -> 0.42-0.49.
     """
     m_pad = _round_up(m, MR)
     if n_valid <= NARROW_PASSES * NARROW or c.itemsize * MR * NR > TILE_REGISTER_BYTES:
@@ -373,12 +387,17 @@ def _panel_rows(ap, m, pc, kc, first, last, b_panel, c, i0, j0, n_valid, accumul
             rows = min(2 * MR, min(last, m) - ir)  # rows past last belong to another task: not written
             for jj in range(0, n_valid, NARROW):  # NARROW columns of B a pass
                 _narrow_tile(kc, a_panel, a_next, b_panel[jj:], _data(tile))
+                if stream and bias.size:
+                    for i in range(rows):
+                        b = bias[i0 + ir + i]
+                        for j in range(NARROW):
+                            tile[i, j] += b
                 _write_back(tile, c, i0 + ir, j0 + jj, rows, min(NARROW, n_valid - jj), accumulate)
         return
     for ir in range(first, last, MR):
         start = pc * m_pad + ir * kc
         a_panel = ap[start : start + kc * MR]
-        _micro_kernel(kc, a_panel, b_panel, c, i0 + ir, j0, min(MR, m - ir), n_valid, accumulate, stream)
+        _micro_kernel(kc, a_panel, b_panel, c, i0 + ir, j0, min(MR, m - ir), n_valid, accumulate, stream, bias)
 
 
 @njit(cache=True)
@@ -394,8 +413,9 @@ def _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, t):
     jr = (t % n_jr) * NR
     b_panel = bp[jr * kc : jr * kc + kc * NR]
     _panel_rows(
-        ap, m, pc, kc, ic, min(ic + MC, m), b_panel, c, c_row0, c_col0 + jr, min(NR, nc - jr), accumulate, FALSE
-    )
+        ap, m, pc, kc, ic, min(ic + MC, m), b_panel, c, c_row0, c_col0 + jr, min(NR, nc - jr),
+        accumulate, FALSE, no_bias(c),
+    )  # fmt: skip
 
 
 @njit(cache=True)

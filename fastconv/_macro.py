@@ -52,6 +52,7 @@ from ._gemm import (
     _panel_rows,
     _round_up,
     _zero_columns,
+    no_bias,
 )
 from ._im2col import _gathered_patch_panel, _patch_panel
 from ._parallel import PRANGE_ONLY
@@ -91,8 +92,8 @@ def _block_rows(m):
 
 @njit(parallel=PRANGE_ONLY, cache=True)
 def _macro_kernel(
-    ap, m, pc, kc, source, b, b_row0, x, taps, sh, sw, P, Q, jc, nc, c, c_row0, c_col0, accumulate, stream, panels,
-    pixel_tables,
+    ap, m, pc, kc, source, b, b_row0, x, taps, sh, sw, P, Q, jc, nc, c, c_row0, c_col0, accumulate, stream, bias,
+    panels, pixel_tables,
 ):  # fmt: skip
     """``C[:, jc:jc+nc] (+)= A[:, pc:pc+kc] @ B[pc:pc+kc, jc:jc+nc]`` for one KC block.
 
@@ -103,7 +104,8 @@ def _macro_kernel(
     same patches, gathered value by value (``_gathered_patch_panel``: small images). The last three are packed by
     each task into its thread's row of ``panels`` (:func:`task_scratch`). ``PACK_SHARED`` only packs the shared
     panel of B (``_pack_b``): one kernel for both steps, so one parallel kernel less to compile. With ``stream``,
-    C's whole tiles are stored past the caches (``_gemm._micro_kernel``), each task's stores fenced at its end.
+    C's whole tiles are stored past the caches (``_gemm._micro_kernel``), each task's stores fenced at its end, and
+    ``bias`` (empty: none) added to every value of C, which holds none on entry.
     """
     n_jr = -(-nc // NR)
     mc = _block_rows(m)
@@ -125,7 +127,9 @@ def _macro_kernel(
                 _gathered_patch_panel(x, taps, sh, sw, P, Q, kc, jc + jr, n_valid, panel, pixel_tables[thread])
             else:
                 _pack_b_panel(b, b_row0, 0, pc, kc, jc + jr, n_valid, panel)
-        _panel_rows(ap, m, pc, kc, ic, min(ic + mc, m), panel, c, c_row0, c_col0 + jc + jr, n_valid, accumulate, stream)
+        _panel_rows(
+            ap, m, pc, kc, ic, min(ic + mc, m), panel, c, c_row0, c_col0 + jc + jr, n_valid, accumulate, stream, bias
+        )
         if stream:
             _store_fence()
 
@@ -141,7 +145,7 @@ def _pack_b(b, b_row0, b_col0, pc, kc, jc, nc, bp):
     one_row = np.empty((1, 1, 1), bp.dtype)  # C, untouched: one task per micro-panel of B
     _macro_kernel(
         bp, np.int64(1), pc, kc, PACK_SHARED, b, b_row0, no_x, no_taps, 1, 1, 1, 1, b_col0 + jc, nc, one_row,
-        ZERO, ZERO, FALSE, FALSE, bp.reshape(1, -1), np.empty((1, 3, NR), np.int64),
+        ZERO, ZERO, FALSE, FALSE, bp[:0], bp.reshape(1, -1), np.empty((1, 3, NR), np.int64),
     )  # fmt: skip
 
 
@@ -155,7 +159,9 @@ def _pack_b_transposed(bt, pc, kc, jc, nc, bp):
         _pack_b_panel_transposed(bt_blocks, ZERO, pc, kc, jc + j, min(NR, nc - j), bp[j * kc : j * kc + kc * NR])
 
 
-def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, bp, bt=None, a=None, stream=False):
+def _gemm_packed(
+    ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, bp, bt=None, a=None, stream=False, bias=None
+):
     """``C (+)= A @ B`` on blocked matrices (see ``_pack_a``), with A (m x k) already packed by ``_pack_a``,
     through a shared panel of B.
 
@@ -168,8 +174,12 @@ def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, 
     it is packed into ``ap`` (``_packed_a_size(m, KC)`` values) just before its products. Each block is used
     once per NC columns, so packing a large A whole would write it to memory only to read it back.
 
-    With ``stream``, a C overwritten in one KC block is stored past the caches (:func:`stream_output`).
+    With ``stream``, a C overwritten in one KC block is stored past the caches (:func:`stream_output`), ``bias``
+    (per row of C) added where given.
     """
+    if bias is not None and not (stream and k <= KC):  # the drivers' own error, not the caller's
+        raise ValueError("a bias is added to C by the stores of one streamed KC block only")
+    bias = bp[:0] if bias is None else bias
     if k == 0 and not accumulate:
         _zero_columns(c, c_row0, m, c_col0, n)
     no_x, no_taps = no_patches(c.dtype)
@@ -186,7 +196,7 @@ def _gemm_packed(ap, m, k, b, b_row0, b_col0, n, c, c_row0, c_col0, accumulate, 
                 _pack_b_transposed(bt, pc, kc, jc, nc, bp)
             _macro_kernel(
                 ap, m, ZERO if a is not None else pc, kc, SHARED, b, b_row0, no_x, no_taps, 1, 1, 1, 1, ZERO, nc,
-                c, c_row0, c_col0 + jc, np.bool_(accumulate or pc > 0), np.bool_(stream and k <= KC), panels,
+                c, c_row0, c_col0 + jc, np.bool_(accumulate or pc > 0), np.bool_(stream and k <= KC), bias, panels,
                 no_pixels,
             )  # fmt: skip
 
@@ -219,8 +229,9 @@ def _a_block(a, transposed, i0, rows, pc, kc, bp, nc, c, c_row0, c_col0, accumul
     for jr in range(0, nc, NR):
         b_panel = bp[jr * kc : jr * kc + kc * NR]
         _panel_rows(
-            ap, rows, ZERO, kc, ZERO, rows, b_panel, c, c_row0 + i0, c_col0 + jr, min(NR, nc - jr), accumulate, FALSE
-        )
+            ap, rows, ZERO, kc, ZERO, rows, b_panel, c, c_row0 + i0, c_col0 + jr, min(NR, nc - jr),
+            accumulate, FALSE, no_bias(c),
+        )  # fmt: skip
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
@@ -273,7 +284,7 @@ def _gemm_per_task(ap, m, k, b, b_row0, n, c, c_row0, accumulate, stream=False):
         kc = min(KC, k - pc)
         _macro_kernel(
             ap, m, pc, kc, PLAIN, b, b_row0, no_x, no_taps, 1, 1, 1, 1, ZERO, n, c, c_row0, ZERO,
-            np.bool_(accumulate or pc > 0), np.bool_(stream and k <= KC), panels, pixel_tables,
+            np.bool_(accumulate or pc > 0), np.bool_(stream and k <= KC), ap[:0], panels, pixel_tables,
         )  # fmt: skip
 
 

@@ -315,11 +315,12 @@ def staged_rows(N, P, Q, m, itemsize):
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _shifted_gemm_staged(ap, m, k, xp, C, plane, channel0, offsets, Wp, y, row0, rows, staging):
+def _shifted_gemm_staged(ap, m, k, xp, C, plane, channel0, offsets, Wp, y, row0, rows, staging, bias):
     """``y[:, row0 : row0 + m] = conv2d`` of one group, as :func:`_shifted_gemm`, but a task per ``rows`` output
     rows of an image: its tiles are stored in the thread's row of ``staging`` (``m * rows * Q`` values, in the
     cache), then each filter's rows, contiguous in ``y``, are copied out past the caches
-    (``_simd._stream_vectors``). The same sums, so the same bits; no line of ``y`` is read before it is written.
+    (``_simd._stream_vectors``), ``bias[row0 + i]`` added to filter ``i``'s first where ``bias`` is not empty. The
+    same sums, so the same bits; no line of ``y`` is read before it is written.
     The tiles start anew on each task's first row: up to NR - 1 positions more computed per task."""
     N, _, P, Q = y.shape
     blocks = -(-P // rows)
@@ -340,6 +341,10 @@ def _shifted_gemm_staged(ap, m, k, xp, C, plane, channel0, offsets, Wp, y, row0,
             head = min(count, -start % lanes)  # values before the first whole cache line
             vectors = (count - head) // lanes
             source = stage[i * rows * Q : i * rows * Q + count]
+            if bias.size:
+                b = bias[row0 + i]
+                for t in range(count):
+                    source[t] += b
             for t in range(head):
                 target[start + t] = source[t]
             _stream_vectors(target, start + head, _data(stage), i * rows * Q + head, vectors)

@@ -37,7 +37,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._gemm import FALSE, _data, _panel_rows, _round_up
+from ._gemm import FALSE, _data, _panel_rows, _round_up, no_bias
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
 from ._shifted import _pad_phases
@@ -635,8 +635,9 @@ def _tile_task(x, pt, pl, groups, span, accumulate, shared, up, v, m, runs, y, t
             for j in range(chunks):
                 panel = v[xi, j * kc * NR : (j + 1) * kc * NR]
                 _panel_rows(
-                    up[g, xi], Kg, pc, kc, k0, k1, panel, m, -k0, xi * span + j * NR, WHOLE_PANEL, pc > 0, FALSE
-                )
+                    up[g, xi], Kg, pc, kc, k0, k1, panel, m, -k0, xi * span + j * NR, WHOLE_PANEL,
+                    pc > 0, FALSE, no_bias(m),
+                )  # fmt: skip
     for j in range(chunks):
         n_runs = chunk_runs(P, Q, first + j * NR, min(last, first + j * NR + NR), runs)
         for k in range(k0, k1):

@@ -141,8 +141,10 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d
     v.check_memory(purpose, geometry.output_shape, dtype, (x, weight), workspace)
     if direct:
         return _run_direct(conv2d_direct, x, weight, bias, geometry, geometry.output_shape, dtype)
-    # Without a bias the first block overwrites the output: no pass to zero it first.
-    overwrite = bias is None and x.size and weight.size
+    # Without a bias the first block overwrites the output: no pass to zero it first. The GEMM path takes the
+    # bias itself, added by its stores where it streams the output.
+    gemm = not (strided or algorithm == "winograd")
+    overwrite = (bias is None or gemm) and x.size and weight.size
     y = empty_aligned(geometry.output_shape, dtype) if overwrite else _initial(geometry.output_shape, dtype, bias)
     if y.size and x.size:
         args = (v.kernel_ready(x, dtype), v.kernel_ready(weight, dtype), geometry.kernel_geometry, geometry.groups)
@@ -151,7 +153,8 @@ def _forward(x, weight, bias, geometry, dtype, algorithm="auto", purpose="conv2d
         elif algorithm == "winograd":
             run(_conv2d_winograd, *args, np.bool_(not overwrite), y, swapped)
         else:
-            run(_conv2d_forward, *args, np.bool_(not overwrite), y)
+            fused_bias = v.kernel_ready(bias, dtype) if overwrite and bias is not None else None
+            run(_conv2d_forward, *args, np.bool_(not overwrite), y, fused_bias)
     return y
 
 

@@ -284,6 +284,34 @@ def test_1x1_layers_padded_after_the_input_only_match_the_reference(rng, x_shape
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, padding, groups",
+    [
+        ((2, 16, 8, 8), (80, 16, 1, 1), 1, 0, 1),  # 1x1: a plain GEMM
+        ((3, 8, 7, 7), (12, 8, 1, 1), 1, 0, 1),  # 1x1, tiles across images
+        ((2, 8, 12, 12), (36, 8, 3, 3), 1, 1, 1),  # patches packed per task
+        ((2, 8, 12, 12), (20, 8, 3, 3), 2, 1, 1),
+        ((3, 3, 31, 30), (16, 3, 7, 7), 2, 3, 1),  # the padded input, staged
+        ((2, 8, 9, 9), (12, 4, 3, 3), 1, 0, 2),
+    ],
+)
+def test_bias_added_by_the_stores_gives_the_bits_of_one_stored_first(
+    rng, monkeypatch, dtype, x_shape, w_shape, stride, padding, groups
+):
+    """conv2d by GEMM adds the bias as it stores a streamed output (here from its first byte), where it used to
+    store the bias first and add the products to it: one addition either way, so ``conv2d(x, w) + bias`` to the
+    bit, on every path."""
+    x = random_array(rng, x_shape, dtype)
+    w = random_array(rng, w_shape, dtype)
+    bias = random_array(rng, (w_shape[0],), dtype)
+    params = dict(stride=stride, padding=padding, groups=groups, algorithm="gemm")
+    monkeypatch.setattr(_macro, "STREAM_OUTPUT_BYTES", 0)
+    monkeypatch.setattr(_conv_kernels, "staged_rows", lambda *args: 3)
+    expected = fastconv.conv2d(x, w, **params) + bias.reshape(1, -1, 1, 1)
+    np.testing.assert_array_equal(fastconv.conv2d(x, w, bias, **params), expected)
+
+
 def test_results_do_not_depend_on_the_thread_count(rng):
     """The same bits on one thread and on all (``fastconv.set_num_threads``: Numba's own setting is overridden
     by every launch), whatever the size of the call."""
