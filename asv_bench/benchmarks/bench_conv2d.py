@@ -23,6 +23,22 @@ class Conv2d:
         fastconv.conv2d(self.x, self.w, **self.params)
 
 
+class Conv2dBias:
+    """With a bias, which the GEMM paths add as they store a large output: against ``Conv2d`` without, the bias
+    should cost nothing there (1x1 layers, the padded-input stem) and a pass over the output elsewhere."""
+
+    params = [["1x1_256to64_56px", "7x7_s2_224px", "3x3_64ch_56px"]]
+    param_names = ["layer"]
+
+    def setup(self, layer):
+        self.x, self.w, self.params = conv_arrays(layer, "float32")
+        self.bias = np.linspace(-1, 1, self.w.shape[0], dtype=np.float32)
+        fastconv.conv2d(self.x, self.w, self.bias, **self.params)  # compile before timing
+
+    def time_conv2d_bias(self, layer):
+        fastconv.conv2d(self.x, self.w, self.bias, **self.params)
+
+
 class Conv2dAlgorithms:
     """Each kernel a 3x3 stride-1 or 4x4 stride-2 layer can run on, whichever ``"auto"`` picks: a regression in
     either shows."""
