@@ -85,7 +85,7 @@ from ._shifted import (
     tap_offsets,
     weight_grad_tile,
 )
-from ._simd import _transposed_block
+from ._simd import _store_fence, _transposed_block
 from .config import (
     COLUMN_BUFFER_BYTES,
     GATHER_MAX_WIDTH,
@@ -530,7 +530,7 @@ def _weight_grad_split(Kg, crs, groups, pixels):
 
 
 def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
-    """``grad_weight = conv2d_weight(x, grad_output)``; grad_weight (K, Cg, R, S) holds zeros on entry.
+    """``grad_weight = conv2d_weight(x, grad_output)``; grad_weight (K, Cg, R, S) need not be initialised.
 
     Split into tasks by ``_weight_grad_split``, one serial GEMM each, in parallel (``_weight_grad_tasks``).
     Partial sums over pixel ranges are added in order at the end. No two threads add into one element and
@@ -551,6 +551,10 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
     crs = Cg * R * S
     pixel_ranges, column_ranges = _weight_grad_split(Kg, crs, groups, N * P * Q)
     dw = grad_weight.reshape(1, groups, Kg, crs)
+    # One range of pixels in one KC block writes each value once: overwritten, past the caches where large.
+    stream = pixel_ranges == 1 and N * P * Q <= KC and stream_output(grad_weight)
+    if pixel_ranges == 1 and not stream:
+        grad_weight[...] = 0  # added to
     partial = (
         dw if pixel_ranges == 1 else scratch("partial sums", (pixel_ranges, groups, Kg, crs), dw.dtype, zeros=True)
     )
@@ -572,7 +576,7 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
         args = (x, dy_blocks, taps, geometry[0], geometry[1], P, Q, column_ranges, FALSE)
     else:
         args = (columns, dy_blocks, np.empty((3, 0), np.int64), 1, 1, P, Q, column_ranges, TRUE)
-    _weight_grad_tasks(*args, np.bool_(shared_a), ap, bp, partial)
+    _weight_grad_tasks(*args, np.bool_(shared_a), ap, bp, partial, np.bool_(stream))
     if pixel_ranges > 1:
         dw[0] = partial[0]
         with np.errstate(all="ignore"):  # inf - inf makes NaN here as in the kernels: no warning for it
@@ -602,8 +606,9 @@ def _plain_columns(x, R, S, geometry, P, Q):
 
 
 @njit(parallel=PRANGE_ONLY, cache=True)
-def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, plain, shared_a, ap, bp, partial):
-    """``partial[i][:, :, cols j] += dy · patches(x)ᵀ`` over pixel range ``i``, for every task ``(i, j)``.
+def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, plain, shared_a, ap, bp, partial, stream):
+    """``partial[i][:, :, cols j] += dy · patches(x)ᵀ`` over pixel range ``i``, for every task ``(i, j)``; with
+    ``stream`` (one range of at most KC pixels), ``=``, stored past the caches.
 
     ``dy_blocks`` is grad_output as (N, K, P*Q); ``partial`` is (pixel_ranges, groups, Kg, Cg*R*S), each a
     blocked matrix whose column ``g * Cg*R*S + c`` is group g's column c; ``taps`` is ``transposed_tap_table`` of one
@@ -638,7 +643,11 @@ def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, plain, s
                         _pack_b_panel_transposed(x_blocks, g * crs, pc, kc, jc, nc, bp[thread])
                     else:
                         _pack_b_patches_transposed(x, g * Cg, taps, sh, sw, P, Q, pc, kc, jc, nc, bp[thread])
-                    _macro_kernel_serial(a, Kg, a_pc, kc, bp[thread], nc, partial[i], ZERO, g * crs + jc, TRUE)
+                    _macro_kernel_serial(
+                        a, Kg, a_pc, kc, bp[thread], nc, partial[i], ZERO, g * crs + jc, not stream, stream
+                    )
+        if stream:
+            _store_fence()
 
 
 @njit(parallel=PRANGE_ONLY, fastmath={"contract", "reassoc"}, cache=True)

@@ -406,7 +406,7 @@ def _n_tiles(m, nc):
 
 
 @njit(cache=True)
-def _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, t):
+def _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, stream, t):
     """Tile ``t`` of the (ic, jr) grid: rows ``ic:ic+MC`` of C against B's micro-panel ``jr``."""
     n_jr = -(-nc // NR)
     ic = (t // n_jr) * MC
@@ -414,19 +414,19 @@ def _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, t):
     b_panel = bp[jr * kc : jr * kc + kc * NR]
     _panel_rows(
         ap, m, pc, kc, ic, min(ic + MC, m), b_panel, c, c_row0, c_col0 + jr, min(NR, nc - jr),
-        accumulate, FALSE, no_bias(c),
+        accumulate, stream, no_bias(c),
     )  # fmt: skip
 
 
 @njit(cache=True)
-def _macro_kernel_serial(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate):
+def _macro_kernel_serial(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, stream):
     """``C[:, jc:jc+nc] (+)= A[:, pc:pc+kc] @ B~`` for one packed KC x NC panel ``bp`` of B, on the calling
-    thread: ``_macro._macro_kernel`` for use inside another parallel loop.
+    thread: ``_macro._macro_kernel`` for use inside another parallel loop (``stream`` as there: the caller fences).
 
     ``ap`` is all of A packed by ``_pack_a``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0 : c_col0 + nc]``.
     """
     for t in range(_n_tiles(m, nc)):
-        _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, t)
+        _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, stream, t)
 
 
 @njit(cache=True)

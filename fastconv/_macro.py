@@ -328,7 +328,7 @@ def _split_k_tasks(a, b, a_transposed, b_transposed, ap, bp, partial):
                         _pack_b_panel_transposed(b_blocks, ZERO, pc, kc, jc + jr, min(NR, nc - jr), panel)
                     else:
                         _pack_b_panel(b_blocks, ZERO, ZERO, pc, kc, jc + jr, min(NR, nc - jr), panel)
-                _macro_kernel_serial(ap[t], m, ZERO, kc, bp[t], nc, c, ZERO, jc, pc > k0)
+                _macro_kernel_serial(ap[t], m, ZERO, kc, bp[t], nc, c, ZERO, jc, pc > k0, FALSE)
 
 
 def _gemm(a, b, c, a_transposed=False, b_transposed=False):

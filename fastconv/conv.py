@@ -405,8 +405,11 @@ def _weight_grad(x, grad_output, geometry, dtype):
     else:
         workspace = _workspace_bytes(geometry, dtype, direct)
     v.check_memory("the weight gradient", geometry.weight_shape, dtype, (x, grad_output), workspace)
-    # The stride-phase Winograd writes every value; the other kernels add into zeros.
-    dw = np.empty(geometry.weight_shape, dtype) if strided else np.zeros(geometry.weight_shape, dtype)
+    # The stride-phase Winograd writes every value, the GEMM path zeroes what it adds into; the others add into
+    # zeros.
+    gemm = not (direct or shifted or strided or winograd)
+    overwritten = strided or gemm
+    dw = empty_aligned(geometry.weight_shape, dtype) if overwritten else np.zeros(geometry.weight_shape, dtype)
     if dw.size and grad_output.size:
         layout = ()
         if direct:
@@ -426,7 +429,7 @@ def _weight_grad(x, grad_output, geometry, dtype):
             dw,
             *layout,
         )
-    elif strided:
+    elif overwritten:
         dw[...] = 0
     return dw
 
