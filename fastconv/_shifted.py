@@ -44,7 +44,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._gemm import _FASTMATH, _data, _round_up, _stack_tile
+from ._gemm import _FASTMATH, FALSE, ZERO, _data, _round_up, _stack_tile
 from ._parallel import PRANGE_ONLY
 from ._simd import (
     _copy_run,
@@ -335,7 +335,9 @@ def _shifted_gemm_staged(ap, m, k, xp, C, plane, channel0, offsets, Wp, y, row0,
         for j0 in range(0, span, NR):
             base = (n * C + channel0) * plane + p0 * Wp + j0
             for ir in range(0, m, MR):
-                _shifted_tile(ap, m, k, ir, xp, base, offsets, stage_y, 0, 0, j0, min(j0 + NR, span), Wp, Q, False)
+                _shifted_tile(
+                    ap, m, k, ir, xp, base, offsets, stage_y, ZERO, ZERO, j0, min(j0 + NR, span), Wp, Q, FALSE
+                )
         for i in range(m):
             start = ((n * y.shape[1] + row0 + i) * P + p0) * Q
             head = min(count, -start % lanes)  # values before the first whole cache line
