@@ -190,8 +190,10 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y, bias=None):
     elif path == "GEMM" and shifted_pays(geometry, x.shape, weight.shape, groups, P, Q, y.dtype):
         path = "shifted"
     staged = staged_rows(N, P, Q, Kg, y.itemsize) if path == "shifted" and stream_output(y) and not accumulate else 0
-    if bias is not None and not (staged if path == "shifted" else stream and path != "outer"):
-        y[...] = bias.reshape(1, -1, 1, 1)  # no store of the path adds it: stored first, then added to
+    # The bias is added by the stores of a streamed output (of a staged one, on the padded-input path).
+    stores_add_bias = staged > 0 if path == "shifted" else stream and path != "outer"
+    if bias is not None and not stores_add_bias:
+        y[...] = bias.reshape(1, -1, 1, 1)  # stored first, then added to
         bias, accumulate, stream = None, True, False
     if path == "plain GEMM":
         ap = _pack_weights(weight, groups, False)
@@ -446,8 +448,6 @@ def _input_grad_tasks(
     GEMM and col2im one after the other, whatever the number of threads.
     """
     crs, Kg = w_mat.shape[2], w_mat.shape[1]
-    N = grad_input.shape[0]
-    taps_per_channel = R * S
     for task in prange(-(-crs // task_rows)):
         i0 = task * task_rows
         rows = min(task_rows, crs - i0)
@@ -455,10 +455,19 @@ def _input_grad_tasks(
         for pc in range(0, Kg, KC):
             _a_block(w_mat, TRUE, i0, rows, pc, min(KC, Kg - pc), panels[pc // KC], n, col, ZERO, ZERO, pc > 0,
                      a_panels[thread])  # fmt: skip
-        for c in range(i0 // taps_per_channel, (i0 + rows) // taps_per_channel):
-            for image in range(N):
-                _col2im_plane(col[0], R, S, geometry, ZERO, N * P, P, Q, grad_input, c0, image, c, ZERO, np.int64(1),
-                              row_counts, row_pairs, taps, phase_rows[thread])  # fmt: skip
+        _add_back_channels(col, i0, rows, R, S, geometry, P, Q, grad_input, c0, row_counts, row_pairs, taps,
+                           phase_rows[thread])  # fmt: skip
+
+
+@njit(cache=True, inline="always")
+def _add_back_channels(col, i0, rows, R, S, geometry, P, Q, grad_input, c0, row_counts, row_pairs, taps, phase_rows):
+    """The rows ``i0 : i0 + rows`` of ``col`` (whole channels of R * S taps) added back into those channels of
+    ``grad_input`` from ``c0``, image by image (``_col2im_plane``): the end of a task of the input gradient."""
+    N = grad_input.shape[0]
+    for c in range(i0 // (R * S), (i0 + rows) // (R * S)):
+        for image in range(N):
+            _col2im_plane(col[0], R, S, geometry, ZERO, N * P, P, Q, grad_input, c0, image, c, ZERO, np.int64(1),
+                          row_counts, row_pairs, taps, phase_rows)  # fmt: skip
 
 
 @njit(cache=True)
@@ -490,8 +499,6 @@ def _input_grad_swapped_tasks(
     (pixels by NR), then transposed into the task's rows of ``col`` (``_transpose_tile``) and added back into
     its channels. The same products summed in the same order as ``_input_grad_tasks``: the same bits."""
     crs, Kg = w_mat.shape[2], w_mat.shape[1]
-    N = grad_input.shape[0]
-    taps_per_channel = R * S
     m_pad = _round_up(n, MR)
     for task in prange(-(-crs // task_rows)):
         i0 = task * task_rows
@@ -506,10 +513,8 @@ def _input_grad_swapped_tasks(
                 _pack_b_panel(w_mat, ZERO, ZERO, pc, kc, j0, n_valid, panel)
                 _panel_rows(ap, n, pc, kc, ZERO, n, panel, tile, ZERO, ZERO, n_valid, pc > 0, FALSE, no_bias(tile))
             _transpose_tile(tiles, thread * tiles.shape[1], n, n_valid, col, j0)
-        for c in range(i0 // taps_per_channel, (i0 + rows) // taps_per_channel):
-            for image in range(N):
-                _col2im_plane(col[0], R, S, geometry, ZERO, N * P, P, Q, grad_input, c0, image, c, ZERO, np.int64(1),
-                              row_counts, row_pairs, taps, phase_rows[thread])  # fmt: skip
+        _add_back_channels(col, i0, rows, R, S, geometry, P, Q, grad_input, c0, row_counts, row_pairs, taps,
+                           phase_rows[thread])  # fmt: skip
 
 
 def _weight_grad_split(Kg, crs, groups, pixels):
