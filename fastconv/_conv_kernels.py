@@ -41,6 +41,7 @@ from ._gemm import (
     no_bias,
 )
 from ._im2col import (
+    NO_PLANE_SUMS,
     _col2im,
     _col2im_plane,
     _pack_b_patches_transposed,
@@ -238,7 +239,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y, bias=None):
         block_x = x[n0:n1]
         if split:
             block_x = scratch("stride phases", phase_shape(block_x.shape, sh, sw), y.dtype)
-            _space_to_depth(x[n0:n1], np.int64(sh), np.int64(sw), block_x)
+            _space_to_depth(x[n0:n1], np.int64(sh), np.int64(sw), block_x, NO_PLANE_SUMS)
         b = block_x.reshape(n1 - n0, block_x.shape[1], block_x.shape[2] * block_x.shape[3])  # when plain
         for g in range(groups):
             for pc in range(0, crs, KC):
@@ -604,7 +605,7 @@ def _plain_columns(x, R, S, geometry, P, Q):
         return None
     columns = scratch("plain columns", (N, C * R * S, P, Q), x.dtype)
     if patchify_layer:
-        _space_to_depth(x, np.int64(sh), np.int64(sw), columns)
+        _space_to_depth(x, np.int64(sh), np.int64(sw), columns, NO_PLANE_SUMS)
     else:
         _subsample(x, np.int64(sh), np.int64(sw), columns)
     return columns

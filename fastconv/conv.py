@@ -720,36 +720,41 @@ def conv_transpose2d_backward(input, weight, grad_output, stride=1, padding=0, o
     dtype = v.result_dtype(input=x, weight=weight, grad_output=dy)
     x, weight, dy = (v.kernel_ready(a, dtype) for a in (x, weight, dy))
     with sized(geometry.flops):  # the flops of each gradient
-        grad_input, grad_weight = _transpose_gradients(x, weight, dy, geometry, dtype)
-        grad_bias = _bias_grad(dy, dtype)
+        grad_input, grad_weight, grad_bias = _transpose_gradients(x, weight, dy, geometry, dtype)
     return v.unbatch(grad_input, batched), grad_weight, grad_bias
 
 
 def _transpose_gradients(x, weight, dy, geometry, dtype):
-    """conv_transpose2d's input and weight gradients."""
+    """conv_transpose2d's input, weight and bias gradients."""
     # Roles swapped: conv_transpose2d's grad_output is conv2d's input, its input is conv2d's grad_output.
-    phases = _patchify_phases(dy, geometry)
-    if phases is None:
-        return _forward(dy, weight, None, geometry, dtype), _weight_grad(dy, x, geometry, dtype)
-    # Both gradients are 1x1 problems on grad_output's stride phases, split once.
+    split = _patchify_phases(dy, geometry)
+    if split is None:
+        grad_input, grad_weight = _forward(dy, weight, None, geometry, dtype), _weight_grad(dy, x, geometry, dtype)
+        return grad_input, grad_weight, _bias_grad(dy, dtype)
+    # Both gradients are 1x1 problems on grad_output's stride phases, split once; the bias gradient is summed
+    # as they are.
+    phases, plane_sums = split
     K, Cg, R, S = weight.shape
     pointwise = v.conv2d_geometry(
         "conv_transpose2d_backward", phases.shape, (K, Cg * R * S, 1, 1), 1, 0, 1, geometry.groups
     )
     grad_input = _forward(phases, weight.reshape(pointwise.weight_shape), None, pointwise, dtype)
-    return grad_input, _weight_grad(phases, x, pointwise, dtype).reshape(weight.shape)
+    grad_weight = _weight_grad(phases, x, pointwise, dtype).reshape(weight.shape)
+    return grad_input, grad_weight, plane_sums.sum(axis=0).astype(dtype)
 
 
 def _patchify_phases(x, geometry):
     """For a patchify layer (filter the size of the stride, no padding, no dilation, a whole number of strides),
-    ``x``'s stride phases (space-to-depth), whose channel ``(c * R + r) * S + s`` is tap ``(c, r, s)``: the layer
-    is then a 1x1 convolution of them, and its weight gradient too. ``None`` for other layers, or where the
-    copy would pass the column buffer."""
+    ``(phases, plane_sums)``: ``x``'s stride phases (space-to-depth), whose channel ``(c * R + r) * S + s`` is
+    tap ``(c, r, s)`` (the layer is then a 1x1 convolution of them, and its weight gradient too), and the sum of
+    each plane of ``x``, (N, C) in float64. ``None`` for other layers, or where the copy would pass the column
+    buffer."""
     N, C, H, W = geometry.input_shape
     _, _, R, S = geometry.weight_shape
     _, _, P, Q = geometry.output_shape
     if not patchify(R, S, geometry.kernel_geometry, P, Q, H, W) or x.nbytes > COLUMN_BUFFER_BYTES:
         return None
     phases = np.empty((N, C * R * S, P, Q), x.dtype)
-    run(_space_to_depth, x, np.int64(R), np.int64(S), phases)
-    return phases
+    plane_sums = np.empty((N, C), np.float64)
+    run(_space_to_depth, x, np.int64(R), np.int64(S), phases, plane_sums)
+    return phases, plane_sums

@@ -389,6 +389,31 @@ def test_patchify_transposed_backward_on_shared_stride_phases(rng, monkeypatch, 
     assert len(split) == 1 and split[0] is not None
 
 
+@pytest.mark.parametrize("stride", [(2, 2), (3, 2), (2, 3), (1, 3)])
+@pytest.mark.parametrize("size", [(6, 8), (7, 9), (1, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_space_to_depth_splits_phases_and_sums_planes(rng, stride, size, dtype):
+    """Each stride phase, zero past the edge, against NumPy's strided slices; the plane sums against NumPy's,
+    and the same phases without them."""
+    sh, sw = stride
+    x = random_array(rng, (2, 3, *size), dtype)
+    shape = _im2col.phase_shape(x.shape, sh, sw)
+    phases, plain = np.full(shape, np.nan, dtype), np.full(shape, np.nan, dtype)
+    plane_sums = np.full(x.shape[:2], np.nan)
+    _im2col._space_to_depth(x, np.int64(sh), np.int64(sw), phases, plane_sums)
+    _im2col._space_to_depth(x, np.int64(sh), np.int64(sw), plain, _im2col.NO_PLANE_SUMS)
+    expected = np.zeros(shape, dtype)
+    for a in range(sh):
+        for b in range(sw):
+            phase = x[:, :, a::sh, b::sw]
+            expected[:, a * sw + b :: sh * sw, : phase.shape[2], : phase.shape[3]] = phase
+    np.testing.assert_array_equal(phases, expected)
+    np.testing.assert_array_equal(plain, expected)
+    # Rows summed in x's dtype: within a few of its epsilons of the sum of magnitudes.
+    bound = 8 * np.finfo(dtype).eps * np.abs(x).sum(axis=(2, 3), dtype=np.float64)
+    assert (np.abs(plane_sums - x.sum(axis=(2, 3), dtype=np.float64)) <= bound).all()
+
+
 def test_stride_phases_pay_for_a_shallow_column_matrix():
     def pays(N, C, H, K, R=3, stride=2, dilation=1):
         geometry = _validate.conv2d_geometry("conv2d", (N, C, H, H), (K, C, R, R), stride, R // 2, dilation, 1)
