@@ -25,6 +25,7 @@ from numba import njit, prange
 
 from ._gemm import (
     FALSE,
+    PACKED,
     TRUE,
     ZERO,
     _data,
@@ -56,14 +57,13 @@ from ._im2col import (
 from ._macro import (
     GATHERED,
     PATCHES,
-    PLAIN,
     _a_block,
     _gemm_a_per_task,
     _gemm_packed,
     _macro_kernel,
     _pack_b,
+    _plain_b_tasks,
     a_tasks,
-    no_patches,
     packs_per_task,
     stream_output,
     task_scratch,
@@ -215,7 +215,7 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y, bias=None):
     bias = y_blocks[0, 0, :0] if bias is None else bias
     panels, pixel_tables = task_scratch(y.dtype)
     patches = GATHERED if Q <= GATHER_MAX_WIDTH else PATCHES
-    no_x, no_taps = no_patches(y.dtype)
+    no_b = np.empty((0, 0, 0), y.dtype)  # the macro-kernel's B: its patches, not a plain matrix
     sh, sw = geometry[:2]
     # A patchify layer's patch matrix is its input's stride phases themselves: a plain GEMM like a 1x1 layer's.
     patchify_layer = patchify(R, S, geometry, P, Q, *x.shape[2:])
@@ -240,20 +240,20 @@ def _conv2d_forward(x, weight, geometry, groups, accumulate, y, bias=None):
         if split:
             block_x = scratch("stride phases", phase_shape(block_x.shape, sh, sw), y.dtype)
             _space_to_depth(x[n0:n1], np.int64(sh), np.int64(sw), block_x, NO_PLANE_SUMS)
-        b = block_x.reshape(n1 - n0, block_x.shape[1], block_x.shape[2] * block_x.shape[3])  # when plain
         for g in range(groups):
+            if plain:  # rows of the patch matrix are channels of block_x, group g's from g * Cg * R * S: in place
+                b = block_x.reshape(n1 - n0, block_x.shape[1], block_x.shape[2] * block_x.shape[3])
+                args = (ap[g], Kg, crs, b, g * crs, y_blocks[n0:n1], g * Kg, np.bool_(accumulate), stream, bias)
+                _plain_b_tasks(*args, panels)
+                continue
             for pc in range(0, crs, KC):
                 kc = min(KC, crs - pc)
-                if plain:  # rows of the patch matrix are channels of block_x: group g's from g * Cg * R * S
-                    source, patch_x, taps = PLAIN, no_x, no_taps
-                else:
-                    taps = _tap_table(g * Cg, R, S, geometry, Q, block_x.shape[3], pc, kc, split)
-                    source, patch_x = patches, block_x
+                taps = _tap_table(g * Cg, R, S, geometry, Q, block_x.shape[3], pc, kc, split)
                 if by_blocks:  # only the patches' tap table and A's panels depend on pc then
                     _pack_a(w_mat[g : g + 1], ZERO, Kg, np.int64(pc), np.int64(kc), FALSE, ap[0])
                 a, a_pc = (ap[0], ZERO) if by_blocks else (ap[g], pc)
                 _macro_kernel(
-                    a, Kg, a_pc, kc, source, b, g * crs, patch_x, taps, *stride, P, Q, ZERO, (n1 - n0) * P * Q,
+                    a, Kg, a_pc, kc, patches, no_b, ZERO, block_x, taps, *stride, P, Q, ZERO, (n1 - n0) * P * Q,
                     y_blocks[n0:n1], g * Kg, ZERO, bool(accumulate or pc > 0), stream, bias, panels, pixel_tables,
                 )  # fmt: skip
 
@@ -512,7 +512,9 @@ def _input_grad_swapped_tasks(
             for pc in range(0, Kg, KC):
                 kc = min(KC, Kg - pc)
                 _pack_b_panel(w_mat, ZERO, ZERO, pc, kc, j0, n_valid, panel)
-                _panel_rows(ap, n, pc, kc, ZERO, n, panel, tile, ZERO, ZERO, n_valid, pc > 0, FALSE, no_bias(tile))
+                _panel_rows(
+                    ap, n, pc, kc, ZERO, n, panel, PACKED, tile, ZERO, ZERO, n_valid, pc > 0, FALSE, no_bias(tile)
+                )
             _transpose_tile(tiles, thread * tiles.shape[1], n, n_valid, col, j0)
         _add_back_channels(col, i0, rows, R, S, geometry, P, Q, grad_input, c0, row_counts, row_pairs, taps,
                            phase_rows[thread])  # fmt: skip

@@ -45,6 +45,7 @@ TILE_REGISTER_BYTES = 16 * 64
 # Arguments typed as plain int64 and bool, not as Numba literals: a literal argument (a bare 0 or True) would
 # compile the callee once more, for that one value.
 ZERO = np.int64(0)
+PACKED = np.int64(NR)  # the row stride of a packed micro-panel of B
 TRUE = np.bool_(True)
 FALSE = np.bool_(False)
 
@@ -288,14 +289,15 @@ def _pack_b_panel_transposed(bt, row0, pc, kc, j0, n_valid, panel):
 
 
 @njit(fastmath=_FASTMATH, cache=True)
-def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate, stream, bias):
+def _micro_kernel(kc, a_panel, b_panel, b_stride, c, i0, j0, m_valid, n_valid, accumulate, stream, bias):
     """``C[i0:i0+m_valid, j0:j0+n_valid] (+)= A~ @ B~`` for one MR x NR tile of the blocked matrix ``c``.
 
-    ``a_panel`` is kc x MR and ``b_panel`` kc x NR, both packed. The loops over MR and NR have constant trip
-    counts, so LLVM unrolls them and keeps the whole tile in registers. With ``stream`` (and not
-    ``accumulate``), a whole tile is stored past the caches (``_simd._stream_row``): the caller fences; and
-    ``bias[row]`` of C's row is added to the tile, where ``bias`` is not empty (:func:`no_bias`): C's one
-    store, which would otherwise have added the tile to the bias stored before.
+    ``a_panel`` is kc x MR, packed; ``b_panel`` kc rows of NR values, ``b_stride`` apart: packed (``PACKED``), or
+    a plain B's own rows, read in place. The loops over MR and NR have constant trip counts, so LLVM unrolls them
+    and keeps the whole tile in registers. With ``stream`` (and not ``accumulate``), a whole tile is stored past
+    the caches (``_simd._stream_row``): the caller fences; and ``bias[row]`` of C's row is added to the tile,
+    where ``bias`` is not empty (:func:`no_bias`): C's one store, which would otherwise have added the tile to the
+    bias stored before.
     """
     registers = _stack_tile(c.dtype)
     tile = numba.carray(registers, (MR, NR))
@@ -305,7 +307,7 @@ def _micro_kernel(kc, a_panel, b_panel, c, i0, j0, m_valid, n_valid, accumulate,
     for p in range(kc):
         # Slice first: indexing the slices with loop counters gives LLVM contiguous, gather-free loads.
         a = a_panel[p * MR : (p + 1) * MR]
-        b = b_panel[p * NR : (p + 1) * NR]
+        b = b_panel[p * b_stride : p * b_stride + NR]
         for i in range(MR):
             a_i = a[i]
             for j in range(NR):
@@ -364,17 +366,18 @@ def _write_back(tile, c, i0, j0, m_valid, n_valid, accumulate):
 
 
 @njit(cache=True)
-def _panel_rows(ap, m, pc, kc, first, last, b_panel, c, i0, j0, n_valid, accumulate, stream, bias):
+def _panel_rows(ap, m, pc, kc, first, last, b_panel, b_stride, c, i0, j0, n_valid, accumulate, stream, bias):
     """``C[i0 + first : i0 + last, j0 : j0 + n_valid] (+)= A~ @ B~`` for rows ``first:last`` (multiples of MR) of A
-    packed by ``_pack_a`` and one micro-panel of B: by the micro-kernel (``stream`` and ``bias`` as there: the narrow
-    one adds the bias too, but stores through the caches), or by the narrow one, two A micro-panels at a time, a pass
-    per NARROW columns, when B's micro-panel has at most NARROW_PASSES * NARROW valid columns (the last of a B whose
-    width is not a multiple of NR). Measured, float32, 2 threads, against the micro-kernel alone: gemm 512x392x4608 (its
-    last micro-panel of B 8 columns wide) 4.85-5.11 -> 4.44 ms, 512x200x512 0.32 -> 0.27 ms; conv2d by GEMM 8x256x14x14
-    -> 512 3x3 s2 3.02-3.04 -> 2.88 ms, 8x512x7x7 -> 512 3x3 6.15-6.17 -> 5.72-5.83 ms. Two passes for 17-32 columns,
-    against the micro-kernel: gemm 512x32x4096 0.81-0.90 -> 0.62-0.87 ms, 512x96x2048 0.67-0.75 -> 0.57-0.66,
-    256x25x8192 1.43-1.70 -> 1.00-1.33, 1024x160x1024 0.91-0.95 -> 0.81-0.94; conv_transpose2d 2x256x8x8 -> 128 4x4 s2
-    by phases (32 tiles a phase) 0.55-0.60 -> 0.42-0.49.
+    packed by ``_pack_a`` and one micro-panel of B, its rows ``b_stride`` apart (``_micro_kernel``): by the
+    micro-kernel (``stream`` and ``bias`` as there: the narrow one adds the bias too, but stores through the
+    caches), or by the narrow one, two A micro-panels at a time, a pass per NARROW columns, when B's micro-panel has
+    at most NARROW_PASSES * NARROW valid columns (the last of a B whose width is not a multiple of NR). Measured,
+    float32, 2 threads, against the micro-kernel alone: gemm 512x392x4608 (its last micro-panel of B 8 columns wide)
+    4.85-5.11 -> 4.44 ms, 512x200x512 0.32 -> 0.27 ms; conv2d by GEMM 8x256x14x14 -> 512 3x3 s2 3.02-3.04 -> 2.88
+    ms, 8x512x7x7 -> 512 3x3 6.15-6.17 -> 5.72-5.83 ms. Two passes for 17-32 columns, against the micro-kernel: gemm
+    512x32x4096 0.81-0.90 -> 0.62-0.87 ms, 512x96x2048 0.67-0.75 -> 0.57-0.66, 256x25x8192 1.43-1.70 -> 1.00-1.33,
+    1024x160x1024 0.91-0.95 -> 0.81-0.94; conv_transpose2d 2x256x8x8 -> 128 4x4 s2 by phases (32 tiles a phase)
+    0.55-0.60 -> 0.42-0.49.
     """
     m_pad = _round_up(m, MR)
     if n_valid <= NARROW_PASSES * NARROW or c.itemsize * MR * NR > TILE_REGISTER_BYTES:
@@ -386,7 +389,7 @@ def _panel_rows(ap, m, pc, kc, first, last, b_panel, c, i0, j0, n_valid, accumul
             a_next = ap[start + kc * MR : start + 2 * kc * MR] if ir + MR < m_pad else a_panel
             rows = min(2 * MR, min(last, m) - ir)  # rows past last belong to another task: not written
             for jj in range(0, n_valid, NARROW):  # NARROW columns of B a pass
-                _narrow_tile(kc, a_panel, a_next, b_panel[jj:], _data(tile))
+                _narrow_tile(kc, a_panel, a_next, b_panel[jj:], b_stride, _data(tile))
                 if stream and bias.size:
                     for i in range(rows):
                         b = bias[i0 + ir + i]
@@ -397,7 +400,9 @@ def _panel_rows(ap, m, pc, kc, first, last, b_panel, c, i0, j0, n_valid, accumul
     for ir in range(first, last, MR):
         start = pc * m_pad + ir * kc
         a_panel = ap[start : start + kc * MR]
-        _micro_kernel(kc, a_panel, b_panel, c, i0 + ir, j0, min(MR, m - ir), n_valid, accumulate, stream, bias)
+        _micro_kernel(
+            kc, a_panel, b_panel, b_stride, c, i0 + ir, j0, min(MR, m - ir), n_valid, accumulate, stream, bias
+        )
 
 
 @njit(cache=True)
@@ -413,7 +418,7 @@ def _tile(ap, m, pc, kc, bp, nc, c, c_row0, c_col0, accumulate, stream, t):
     jr = (t % n_jr) * NR
     b_panel = bp[jr * kc : jr * kc + kc * NR]
     _panel_rows(
-        ap, m, pc, kc, ic, min(ic + MC, m), b_panel, c, c_row0, c_col0 + jr, min(NR, nc - jr),
+        ap, m, pc, kc, ic, min(ic + MC, m), b_panel, PACKED, c, c_row0, c_col0 + jr, min(NR, nc - jr),
         accumulate, stream, no_bias(c),
     )  # fmt: skip
 

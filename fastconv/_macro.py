@@ -1,4 +1,5 @@
-"""The parallel macro-kernel and the GEMM drivers around it: B shared by all threads, or packed per task.
+"""The parallel macro-kernel and the GEMM drivers around it: B shared by all threads, packed per task, or read in
+place.
 
 One parallel loop over the (ic, jr) tiles of C computes ``C (+)= A[:, pc:pc+kc] @ B[pc:pc+kc, :]`` for one KC
 block (see ``_gemm.py`` for the packed layouts and the micro-kernel). Where B's micro-panels come from is the
@@ -8,15 +9,23 @@ block (see ``_gemm.py`` for the packed layouts and the micro-kernel). Where B's 
     The BLIS way: ``_pack_b`` first packs a KC x NC panel of B into a buffer every thread reads; the tiles
     then use its micro-panels. A plain B with more than MC rows of A takes it: each micro-panel is packed once
     and used by every MC block of rows.
-``PLAIN`` / ``PATCHES`` / ``GATHERED``
-    Each task packs the one KC x NR micro-panel it needs into its thread's scratch, from a plain matrix or
-    straight from image patches (implicit im2col: copied in runs of output pixels, or on small images
-    gathered value by value), and multiplies it while it is still in L1/L2: one launch per KC block instead
-    of two per (jc, pc), no 4 MiB buffer written to and read back from L3. A micro-panel is packed once per
-    MC block of rows, which pays for patches (a gather either way) but not for a plain matrix with more than
-    MC rows of A: ``packs_per_task``.
+``PATCHES`` / ``GATHERED``
+    Each task packs the one KC x NR micro-panel it needs into its thread's scratch, straight from image patches
+    (implicit im2col: copied in runs of output pixels, or on small images gathered value by value), and
+    multiplies it while it is still in L1/L2: one launch per KC block instead of two per (jc, pc), no 4 MiB
+    buffer written to and read back from L3. A micro-panel is packed once per MC block of rows, which pays for
+    patches (a gather either way).
 ``PACK_SHARED``
     Packs the shared panel for ``SHARED`` (``_pack_b``), one task per micro-panel, and multiplies nothing.
+
+A plain B (a matrix, a 1x1 layer's images) with at most MC rows of A (``packs_per_task``) is not packed at all:
+``_plain_b_tasks`` has the micro-kernel read each micro-panel's rows where they lie in B, and each task runs
+over all of the shared dimension, its tile of C kept in cache between KC blocks. Measured (float32, 2 threads,
+one process, alternating), against a micro-panel packed per task and a launch per KC block: gemm 64x25088x576
+12.41 -> 10.62 ms, 64x25088x256 5.15 -> 4.55, 128x6272x1152 10.55 -> 9.93; conv2d 1x1 8x256x56x56 -> 64 5.05 ->
+4.66, 8x512x28x28 -> 128 4.28 -> 3.99, 8x64x56x56 -> 256 4.46 -> 4.29. With more rows of A, tasks over blocks of
+them would each read B again: on 7x7 images, whose micro-panels cross images and are packed, 8x512x7x7 -> 2048
+4.14 -> 4.71 ms; a shared panel stays their way.
 
 Where each value of A is used for few columns (the input gradient's Wᵀ), ``_a_block_tasks`` turns this
 around: one task per block of rows of A, which it packs into its thread's cache and multiplies by every
@@ -38,6 +47,7 @@ from numba import njit, prange
 from ._gemm import (
     FALSE,
     GROUP,
+    PACKED,
     ZERO,
     _macro_kernel_serial,
     _n_a_panels,
@@ -51,6 +61,7 @@ from ._gemm import (
     _packed_b_size,
     _panel_rows,
     _round_up,
+    _segment,
     _zero_columns,
     no_bias,
 )
@@ -62,17 +73,18 @@ from .config import KC, MC, MR, NC, NR, STREAM_OUTPUT_BYTES
 
 #: Where the macro-kernel's micro-panels of B come from (module docstring). Numpy scalars, not Python ints:
 #: a literal argument would compile the kernel once more.
-SHARED, PLAIN, PATCHES, GATHERED, PACK_SHARED = np.int64(0), np.int64(1), np.int64(2), np.int64(3), np.int64(4)
+SHARED, PATCHES, GATHERED, PACK_SHARED = np.int64(0), np.int64(1), np.int64(2), np.int64(3)
 
 
 def packs_per_task(m, patches):
-    """Whether B is best packed per task for an A of ``m`` rows (B of image patches or a plain matrix)."""
+    """Whether tasks are best given B's micro-panels one each, packed from image patches or read in place from a
+    plain matrix (:func:`_plain_b_tasks`), rather than a shared panel, for an A of ``m`` rows."""
     return patches or m <= MC
 
 
 def task_scratch(dtype):
-    """The ``panels`` and ``pixel_tables`` arguments of :func:`_macro_kernel` for ``PLAIN``, ``PATCHES`` and
-    ``GATHERED``: one KC x NR micro-panel and one 3 x NR pixel table per thread."""
+    """The ``panels`` and ``pixel_tables`` arguments of :func:`_macro_kernel` for ``PATCHES`` and ``GATHERED``
+    (``panels`` also of :func:`_plain_b_tasks`): one KC x NR micro-panel and one 3 x NR pixel table per thread."""
     return per_thread((KC * NR,), dtype, name="task panels"), per_thread((3, NR), np.int64, name="pixel tables")
 
 
@@ -98,12 +110,12 @@ def _macro_kernel(
     """``C[:, jc:jc+nc] (+)= A[:, pc:pc+kc] @ B[pc:pc+kc, jc:jc+nc]`` for one KC block.
 
     ``ap`` is all of A packed by ``_pack_a``; ``C`` is ``c[:, c_row0 : c_row0 + m, c_col0:]``, blocked. B is, by
-    ``source``: ``SHARED``, already packed by ``_pack_b`` into ``panels[0]``; ``PLAIN``, the blocked matrix ``b[:,
-    b_row0:]``; ``PATCHES``, the patch matrix of ``x`` for strides ``sh, sw`` and a ``P x Q`` output (``_im2col``;
-    ``taps`` is ``_tap_table`` of this block, made by the caller: a kernel allocates nothing); ``GATHERED``, the
-    same patches, gathered value by value (``_gathered_patch_panel``: small images). The last three are packed by
-    each task into its thread's row of ``panels`` (:func:`task_scratch`). ``PACK_SHARED`` only packs the shared
-    panel of B (``_pack_b``): one kernel for both steps, so one parallel kernel less to compile. With ``stream``,
+    ``source``: ``SHARED``, already packed by ``_pack_b`` into ``panels[0]``; ``PATCHES``, the patch matrix of
+    ``x`` for strides ``sh, sw`` and a ``P x Q`` output (``_im2col``; ``taps`` is ``_tap_table`` of this block,
+    made by the caller: a kernel allocates nothing); ``GATHERED``, the same patches, gathered value by value
+    (``_gathered_patch_panel``: small images). The last two are packed by each task into its thread's row of
+    ``panels`` (:func:`task_scratch`). ``PACK_SHARED`` only packs the shared panel of B (``_pack_b``), the blocked
+    matrix ``b[:, b_row0:]``: one kernel for both steps, so one parallel kernel less to compile. With ``stream``,
     C's whole tiles are stored past the caches (``_gemm._micro_kernel``), each task's stores fenced at its end, and
     ``bias`` (empty: none) added to every value of C, which holds none on entry.
     """
@@ -123,13 +135,54 @@ def _macro_kernel(
             panel = panels[thread]
             if source == PATCHES:
                 _patch_panel(x, taps, sh, sw, P, Q, kc, jc + jr, n_valid, panel, 0)
-            elif source == GATHERED:
-                _gathered_patch_panel(x, taps, sh, sw, P, Q, kc, jc + jr, n_valid, panel, pixel_tables[thread])
             else:
-                _pack_b_panel(b, b_row0, 0, pc, kc, jc + jr, n_valid, panel)
+                _gathered_patch_panel(x, taps, sh, sw, P, Q, kc, jc + jr, n_valid, panel, pixel_tables[thread])
         _panel_rows(
-            ap, m, pc, kc, ic, min(ic + mc, m), panel, c, c_row0, c_col0 + jc + jr, n_valid, accumulate, stream, bias
-        )
+            ap, m, pc, kc, ic, min(ic + mc, m), panel, PACKED, c, c_row0, c_col0 + jc + jr, n_valid, accumulate,
+            stream, bias,
+        )  # fmt: skip
+        if stream:
+            _store_fence()
+
+
+@njit(parallel=PRANGE_ONLY, cache=True)
+def _plain_b_tasks(ap, m, k, b, b_row0, c, c_row0, accumulate, stream, bias, panels):
+    """``C (+)= A @ B`` for a plain B, the blocked matrix ``b[:, b_row0 : b_row0 + k, :]``, read in place: one task
+    per block of rows of C (``_block_rows``) and NR columns, over all of the shared dimension.
+
+    ``ap`` is all of A (m x k) packed by ``_pack_a``; ``C`` is ``c[:, c_row0 : c_row0 + m, :]``, as many columns as
+    B. A micro-panel of B that lies whole in one block of ``b`` is not packed: the micro-kernel reads its rows
+    where they are, ``b.shape[2]`` values apart. The others (the last, one across two blocks) are packed into the
+    thread's row of ``panels``. The task's tile of C stays in the core's caches from one KC block to the next. With
+    ``stream`` (one KC block, C overwritten), its whole tiles are stored past the caches with ``bias`` added (empty:
+    none), as in :func:`_macro_kernel`.
+    """
+    rows, cols = b.shape[1], b.shape[2]
+    n = b.shape[0] * cols
+    b_data = b.reshape(-1)  # C-contiguous: the micro-panels read in place are slices of it
+    n_jr = -(-n // NR)
+    mc = _block_rows(m)
+    row_blocks = -(-m // mc)
+    for task in prange(n_jr * row_blocks):
+        # The row blocks of one micro-panel of B next to each other: one thread reads it from its own cache.
+        jr = task // row_blocks * NR
+        ic = task % row_blocks * mc
+        n_valid = min(NR, n - jr)
+        block, col, left = _segment(cols, jr)
+        in_place = n_valid == NR and left >= NR
+        panel = panels[numba.get_thread_id()]
+        for pc in range(0, k, KC):
+            kc = min(KC, k - pc)
+            if in_place:
+                start = (block * rows + b_row0 + pc) * cols + col
+                b_panel, b_stride = b_data[start : start + (kc - 1) * cols + NR], cols
+            else:
+                _pack_b_panel(b, b_row0, 0, pc, kc, jr, n_valid, panel)
+                b_panel, b_stride = panel, PACKED
+            _panel_rows(
+                ap, m, pc, kc, ic, min(ic + mc, m), b_panel, b_stride, c, c_row0, jr, n_valid, accumulate or pc > 0,
+                stream, bias,
+            )  # fmt: skip
         if stream:
             _store_fence()
 
@@ -229,7 +282,7 @@ def _a_block(a, transposed, i0, rows, pc, kc, bp, nc, c, c_row0, c_col0, accumul
     for jr in range(0, nc, NR):
         b_panel = bp[jr * kc : jr * kc + kc * NR]
         _panel_rows(
-            ap, rows, ZERO, kc, ZERO, rows, b_panel, c, c_row0 + i0, c_col0 + jr, min(NR, nc - jr),
+            ap, rows, ZERO, kc, ZERO, rows, b_panel, PACKED, c, c_row0 + i0, c_col0 + jr, min(NR, nc - jr),
             accumulate, FALSE, no_bias(c),
         )  # fmt: skip
 
@@ -275,17 +328,13 @@ def stream_output(c):
 
 
 def _gemm_per_task(ap, m, k, b, b_row0, n, c, c_row0, accumulate, stream=False):
-    """``_gemm_packed`` with B packed per task (``PLAIN``), for B and C starting at column 0."""
+    """``_gemm_packed`` with B read in place (:func:`_plain_b_tasks`), for B and C starting at column 0."""
     if k == 0 and not accumulate:
         _zero_columns(c, c_row0, m, ZERO, n)
-    no_x, no_taps = no_patches(c.dtype)
-    panels, pixel_tables = task_scratch(c.dtype)
-    for pc in range(0, k, KC):
-        kc = min(KC, k - pc)
-        _macro_kernel(
-            ap, m, pc, kc, PLAIN, b, b_row0, no_x, no_taps, 1, 1, 1, 1, ZERO, n, c, c_row0, ZERO,
-            np.bool_(accumulate or pc > 0), np.bool_(stream and k <= KC), ap[:0], panels, pixel_tables,
-        )  # fmt: skip
+        return
+    panels, _ = task_scratch(c.dtype)
+    bias = ap[:0]
+    _plain_b_tasks(ap, m, k, b, b_row0, c, c_row0, np.bool_(accumulate), np.bool_(stream and k <= KC), bias, panels)
 
 
 #: Most ranges of the shared dimension ``gemm`` splits a product with few tiles of C into (``_k_ranges``).

@@ -242,7 +242,7 @@ class Vector:
 
 
 @intrinsic
-def _narrow_tile(typingctx, kc, a_panel, a_next, b_panel, tile):
+def _narrow_tile(typingctx, kc, a_panel, a_next, b_panel, b_stride, tile):
     """``tile[:2*MR, :NARROW] = A~ @ B~[:, :NARROW]`` for two A micro-panels (``a_panel`` on top of ``a_next``,
     kc x MR each) and the first NARROW columns of a kc x NR micro-panel of B.
 
@@ -254,7 +254,7 @@ def _narrow_tile(typingctx, kc, a_panel, a_next, b_panel, tile):
     dtype = b_panel.dtype
 
     def codegen(context, builder, signature, args):
-        kc, _, _, _, tile = args
+        kc, _, _, _, b_stride, tile = args
         a_data = [context.make_array(signature.args[i])(context, builder, args[i]).data for i in (1, 2)]
         b_data = context.make_array(signature.args[3])(context, builder, args[3]).data
         vector, lanes, size = vector_type(context, dtype)
@@ -262,7 +262,7 @@ def _narrow_tile(typingctx, kc, a_panel, a_next, b_panel, tile):
         index = ir.IntType(64)
         fma, accumulators = _accumulators(builder, vector, 2 * MR * per_row)
         with cgutils.for_range(builder, kc) as loop:
-            b_row = builder.mul(loop.index, index(NR))
+            b_row = builder.mul(loop.index, b_stride)
             b = [load(builder, vector, b_data, builder.add(b_row, index(v * lanes)), size) for v in range(per_row)]
             a_rows = [builder.gep(a_data[half], [builder.mul(loop.index, index(MR))]) for half in range(2)]
             a = [builder.load(builder.gep(row, [index(i)])) for row in a_rows for i in range(MR)]
@@ -270,7 +270,7 @@ def _narrow_tile(typingctx, kc, a_panel, a_next, b_panel, tile):
         _store_accumulators(builder, accumulators, tile, size)  # row by row: NARROW values a row
         return context.get_dummy_value()
 
-    return types.none(kc, a_panel, a_next, b_panel, tile), codegen
+    return types.none(kc, a_panel, a_next, b_panel, b_stride, tile), codegen
 
 
 @intrinsic

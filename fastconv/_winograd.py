@@ -37,7 +37,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._gemm import FALSE, _data, _panel_rows, _round_up, no_bias
+from ._gemm import FALSE, PACKED, _data, _panel_rows, _round_up, no_bias
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
 from ._shifted import _pad_phases
@@ -635,7 +635,7 @@ def _tile_task(x, pt, pl, groups, span, accumulate, shared, up, v, m, runs, y, t
             for j in range(chunks):
                 panel = v[xi, j * kc * NR : (j + 1) * kc * NR]
                 _panel_rows(
-                    up[g, xi], Kg, pc, kc, k0, k1, panel, m, -k0, xi * span + j * NR, WHOLE_PANEL,
+                    up[g, xi], Kg, pc, kc, k0, k1, panel, PACKED, m, -k0, xi * span + j * NR, WHOLE_PANEL,
                     pc > 0, FALSE, no_bias(m),
                 )  # fmt: skip
     for j in range(chunks):

@@ -24,7 +24,7 @@ from llvmlite import ir as llvm_ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from ._gemm import FALSE, _micro_kernel, _round_up, no_bias
+from ._gemm import FALSE, PACKED, _micro_kernel, _round_up, no_bias
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
 from ._simd import Vector, _lane_mask, _masked_load, _masked_store, even_odd, interleaved, vector_type
@@ -302,7 +302,7 @@ def _winograd_weight_tasks(x, dy, pt, pl, groups, v, dm, partial, dw):
                         a_panel = dm_t[xi, ir * nb : (ir + MR) * nb]
                         row = xi * (K + 1) + g * Kg + ir
                         _micro_kernel(
-                            nb, a_panel, b_panel, sums, row, jr, min(MR, Kg - ir), min(NR, Cg - jr),
+                            nb, a_panel, b_panel, PACKED, sums, row, jr, min(MR, Kg - ir), min(NR, Cg - jr),
                             b0 > t0, FALSE, no_bias(sums),
                         )  # fmt: skip
     for k in prange(K):

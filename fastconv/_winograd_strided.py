@@ -41,7 +41,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._conv_kernels import _padded_blocks
-from ._gemm import FALSE, TRANSPOSED_AHEAD, ZERO, _data, _micro_kernel, _panel_rows, _round_up, no_bias
+from ._gemm import FALSE, PACKED, TRANSPOSED_AHEAD, ZERO, _data, _micro_kernel, _panel_rows, _round_up, no_bias
 from ._parallel import PRANGE_ONLY
 from ._scratch import per_thread, scratch
 from ._simd import Vector, _prefetch, deinterleaved_columns, interleaved, load, store, vector_type
@@ -448,7 +448,7 @@ def _phase_task(xp, layout, planes, phases, step, groups, c_block, accumulate, u
                     v[xi, u] = 0
         for xi in range(XI):
             _panel_rows(
-                up[index, g, xi], Cg, pc, kc, c0, c1, v[xi, : kc * NR], m, -c0, xi * NR, last - first,
+                up[index, g, xi], Cg, pc, kc, c0, c1, v[xi, : kc * NR], PACKED, m, -c0, xi * NR, last - first,
                 pc > 0, FALSE, no_bias(m),
             )  # fmt: skip
     for c in range(c0, c1):
@@ -684,7 +684,7 @@ def _weight_grad_tasks(xp, layout, planes, TH, TW, first, last, groups, accumula
                     b_panel = bp[g, xi, jr * nb : (jr + NR) * nb]
                     row = xi * planes + g * Pg + ir
                     _micro_kernel(
-                        nb, a_panel, b_panel, du, row, jr, MR, min(NR, Kg - jr), accumulate, FALSE, no_bias(du)
+                        nb, a_panel, b_panel, PACKED, du, row, jr, MR, min(NR, Kg - jr), accumulate, FALSE, no_bias(du)
                     )
 
 

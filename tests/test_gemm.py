@@ -5,7 +5,7 @@ import pytest
 
 from conftest import assert_close, random_array
 from fastconv import _macro, config, gemm
-from fastconv._gemm import NARROW, NARROW_PASSES, TRUE, ZERO, _pack_a, _packed_a_size, _packed_b_size
+from fastconv._gemm import FALSE, NARROW, NARROW_PASSES, TRUE, ZERO, _pack_a, _packed_a_size, _packed_b_size
 from fastconv._macro import _gemm_a_per_task, _gemm_packed, _k_ranges
 
 SHAPES = [
@@ -59,6 +59,46 @@ def test_a_packed_per_task_gives_the_bits_of_a_packed_whole(rng, dtype, m, n, k)
     _gemm_a_per_task(a, True, m, k, b, ZERO, ZERO, n, per_task, ZERO, ZERO, bp)
     np.testing.assert_array_equal(per_task, whole)
     assert_close(per_task[0], (a[0].T.astype(np.float64) @ b[0].astype(np.float64)).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(
+    "blocks, m, k, cols",
+    [
+        (1, 70, 2 * config.KC + 5, 3 * config.NR + 5),  # three KC blocks, a last micro-panel packed
+        (3, 9, 40, 2 * config.NR),  # every micro-panel read in place
+        (4, config.MC + 44, 33, 49),  # two blocks of rows; micro-panels across blocks (7x7 images), packed
+        (2, 12, config.KC, config.NR + NARROW),  # a narrow last micro-panel
+    ],
+)
+def test_plain_b_read_in_place_gives_the_bits_of_a_packed_panel(rng, dtype, blocks, m, k, cols):
+    """``_macro._plain_b_tasks`` has the micro-kernel read a plain B's micro-panels where they lie, rows
+    ``cols`` apart: the same products in the same order as from a packed shared panel, so the same bits."""
+    a = random_array(rng, (1, m, k), dtype)
+    b = random_array(rng, (blocks, k + 3, cols), dtype)  # B is rows 3: of each block
+    ap = np.empty(_packed_a_size(m, k), dtype)
+    _pack_a(a, ZERO, m, ZERO, k, FALSE, ap)
+    in_place, shared = np.full((2, blocks, m, cols), np.nan, dtype)
+    panels, _ = _macro.task_scratch(np.dtype(dtype))
+    three = np.int64(3)
+    _macro._plain_b_tasks(ap, m, k, b, three, in_place, ZERO, FALSE, FALSE, ap[:0], panels)
+    _gemm_packed(
+        ap,
+        m,
+        k,
+        b,
+        three,
+        ZERO,
+        blocks * cols,
+        shared,
+        ZERO,
+        ZERO,
+        False,
+        np.empty(_packed_b_size(cols * blocks), dtype),
+    )
+    np.testing.assert_array_equal(in_place, shared)
+    expected = np.einsum("mk,bkn->bmn", a[0].astype(np.float64), b[:, 3:].astype(np.float64)).astype(dtype)
+    assert_close(in_place, expected)
 
 
 def test_gemm_accepts_any_layout_and_promotes(rng):
