@@ -48,6 +48,7 @@ from ._gemm import (
     FALSE,
     GROUP,
     PACKED,
+    TILE_REGISTER_BYTES,
     ZERO,
     _macro_kernel_serial,
     _n_a_panels,
@@ -152,10 +153,10 @@ def _plain_b_tasks(ap, m, k, b, b_row0, c, c_row0, accumulate, stream, bias, pan
 
     ``ap`` is all of A (m x k) packed by ``_pack_a``; ``C`` is ``c[:, c_row0 : c_row0 + m, :]``, as many columns as
     B. A micro-panel of B that lies whole in one block of ``b`` is not packed: the micro-kernel reads its rows
-    where they are, ``b.shape[2]`` values apart. The others (the last, one across two blocks) are packed into the
-    thread's row of ``panels``. The task's tile of C stays in the core's caches from one KC block to the next. With
-    ``stream`` (one KC block, C overwritten), its whole tiles are stored past the caches with ``bias`` added (empty:
-    none), as in :func:`_macro_kernel`.
+    where they are, ``b.shape[2]`` values apart. The others (the last, one across two blocks, all of float64) are
+    packed into the thread's row of ``panels``. The task's tile of C stays in the core's caches from one KC block
+    to the next. With ``stream`` (one KC block, C overwritten), its whole tiles are stored past the caches with
+    ``bias`` added (empty: none), as in :func:`_macro_kernel`.
     """
     rows, cols = b.shape[1], b.shape[2]
     n = b.shape[0] * cols
@@ -169,7 +170,9 @@ def _plain_b_tasks(ap, m, k, b, b_row0, c, c_row0, accumulate, stream, bias, pan
         ic = task % row_blocks * mc
         n_valid = min(NR, n - jr)
         block, col, left = _segment(cols, jr)
-        in_place = n_valid == NR and left >= NR
+        # float64 takes the narrow tile, a pass per NARROW columns: reading B in place, each pass would fetch
+        # a few bytes from every row of B (gemm 64x25088x256 float64 10.5 -> 12.4 ms): packed there.
+        in_place = n_valid == NR and left >= NR and c.itemsize * MR * NR <= TILE_REGISTER_BYTES
         panel = panels[numba.get_thread_id()]
         for pc in range(0, k, KC):
             kc = min(KC, k - pc)

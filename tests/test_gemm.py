@@ -73,7 +73,8 @@ def test_a_packed_per_task_gives_the_bits_of_a_packed_whole(rng, dtype, m, n, k)
 )
 def test_plain_b_read_in_place_gives_the_bits_of_a_packed_panel(rng, dtype, blocks, m, k, cols):
     """``_macro._plain_b_tasks`` has the micro-kernel read a plain B's micro-panels where they lie, rows
-    ``cols`` apart: the same products in the same order as from a packed shared panel, so the same bits."""
+    ``cols`` apart (float32; float64 packs them per task): the same products in the same order as from a packed
+    shared panel, so the same bits."""
     a = random_array(rng, (1, m, k), dtype)
     b = random_array(rng, (blocks, k + 3, cols), dtype)  # B is rows 3: of each block
     ap = np.empty(_packed_a_size(m, k), dtype)
