@@ -552,20 +552,17 @@ def _conv2d_weight(x, grad_output, geometry, groups, grad_weight):
         # transpose, x @ dy.T, B holds the fewer channels (8x256x56x56 -> 64: 3.28 -> 2.99 ms, 8x512x28x28 ->
         # 128 2.42 -> 2.32). Not with too few pixels for 4 ranges of them, where the columns are split and A,
         # which every column task packs, would be the larger (8x1024x14x14 -> 256: 2.02 against 2.62 ms).
-        transposed = np.zeros((groups * Cg, Kg, 1, 1), grad_weight.dtype)
+        transposed = np.empty((groups * Cg, Kg, 1, 1), grad_weight.dtype)
         _conv2d_weight(grad_output, x, geometry, groups, transposed)
         grad_weight[...] = transposed.reshape(groups, Cg, Kg).transpose(0, 2, 1).reshape(grad_weight.shape)
         return
     crs = Cg * R * S
     pixel_ranges, column_ranges = _weight_grad_split(Kg, crs, groups, N * P * Q)
     dw = grad_weight.reshape(1, groups, Kg, crs)
-    # One range of pixels in one KC block writes each value once: overwritten, past the caches where large.
+    # Each range's first KC block of pixels overwrites its sums: nothing to zero first. One range in one KC block
+    # writes each value once, past the caches where large.
     stream = pixel_ranges == 1 and N * P * Q <= KC and stream_output(grad_weight)
-    if pixel_ranges == 1 and not stream:
-        grad_weight[...] = 0  # added to
-    partial = (
-        dw if pixel_ranges == 1 else scratch("partial sums", (pixel_ranges, groups, Kg, crs), dw.dtype, zeros=True)
-    )
+    partial = dw if pixel_ranges == 1 else scratch("partial sums", (pixel_ranges, groups, Kg, crs), dw.dtype)
     dy_blocks = grad_output.reshape(N, K, P * Q)
     # Tasks that split the columns each use all of A (dy): packed once, shared, where it fits the column buffer,
     # rather than by every task. Otherwise each task packs its KC blocks of A into its thread's scratch.
@@ -615,8 +612,9 @@ def _plain_columns(x, R, S, geometry, P, Q):
 
 @njit(parallel=PRANGE_ONLY, cache=True)
 def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, plain, shared_a, ap, bp, partial, stream):
-    """``partial[i][:, :, cols j] += dy · patches(x)ᵀ`` over pixel range ``i``, for every task ``(i, j)``; with
-    ``stream`` (one range of at most KC pixels), ``=``, stored past the caches.
+    """``partial[i][:, :, cols j] = dy · patches(x)ᵀ`` over pixel range ``i``, for every task ``(i, j)``: the range's
+    first KC block of pixels stored, the others added (``partial`` need not be initialised); with ``stream`` (one
+    range of at most KC pixels), stored past the caches.
 
     ``dy_blocks`` is grad_output as (N, K, P*Q); ``partial`` is (pixel_ranges, groups, Kg, Cg*R*S), each a
     blocked matrix whose column ``g * Cg*R*S + c`` is group g's column c; ``taps`` is ``transposed_tap_table`` of one
@@ -652,7 +650,7 @@ def _weight_grad_tasks(x, dy_blocks, taps, sh, sw, P, Q, column_ranges, plain, s
                     else:
                         _pack_b_patches_transposed(x, g * Cg, taps, sh, sw, P, Q, pc, kc, jc, nc, bp[thread])
                     _macro_kernel_serial(
-                        a, Kg, a_pc, kc, bp[thread], nc, partial[i], ZERO, g * crs + jc, not stream, stream
+                        a, Kg, a_pc, kc, bp[thread], nc, partial[i], ZERO, g * crs + jc, pc > p0, stream
                     )
         if stream:
             _store_fence()
