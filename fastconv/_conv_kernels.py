@@ -40,6 +40,7 @@ from ._gemm import (
     _panel_rows,
     _round_up,
     no_bias,
+    reads_b_in_place,
 )
 from ._im2col import (
     NO_PLANE_SUMS,
@@ -495,11 +496,13 @@ def _input_grad_swapped_tasks(
 ):  # fmt: skip
     """``_input_grad_tasks`` with the roles of the GEMM's operands swapped, for few output pixels
     (``config.SWAPPED_MAX_PIXELS``): ``colᵀ = dyᵀ @ W``, dyᵀ (the ``n`` pixels by Kg, packed by ``_pack_a``
-    into ``ap``) as A, the task's columns of W as B, a micro-panel of NR taps at a time packed from W's rows
-    (contiguous: no transposed packing) into the thread's ``b_panels``, multiplied into the thread's ``tiles``
+    into ``ap``) as A, the task's columns of W as B, a micro-panel of NR taps at a time read from W's rows where
+    they lie (float32; else, and a last one of fewer taps, packed into the thread's ``b_panels``: no transposed
+    packing either way), multiplied into the thread's ``tiles``
     (pixels by NR), then transposed into the task's rows of ``col`` (``_transpose_tile``) and added back into
     its channels. The same products summed in the same order as ``_input_grad_tasks``: the same bits."""
     crs, Kg = w_mat.shape[2], w_mat.shape[1]
+    w_data = w_mat.reshape(-1)
     m_pad = _round_up(n, MR)
     for task in prange(-(-crs // task_rows)):
         i0 = task * task_rows
@@ -511,9 +514,14 @@ def _input_grad_swapped_tasks(
             n_valid = min(NR, i0 + rows - j0)
             for pc in range(0, Kg, KC):
                 kc = min(KC, Kg - pc)
-                _pack_b_panel(w_mat, ZERO, ZERO, pc, kc, j0, n_valid, panel)
+                if n_valid == NR and reads_b_in_place(tile):  # W's rows as they lie (_macro._plain_b_tasks)
+                    start = pc * crs + j0
+                    b_panel, b_stride = w_data[start : start + (kc - 1) * crs + NR], crs
+                else:
+                    _pack_b_panel(w_mat, ZERO, ZERO, pc, kc, j0, n_valid, panel)
+                    b_panel, b_stride = panel, PACKED
                 _panel_rows(
-                    ap, n, pc, kc, ZERO, n, panel, PACKED, tile, ZERO, ZERO, n_valid, pc > 0, FALSE, no_bias(tile)
+                    ap, n, pc, kc, ZERO, n, b_panel, b_stride, tile, ZERO, ZERO, n_valid, pc > 0, FALSE, no_bias(tile)
                 )
             _transpose_tile(tiles, thread * tiles.shape[1], n, n_valid, col, j0)
         _add_back_channels(col, i0, rows, R, S, geometry, P, Q, grad_input, c0, row_counts, row_pairs, taps,

@@ -338,6 +338,14 @@ def _micro_kernel(kc, a_panel, b_panel, b_stride, c, i0, j0, m_valid, n_valid, a
 
 
 @njit(cache=True, inline="always")
+def reads_b_in_place(c):
+    """Whether a plain B's micro-panels are read where they lie (``b_stride`` its row length) for a C like ``c``:
+    by the wide micro-kernel (float32). float64 takes the narrow tile, a pass per NARROW columns, each of which
+    would fetch a few bytes from every row of B (gemm 64x25088x256 float64 10.5 -> 12.4 ms): packed there."""
+    return c.itemsize * MR * NR <= TILE_REGISTER_BYTES
+
+
+@njit(cache=True, inline="always")
 def no_bias(c):
     """The ``bias`` argument of the micro-kernel for a C that takes none: an empty view, of C's dtype."""
     return c.reshape(-1)[:0]

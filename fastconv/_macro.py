@@ -48,7 +48,6 @@ from ._gemm import (
     FALSE,
     GROUP,
     PACKED,
-    TILE_REGISTER_BYTES,
     ZERO,
     _macro_kernel_serial,
     _n_a_panels,
@@ -65,6 +64,7 @@ from ._gemm import (
     _segment,
     _zero_columns,
     no_bias,
+    reads_b_in_place,
 )
 from ._im2col import _gathered_patch_panel, _patch_panel
 from ._parallel import PRANGE_ONLY
@@ -170,9 +170,7 @@ def _plain_b_tasks(ap, m, k, b, b_row0, c, c_row0, accumulate, stream, bias, pan
         ic = task % row_blocks * mc
         n_valid = min(NR, n - jr)
         block, col, left = _segment(cols, jr)
-        # float64 takes the narrow tile, a pass per NARROW columns: reading B in place, each pass would fetch
-        # a few bytes from every row of B (gemm 64x25088x256 float64 10.5 -> 12.4 ms): packed there.
-        in_place = n_valid == NR and left >= NR and c.itemsize * MR * NR <= TILE_REGISTER_BYTES
+        in_place = n_valid == NR and left >= NR and reads_b_in_place(c)
         panel = panels[numba.get_thread_id()]
         for pc in range(0, k, KC):
             kc = min(KC, k - pc)
