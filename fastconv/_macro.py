@@ -18,14 +18,14 @@ block (see ``_gemm.py`` for the packed layouts and the micro-kernel). Where B's 
 ``PACK_SHARED``
     Packs the shared panel for ``SHARED`` (``_pack_b``), one task per micro-panel, and multiplies nothing.
 
-A plain B (a matrix, a 1x1 layer's images) with at most MC rows of A (``packs_per_task``) is not packed at all:
-``_plain_b_tasks`` has the micro-kernel read each micro-panel's rows where they lie in B, and each task runs
-over all of the shared dimension, its tile of C kept in cache between KC blocks. Measured (float32, 2 threads,
-one process, alternating), against a micro-panel packed per task and a launch per KC block: gemm 64x25088x576
-12.41 -> 10.62 ms, 64x25088x256 5.15 -> 4.55, 128x6272x1152 10.55 -> 9.93; conv2d 1x1 8x256x56x56 -> 64 5.05 ->
-4.66, 8x512x28x28 -> 128 4.28 -> 3.99, 8x64x56x56 -> 256 4.46 -> 4.29. With more rows of A, tasks over blocks of
-them would each read B again: on 7x7 images, whose micro-panels cross images and are packed, 8x512x7x7 -> 2048
-4.14 -> 4.71 ms; a shared panel stays their way.
+A plain B (a matrix, a 1x1 layer's images) with at most MC rows of A (``packs_per_task``), and a patchify layer's
+stride phases whatever its filters, is not packed at all: ``_plain_b_tasks`` has the micro-kernel read each
+micro-panel's rows where they lie in B, and each task runs over all of the shared dimension, its tile of C kept in
+cache between KC blocks. Measured (float32, 2 threads, one process, alternating), against a micro-panel packed per
+task and a launch per KC block: gemm 64x25088x576 12.41 -> 10.62 ms, 64x25088x256 5.15 -> 4.55, 128x6272x1152 10.55
+-> 9.93; conv2d 1x1 8x256x56x56 -> 64 5.05 -> 4.66, 8x512x28x28 -> 128 4.28 -> 3.99, 8x64x56x56 -> 256 4.46 -> 4.29.
+With more rows of A, tasks over blocks of them would each read B again: on 7x7 images, whose micro-panels cross
+images and are packed, 8x512x7x7 -> 2048 4.14 -> 4.71 ms; a shared panel stays their way.
 
 Where each value of A is used for few columns (the input gradient's Wᵀ), ``_a_block_tasks`` turns this
 around: one task per block of rows of A, which it packs into its thread's cache and multiplies by every
