@@ -495,12 +495,12 @@ def _input_grad_swapped_tasks(
     phase_rows,
 ):  # fmt: skip
     """``_input_grad_tasks`` with the roles of the GEMM's operands swapped, for few output pixels
-    (``config.SWAPPED_MAX_PIXELS``): ``colᵀ = dyᵀ @ W``, dyᵀ (the ``n`` pixels by Kg, packed by ``_pack_a``
-    into ``ap``) as A, the task's columns of W as B, a micro-panel of NR taps at a time read from W's rows where
-    they lie (float32; else, and a last one of fewer taps, packed into the thread's ``b_panels``: no transposed
-    packing either way), multiplied into the thread's ``tiles``
-    (pixels by NR), then transposed into the task's rows of ``col`` (``_transpose_tile``) and added back into
-    its channels. The same products summed in the same order as ``_input_grad_tasks``: the same bits."""
+    (``config.SWAPPED_MAX_PIXELS``): ``colᵀ = dyᵀ @ W``, dyᵀ (the ``n`` pixels by Kg, packed by ``_pack_a`` into
+    ``ap``) as A, the task's columns of W as B, a micro-panel of NR taps at a time read from W's rows where they lie
+    (float32; else, and a last one of fewer taps, packed into the thread's ``b_panels``: no transposed packing
+    either way), multiplied into the thread's ``tiles`` (pixels by NR), then transposed into the task's rows of
+    ``col`` (``_transpose_tile``) and added back into its channels. The same products summed in the same order as
+    ``_input_grad_tasks``: the same bits."""
     crs, Kg = w_mat.shape[2], w_mat.shape[1]
     w_data = w_mat.reshape(-1)
     m_pad = _round_up(n, MR)
