@@ -25,22 +25,20 @@ from numba import njit, prange
 
 from ._gemm import (
     FALSE,
-    PACKED,
     TRUE,
     ZERO,
+    _b_micro_panel,
     _data,
     _macro_kernel_serial,
     _n_tiles,
     _pack_a,
     _pack_a_serial,
-    _pack_b_panel,
     _pack_b_panel_transposed,
     _packed_a_size,
     _packed_b_size,
     _panel_rows,
     _round_up,
     no_bias,
-    reads_b_in_place,
 )
 from ._im2col import (
     NO_PLANE_SUMS,
@@ -389,7 +387,7 @@ def _conv2d_input(grad_output, weight, geometry, groups, rows_per_chunk, grad_in
     row_counts, row_pairs = col2im_rows(R, grad_input.shape[2], P, sh, pt, dh)
     # Each phase row padded by a cache line at least: two threads never write into one line.
     phase_rows = per_thread((sw, _round_up(-(-W // sw), 16) + 16), grad_input.dtype, name="phase rows")
-    # Few pixels, large W: W as B, packed from its rows (_input_grad_swapped_tasks).
+    # Few pixels, large W: W as B, read from its rows (_input_grad_swapped_tasks).
     if one_chunk and N * P * Q <= SWAPPED_MAX_PIXELS and weight.nbytes >= SWAPPED_MIN_WEIGHT_BYTES:
         task_rows = channel_task_rows(Cg, R * S)
         n = N * P * Q
@@ -502,7 +500,6 @@ def _input_grad_swapped_tasks(
     ``col`` (``_transpose_tile``) and added back into its channels. The same products summed in the same order as
     ``_input_grad_tasks``: the same bits."""
     crs, Kg = w_mat.shape[2], w_mat.shape[1]
-    w_data = w_mat.reshape(-1)
     m_pad = _round_up(n, MR)
     for task in prange(-(-crs // task_rows)):
         i0 = task * task_rows
@@ -514,12 +511,7 @@ def _input_grad_swapped_tasks(
             n_valid = min(NR, i0 + rows - j0)
             for pc in range(0, Kg, KC):
                 kc = min(KC, Kg - pc)
-                if n_valid == NR and reads_b_in_place(tile):  # W's rows as they lie (_macro._plain_b_tasks)
-                    start = pc * crs + j0
-                    b_panel, b_stride = w_data[start : start + (kc - 1) * crs + NR], crs
-                else:
-                    _pack_b_panel(w_mat, ZERO, ZERO, pc, kc, j0, n_valid, panel)
-                    b_panel, b_stride = panel, PACKED
+                b_panel, b_stride = _b_micro_panel(w_mat, ZERO, pc, kc, j0, n_valid, panel, tile)
                 _panel_rows(
                     ap, n, pc, kc, ZERO, n, b_panel, b_stride, tile, ZERO, ZERO, n_valid, pc > 0, FALSE, no_bias(tile)
                 )

@@ -338,11 +338,29 @@ def _micro_kernel(kc, a_panel, b_panel, b_stride, c, i0, j0, m_valid, n_valid, a
 
 
 @njit(cache=True, inline="always")
-def reads_b_in_place(c):
-    """Whether a plain B's micro-panels are read where they lie (``b_stride`` its row length) for a C like ``c``:
-    by the wide micro-kernel (float32). float64 takes the narrow tile, a pass per NARROW columns, each of which
-    would fetch a few bytes from every row of B (gemm 64x25088x256 float64 10.5 -> 12.4 ms): packed there."""
+def _wide_tile(c):
+    """Whether the micro-kernel's MR x NR tile of C's dtype fits the registers (float32); else (float64) every
+    micro-panel of B goes to the narrow tile, a pass per NARROW columns (``_panel_rows``)."""
     return c.itemsize * MR * NR <= TILE_REGISTER_BYTES
+
+
+@njit(cache=True, inline="always")
+def _b_micro_panel(b, b_row0, pc, kc, j0, n_valid, panel, c):
+    """``(micro-panel, row stride)`` for rows ``pc:pc+kc`` and columns ``j0 : j0 + n_valid`` of the plain blocked
+    matrix ``B = b[:, b_row0:]`` (C-contiguous), as the micro-kernel of a C like ``c`` reads it.
+
+    A whole micro-panel (NR columns) in one block of ``b`` is read where it lies, its rows ``b``'s own, when the
+    tile is the wide one: nothing copied. Otherwise it is packed into ``panel`` (``_pack_b_panel``, stride
+    PACKED): the last micro-panel of fewer columns, one across two blocks (images), and float64, whose narrow
+    tile would fetch a few bytes from every row of B on each of its passes (gemm 64x25088x256 float64 10.5 ->
+    12.4 ms in place)."""
+    rows, cols = b.shape[1], b.shape[2]
+    block, col, left = _segment(cols, j0)
+    if n_valid == NR and left >= NR and _wide_tile(c):
+        start = (block * rows + b_row0 + pc) * cols + col
+        return b.reshape(-1)[start : start + (kc - 1) * cols + NR], cols
+    _pack_b_panel(b, b_row0, 0, pc, kc, j0, n_valid, panel)
+    return panel, PACKED
 
 
 @njit(cache=True, inline="always")
@@ -388,7 +406,7 @@ def _panel_rows(ap, m, pc, kc, first, last, b_panel, b_stride, c, i0, j0, n_vali
     0.55-0.60 -> 0.42-0.49.
     """
     m_pad = _round_up(m, MR)
-    if n_valid <= NARROW_PASSES * NARROW or c.itemsize * MR * NR > TILE_REGISTER_BYTES:
+    if n_valid <= NARROW_PASSES * NARROW or not _wide_tile(c):
         tile = numba.carray(_stack_tile(c.dtype), (2 * MR, NARROW))
         for ir in range(first, last, 2 * MR):
             start = pc * m_pad + ir * kc

@@ -49,6 +49,7 @@ from ._gemm import (
     GROUP,
     PACKED,
     ZERO,
+    _b_micro_panel,
     _macro_kernel_serial,
     _n_a_panels,
     _n_tiles,
@@ -61,10 +62,8 @@ from ._gemm import (
     _packed_b_size,
     _panel_rows,
     _round_up,
-    _segment,
     _zero_columns,
     no_bias,
-    reads_b_in_place,
 )
 from ._im2col import _gathered_patch_panel, _patch_panel
 from ._parallel import PRANGE_ONLY
@@ -152,15 +151,13 @@ def _plain_b_tasks(ap, m, k, b, b_row0, c, c_row0, accumulate, stream, bias, pan
     per block of rows of C (``_block_rows``) and NR columns, over all of the shared dimension.
 
     ``ap`` is all of A (m x k) packed by ``_pack_a``; ``C`` is ``c[:, c_row0 : c_row0 + m, :]``, as many columns as
-    B. A micro-panel of B that lies whole in one block of ``b`` is not packed: the micro-kernel reads its rows
-    where they are, ``b.shape[2]`` values apart. The others (the last, one across two blocks, all of float64) are
-    packed into the thread's row of ``panels``. The task's tile of C stays in the core's caches from one KC block
-    to the next. With ``stream`` (one KC block, C overwritten), its whole tiles are stored past the caches with
-    ``bias`` added (empty: none), as in :func:`_macro_kernel`.
+    B (``b`` C-contiguous). A micro-panel of B that lies whole in one block of ``b`` is not packed: the micro-kernel
+    reads its rows where they are (``_gemm._b_micro_panel``). The others (the last, one across two blocks, all of
+    float64) are packed into the thread's row of ``panels``. The task's tile of C stays in the core's caches from
+    one KC block to the next. With ``stream`` (one KC block, C overwritten), its whole tiles are stored past the
+    caches with ``bias`` added (empty: none), as in :func:`_macro_kernel`.
     """
-    rows, cols = b.shape[1], b.shape[2]
-    n = b.shape[0] * cols
-    b_data = b.reshape(-1)  # C-contiguous: the micro-panels read in place are slices of it
+    n = b.shape[0] * b.shape[2]
     n_jr = -(-n // NR)
     mc = _block_rows(m)
     row_blocks = -(-m // mc)
@@ -169,17 +166,10 @@ def _plain_b_tasks(ap, m, k, b, b_row0, c, c_row0, accumulate, stream, bias, pan
         jr = task // row_blocks * NR
         ic = task % row_blocks * mc
         n_valid = min(NR, n - jr)
-        block, col, left = _segment(cols, jr)
-        in_place = n_valid == NR and left >= NR and reads_b_in_place(c)
         panel = panels[numba.get_thread_id()]
         for pc in range(0, k, KC):
             kc = min(KC, k - pc)
-            if in_place:
-                start = (block * rows + b_row0 + pc) * cols + col
-                b_panel, b_stride = b_data[start : start + (kc - 1) * cols + NR], cols
-            else:
-                _pack_b_panel(b, b_row0, 0, pc, kc, jr, n_valid, panel)
-                b_panel, b_stride = panel, PACKED
+            b_panel, b_stride = _b_micro_panel(b, b_row0, pc, kc, jr, n_valid, panel, c)
             _panel_rows(
                 ap, m, pc, kc, ic, min(ic + mc, m), b_panel, b_stride, c, c_row0, jr, n_valid, accumulate or pc > 0,
                 stream, bias,

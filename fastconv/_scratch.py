@@ -54,9 +54,7 @@ def _new_view(pool, name, shape, dtype):
     entry = pool.get(name)
     if entry is None or entry[0].size < nbytes:
         pool.pop(name, None)
-        buffer = np.empty(nbytes + _ALIGNMENT, np.uint8)
-        offset = -buffer.ctypes.data % _ALIGNMENT
-        entry = [buffer[offset : offset + nbytes], {}]  # kept aligned: finding the offset costs more than the rest
+        entry = [_aligned_bytes(nbytes), {}]  # kept aligned: finding the offset costs more than the rest
         if nbytes + sum(kept.size for kept, _ in pool.values()) <= SCRATCH_CACHE_BYTES:
             pool[name] = entry
     array = entry[0][:nbytes].view(dtype).reshape(shape)
@@ -80,9 +78,14 @@ def empty_aligned(shape, dtype):
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < _ALIGNED_MIN_BYTES:
         return np.empty(shape, dtype)
+    return _aligned_bytes(nbytes).view(dtype).reshape(shape)
+
+
+def _aligned_bytes(nbytes):
+    """``nbytes`` uninitialised bytes starting on a cache line (``_ALIGNMENT``)."""
     buffer = np.empty(nbytes + _ALIGNMENT, np.uint8)
     offset = -buffer.ctypes.data % _ALIGNMENT
-    return buffer[offset : offset + nbytes].view(dtype).reshape(shape)
+    return buffer[offset : offset + nbytes]
 
 
 def per_thread_length(length, dtype):

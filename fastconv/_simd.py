@@ -244,7 +244,8 @@ class Vector:
 @intrinsic
 def _narrow_tile(typingctx, kc, a_panel, a_next, b_panel, b_stride, tile):
     """``tile[:2*MR, :NARROW] = A~ @ B~[:, :NARROW]`` for two A micro-panels (``a_panel`` on top of ``a_next``,
-    kc x MR each) and the first NARROW columns of a kc x NR micro-panel of B.
+    kc x MR each) and the first NARROW columns of a micro-panel of B: kc rows of NR values, ``b_stride`` apart
+    (NR where packed).
 
     A last micro-panel of B with few valid columns (a 392-column B ends with 8) costs the full MR x NR tile in
     the micro-kernel; this tile is 2 * MR rows of NARROW values, 8 vector registers of float32 or 16 of

@@ -210,8 +210,8 @@ PHASES_MIN_POSITIONS = 2048
 
 #: The input gradient (so conv_transpose2d) of at most SWAPPED_MAX_PIXELS output pixels in the batch, in one chunk, with
 #: weights of SWAPPED_MIN_WEIGHT_BYTES or more, is computed as ``colᵀ = dyᵀ @ W``
-#: (``_conv_kernels._input_grad_swapped_tasks``): W, the large operand, packed as B straight from its rows, a
-#: micro-panel per task, where as Wᵀ (A) it is packed transposed, a cache line from each of its rows, each value used
+#: (``_conv_kernels._input_grad_swapped_tasks``): W, the large operand, B read straight from its rows (packed
+#: per task in float64), where as Wᵀ (A) it is packed transposed, a cache line from each of its rows, each value used
 #: for only the few pixels. The same bits either way. Measured in one process, alternating (float32, 2 threads, ms, Wᵀ @
 #: dy -> dyᵀ @ W): conv_transpose2d 8x512x4x4 -> 256 4x4 s2 (128 pixels) 4.03 -> 3.53, 1x512x4x4 0.85 -> 0.58,
 #: 4x1024x4x4 -> 512 8.53 -> 7.42, 2x256x7x7 -> 128 3x3 s2 0.53 -> 0.46; conv2d_input 2x512x7x7 <- 512 3x3 (98 pixels)
